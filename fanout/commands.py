@@ -1,0 +1,190 @@
+"""One public function per verb; the CLI is a thin layer over these.
+
+Each function takes a loaded `Environment`, does its work, and returns data (a
+`RunReport`, a tuple of targets); none prints. Errors are `FanoutError`s raised
+before any shard is touched (configuration, source, directory); a failure on a
+shard is a result inside the report, never an exception.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from fanout import runner, source
+from fanout.config import Environment, S3Location, load_environment
+from fanout.directory import Target, list_targets
+from fanout.errors import ConfigError
+from fanout.report import Mode, RunReport, TargetResult
+
+ResultCallback = Callable[[TargetResult], None]
+
+
+def new_run_id() -> str:
+    """Sortable and unique enough to name a run in logs, reports and application_name."""
+    return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
+def shards(env: Environment) -> tuple[Target, ...]:
+    """Every distinct target of the environment (deduplicated). Raises DirectoryError."""
+    return list_targets(env.directory)
+
+
+def plan(
+    env: Environment,
+    services: Sequence[str] = (),
+    *,
+    concurrency: int | None = None,
+    on_result: ResultCallback | None = None,
+) -> RunReport:
+    """What apply would run, per target. Read-only: no table, no lock, no write, on any shard."""
+    return _run(env, services, "plan", Mode.PLAN, concurrency=concurrency, on_result=on_result)
+
+
+def status(
+    env: Environment,
+    services: Sequence[str] = (),
+    *,
+    concurrency: int | None = None,
+    on_result: ResultCallback | None = None,
+) -> RunReport:
+    """Applied and pending migrations and lock holders per target; read-only like plan."""
+    return _run(env, services, "status", Mode.PLAN, concurrency=concurrency, on_result=on_result)
+
+
+def apply(
+    env: Environment,
+    services: Sequence[str] = (),
+    *,
+    concurrency: int | None = None,
+    lock_timeout: float | None = None,
+    fail_fast: bool = False,
+    on_result: ResultCallback | None = None,
+) -> RunReport:
+    """Apply outstanding migrations on every target, each under its lock, many targets at once."""
+    return _run(
+        env,
+        services,
+        "apply",
+        Mode.APPLY,
+        concurrency=concurrency,
+        lock_timeout=lock_timeout,
+        fail_fast=fail_fast,
+        on_result=on_result,
+    )
+
+
+def publish(env: Environment, migrations_dir: Path, services: Sequence[str] = ()) -> list[str]:
+    """Upload migrations/<service>/<env>/ to the environment's bucket; returns the keys written."""
+    if not isinstance(env.source, S3Location):
+        raise ConfigError(f"environment {env.name!r} reads migrations from a folder; there is nothing to publish to")
+    return source.publish_folder(env.source, migrations_dir, env.select_services(services), env.name)
+
+
+def _run(
+    env: Environment,
+    services: Sequence[str],
+    command: str,
+    mode: Mode,
+    *,
+    concurrency: int | None = None,
+    lock_timeout: float | None = None,
+    fail_fast: bool = False,
+    on_result: ResultCallback | None = None,
+) -> RunReport:
+    selected = env.select_services(services)
+    options = runner.RunOptions(
+        mode=mode,
+        concurrency=concurrency or env.runner.concurrency,
+        lock_timeout=lock_timeout if lock_timeout is not None else env.runner.lock_timeout,
+        connect_timeout=env.runner.connect_timeout,
+        fail_fast=fail_fast,
+    )
+    if options.concurrency < 1:
+        raise ConfigError("--concurrency must be at least 1")
+    targets = list_targets(env.directory)
+    with tempfile.TemporaryDirectory(prefix="fanout-snapshot-") as workdir:
+        snapshot = source.take_snapshot(env, selected, Path(workdir))
+        return runner.run(
+            snapshot,
+            targets,
+            options,
+            run_id=new_run_id(),
+            environment=env.name,
+            command=command,
+            on_result=on_result,
+        )
+
+
+# ---- the embedded demo --------------------------------------------------------------
+
+DEMO_DATABASES = ("tenant_acme", "tenant_globex", "shared_1", "shared_2")
+
+
+@dataclass(frozen=True, slots=True)
+class DemoStep:
+    title: str
+    report: RunReport
+
+
+@contextmanager
+def demo_stack(environment: str = "demo") -> Iterator[dict[str, str]]:
+    """Start an embedded PostgreSQL with the demo databases and a local S3; yield the variables demo.toml reads."""
+    from fanout.embedded import EmbeddedPostgres, EmbeddedS3
+
+    with EmbeddedPostgres() as postgres, EmbeddedS3() as s3:
+        postgres.create_databases(DEMO_DATABASES)
+        s3.client().create_bucket(Bucket="fanout-demo")
+        variables = {
+            "FANOUT_DEMO_PG_PORT": str(postgres.port),
+            "FANOUT_DEMO_PG_PASSWORD": postgres.password.reveal(),
+            "FANOUT_DEMO_S3_ENDPOINT": s3.endpoint_url,
+            "AWS_ACCESS_KEY_ID": "fanout-demo",
+            "AWS_SECRET_ACCESS_KEY": "fanout-demo",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        saved = {k: os.environ.get(k) for k in variables}
+        os.environ.update(variables)
+        try:
+            yield variables
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+def demo(
+    migrations_dir: Path,
+    environments_dir: Path,
+    show: Callable[[DemoStep], None],
+    *,
+    announce: Callable[[str], None] = lambda _: None,
+) -> list[DemoStep]:
+    """Publish the example migrations to a throwaway stack, then plan, apply, re-plan and show status."""
+    steps: list[DemoStep] = []
+
+    def step(title: str, report: RunReport) -> None:
+        steps.append(DemoStep(title, report))
+        show(steps[-1])
+
+    announce("starting an embedded PostgreSQL and a local S3 endpoint ...")
+    with demo_stack():
+        env = load_environment("demo", search_dir=environments_dir)
+        keys = publish(env, migrations_dir)
+        announce(
+            f"published {len(keys)} files to s3://fanout-demo/{env.source.prefix if isinstance(env.source, S3Location) else ''}"
+        )
+        step("plan: what would run where", plan(env))
+        step("apply", apply(env))
+        step("apply again: nothing to do", apply(env))
+        step("status", status(env))
+    announce("stopped the embedded stack")
+    return steps

@@ -1,0 +1,276 @@
+"""Environment files: `environments/<env>.toml` -> a validated, frozen `Environment`.
+
+Strings may reference environment variables as `${NAME}` (`$${` writes a literal `${`);
+they are resolved when the file is loaded, so secrets never live in the repository.
+Values that carry credentials (DSNs, tokens) become `Secret`s at once.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field
+
+from fanout.errors import ConfigError
+from fanout.secret import Secret
+
+ENVIRONMENTS_DIR_VARIABLE = "FANOUT_ENVIRONMENTS_DIR"
+DEFAULT_ENVIRONMENTS_DIR = Path("environments")
+
+_VARIABLE = re.compile(r"\$(\$)?\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_SERVICE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+# ---- the public, frozen model -------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class S3Location:
+    """Migrations live at s3://bucket/prefix/<service>/<env>/."""
+
+    bucket: str
+    prefix: str = ""
+    region: str | None = None
+    endpoint_url: str | None = None
+    profile: str | None = None
+
+    def url(self, service: str, environment: str) -> str:
+        return f"s3://{self.bucket}/{self.key_prefix(service, environment)}"
+
+    def key_prefix(self, service: str, environment: str) -> str:
+        parts = [p for p in (self.prefix.strip("/"), service, environment) if p]
+        return "/".join(parts) + "/"
+
+
+@dataclass(frozen=True, slots=True)
+class FolderLocation:
+    """Migrations live in a local folder laid out like the bucket: <path>/<service>/<env>/."""
+
+    path: Path
+
+    def url(self, service: str, environment: str) -> str:
+        return str(self.path / service / environment) + "/"
+
+
+@dataclass(frozen=True, slots=True)
+class StaticTarget:
+    """One entry of a static shard list, as written in the environment file."""
+
+    id: str
+    dsn: Secret
+    schema: str | None = None
+    tenants: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class StaticDirectoryConfig:
+    targets: tuple[StaticTarget, ...]
+    kind: Literal["static"] = "static"
+
+
+DirectoryConfig = StaticDirectoryConfig
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerSettings:
+    """Defaults for a run; command-line options override them."""
+
+    concurrency: int = 8
+    lock_timeout: float = 60.0
+    connect_timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Environment:
+    name: str
+    path: Path
+    services: tuple[str, ...]
+    source: S3Location | FolderLocation
+    directory: DirectoryConfig
+    runner: RunnerSettings
+
+    def select_services(self, requested: Sequence[str] = ()) -> tuple[str, ...]:
+        """The requested services in the environment's order (all of them when none is asked for)."""
+        unknown = [s for s in requested if s not in self.services]
+        if unknown:
+            raise ConfigError(
+                f"unknown service {unknown[0]!r} in environment {self.name!r} (it has: {', '.join(self.services)})"
+            )
+        wanted = set(requested) or set(self.services)
+        return tuple(s for s in self.services if s in wanted)
+
+
+# ---- the file schema (private) ------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Source(_Strict):
+    bucket: str | None = None
+    prefix: str = ""
+    region: str | None = None
+    endpoint_url: str | None = None
+    profile: str | None = None
+    folder: str | None = None
+
+
+class _StaticTarget(_Strict):
+    id: Annotated[str, Field(min_length=1)]
+    dsn: Annotated[str, Field(min_length=1)]
+    schema_: Annotated[str | None, Field(alias="schema")] = None
+    tenants: tuple[str, ...] = ()
+
+
+class _StaticDirectory(_Strict):
+    kind: Literal["static"]
+    targets: Annotated[tuple[_StaticTarget, ...], Field(min_length=1)]
+
+
+class _Runner(_Strict):
+    concurrency: Annotated[int, Field(ge=1, le=512)] = 8
+    lock_timeout: Annotated[float, Field(gt=0)] = 60.0
+    connect_timeout: Annotated[float, Field(gt=0)] = 10.0
+
+
+class _EnvironmentFile(_Strict):
+    services: Annotated[tuple[Annotated[str, Field(pattern=_SERVICE_NAME)], ...], Field(min_length=1)]
+    source: _Source
+    directory: _StaticDirectory
+    runner: _Runner = _Runner()
+
+
+# ---- loading ------------------------------------------------------------------------
+
+
+def environments_dir() -> Path:
+    return Path(os.environ.get(ENVIRONMENTS_DIR_VARIABLE, DEFAULT_ENVIRONMENTS_DIR))
+
+
+def resolve_environment_path(name_or_path: str, search_dir: Path | None = None) -> Path:
+    """`demo` -> environments/demo.toml; a path ending in .toml is taken as it is."""
+    if name_or_path.endswith(".toml") or os.sep in name_or_path:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise ConfigError(f"environment file {path} does not exist")
+        return path
+    directory = search_dir if search_dir is not None else environments_dir()
+    path = directory / f"{name_or_path}.toml"
+    if not path.is_file():
+        known = sorted(p.stem for p in directory.glob("*.toml")) if directory.is_dir() else []
+        hint = f" (known: {', '.join(known)})" if known else f" (no environment files in {directory})"
+        raise ConfigError(f"unknown environment {name_or_path!r}: {path} does not exist{hint}")
+    return path
+
+
+def load_environment(
+    name_or_path: str,
+    *,
+    search_dir: Path | None = None,
+    variables: Mapping[str, str] | None = None,
+) -> Environment:
+    """Read, interpolate and validate an environment file. Raises ConfigError, touching nothing."""
+    path = resolve_environment_path(name_or_path, search_dir)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read: {e}") from None
+    resolved = _interpolate(raw, os.environ if variables is None else variables, path, ())
+    try:
+        parsed = _EnvironmentFile.model_validate(resolved)
+    except pydantic.ValidationError as e:
+        raise ConfigError(f"{path}: {_describe(e)}") from None
+    return _build(parsed, path)
+
+
+def _interpolate(value: Any, variables: Mapping[str, str], path: Path, where: tuple[str | int, ...]) -> Any:
+    if isinstance(value, dict):
+        return {k: _interpolate(v, variables, path, (*where, k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, variables, path, (*where, i)) for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        escaped, name = match.groups()
+        if escaped:
+            return "${" + name + "}"
+        if name not in variables:
+            raise ConfigError(f"{path}: {_location(where)}: environment variable {name} is not set")
+        return variables[name]
+
+    return _VARIABLE.sub(substitute, value)
+
+
+def _location(where: Sequence[str | int]) -> str:
+    text = ""
+    for part in where:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "(top level)"
+
+
+def _describe(error: pydantic.ValidationError) -> str:
+    # Built from loc and msg only: pydantic's own str() echoes input values, which may be secrets.
+    problems = []
+    for item in error.errors(include_input=False, include_url=False):
+        loc = _location([p if isinstance(p, int) else str(p) for p in item["loc"]])
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif item["type"] == "missing":
+            message = "required key is missing"
+        problems.append(f"{loc}: {message}")
+    return "; ".join(problems)
+
+
+def _build(parsed: _EnvironmentFile, path: Path) -> Environment:
+    source = parsed.source
+    if (source.bucket is None) == (source.folder is None):
+        raise ConfigError(f"{path}: source: set exactly one of 'bucket' (S3) or 'folder' (local)")
+    location: S3Location | FolderLocation
+    if source.folder is not None:
+        extras = [k for k in ("region", "endpoint_url", "profile") if getattr(source, k)]
+        if extras or source.prefix:
+            raise ConfigError(f"{path}: source: {', '.join(extras or ['prefix'])} only apply to an S3 source")
+        folder = Path(source.folder)
+        location = FolderLocation(folder if folder.is_absolute() else (path.parent / folder).resolve())
+    else:
+        assert source.bucket is not None
+        location = S3Location(
+            bucket=source.bucket,
+            prefix=source.prefix.strip("/"),
+            region=source.region,
+            endpoint_url=source.endpoint_url or None,
+            profile=source.profile,
+        )
+    if len(set(parsed.services)) != len(parsed.services):
+        raise ConfigError(f"{path}: services: a service is listed twice")
+    ids = [t.id for t in parsed.directory.targets]
+    duplicate = next((i for i in ids if ids.count(i) > 1), None)
+    if duplicate is not None:
+        raise ConfigError(f"{path}: directory.targets: target id {duplicate!r} is listed twice")
+    directory = StaticDirectoryConfig(
+        targets=tuple(
+            StaticTarget(id=t.id, dsn=Secret(t.dsn), schema=t.schema_, tenants=t.tenants)
+            for t in parsed.directory.targets
+        )
+    )
+    runner = RunnerSettings(**parsed.runner.model_dump())
+    return Environment(
+        name=path.stem,
+        path=path,
+        services=parsed.services,
+        source=location,
+        directory=directory,
+        runner=runner,
+    )
