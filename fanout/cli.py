@@ -246,6 +246,27 @@ def shards(env: Environment, fmt: str) -> None:
 
 
 @cli.command()
+@env_option
+@service_option
+@click.option(
+    "--migrations-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("migrations"), show_default=True
+)
+@_guarded
+def publish(env: Environment, services: tuple[str, ...], migrations_dir: Path) -> None:
+    """Upload migrations/<service>/<env>/*.sql to the environment's bucket.
+
+    \b
+    Example:
+      fanout publish --env staging --service billing
+    """
+    keys = commands.publish(env, migrations_dir, services)
+    for key in keys:
+        click.echo(key)
+    click.echo(f"{len(keys)} files published", err=True)
+    sys.exit(EXIT_OK)
+
+
+@cli.command()
 @click.option(
     "--migrations-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("migrations"), show_default=True
 )

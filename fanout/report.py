@@ -273,14 +273,14 @@ def _detail(result: TargetResult, mode: Mode) -> str:
         where = f"{result.error.file}: " if result.error.file else ""
         return f"{result.error.kind.value}: {where}{result.error.message}"
     parts = []
+    if not result.initialized and result.status is not Status.SKIPPED:
+        parts.append("never migrated")
     if result.ran:
         parts.append("ran " + ", ".join(m.id for m in result.ran))
     if result.pending and mode is Mode.PLAN:
         parts.append("would run " + _shorten(result.pending))
     elif result.pending:
         parts.append("still pending " + _shorten(result.pending))
-    if not result.initialized:
-        parts.append("never migrated")
     if result.lock_holder is not None:
         parts.append(f"locked by pid {result.lock_holder.pid}")
     if result.status is Status.SKIPPED and not parts:

@@ -483,6 +483,10 @@ class _Backend(PostgresqlBackend):  # type: ignore[misc]
     def init_database(self) -> None:
         # PostgreSQL has transactional DDL; yoyo's probe costs a table creation per connection.
         self.has_transactional_ddl = True
+        if self.schema:
+            # A schema-per-tenant target may be brand new: its schema is part of what apply brings.
+            with self.transaction(), self.connection.cursor() as cursor:
+                cursor.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)))
         try:
             with self.transaction():
                 self.execute(

@@ -8,6 +8,7 @@ gets its own databases and its own bucket, so tests never see each other's state
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -109,7 +110,7 @@ class Fleet:
         for target in targets:
             lines.append("[[directory.targets]]")
             for key, value in target.items():
-                rendered = f'"{value}"' if isinstance(value, str) else repr(list(value)).replace("'", '"')
+                rendered = json.dumps(value if isinstance(value, str) else list(value))
                 lines.append(f"{key} = {rendered}")
             lines.append("")
         lines.append(extra)

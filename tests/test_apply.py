@@ -37,7 +37,9 @@ def test_apply_migrates_every_shard_then_reapply_is_a_noop(fleet: Fleet) -> None
 def test_two_apply_processes_started_together_apply_each_migration_once_per_shard(fleet: Fleet) -> None:
     fleet.add_databases(6)
     slow = dict(MIGRATIONS)
-    slow["002-add-address.sql"] = "-- depends: 001-create-person\nALTER TABLE person ADD COLUMN address TEXT; SELECT pg_sleep(0.2);"
+    slow["002-add-address.sql"] = (
+        "-- depends: 001-create-person\nALTER TABLE person ADD COLUMN address TEXT; SELECT pg_sleep(0.2);"
+    )
     fleet.publish(slow)
     fleet.write_env()
 
@@ -48,7 +50,9 @@ def test_two_apply_processes_started_together_apply_each_migration_once_per_shar
     reports = [json.loads(stdout) for stdout, _ in outputs]
     assert sum(r["totals"]["migrations_applied"] for r in reports) == 3 * 6
     for database in fleet.databases:
-        rows = fleet.query(database, "SELECT migration_id, count(*) FROM _yoyo_log WHERE operation = 'apply' GROUP BY 1")
+        rows = fleet.query(
+            database, "SELECT migration_id, count(*) FROM _yoyo_log WHERE operation = 'apply' GROUP BY 1"
+        )
         assert sorted(rows) == [("001-create-person", 1), ("002-add-address", 1), ("003-create-order", 1)]
         assert fleet.query(database, "SELECT count(*) FROM yoyo_lock") == [(0,)]
 
@@ -131,7 +135,9 @@ def test_lock_held_by_another_process_times_out_with_its_holder_named(fleet: Fle
     (name,) = fleet.add_databases(1)
     fleet.publish(MIGRATIONS)
     fleet.write_env()
-    fleet.query(name, "CREATE TABLE yoyo_lock (locked INT DEFAULT 1, ctime TIMESTAMP, pid INT NOT NULL, PRIMARY KEY (locked))")
+    fleet.query(
+        name, "CREATE TABLE yoyo_lock (locked INT DEFAULT 1, ctime TIMESTAMP, pid INT NOT NULL, PRIMARY KEY (locked))"
+    )
     fleet.query(name, "INSERT INTO yoyo_lock VALUES (1, now(), 424242)")
 
     result = fleet.cli("apply", "--env", "test", "--lock-timeout", "0.5", "--format", "json")
@@ -205,7 +211,9 @@ def test_non_transactional_migration_and_post_apply_hook_run(fleet: Fleet) -> No
 
     assert result.exit_code == EXIT_OK, result.output
     assert fleet.applied(name)[-1] == "004-index"
-    assert fleet.query(name, "SELECT indisvalid FROM pg_index WHERE indexrelid = 'person_name_idx'::regclass") == [(True,)]
+    assert fleet.query(name, "SELECT indisvalid FROM pg_index WHERE indexrelid = 'person_name_idx'::regclass") == [
+        (True,)
+    ]
     assert "hook_ran" in fleet.tables(name)
     assert "post-apply-hook" not in fleet.applied(name)
 
@@ -214,7 +222,9 @@ def test_several_services_apply_in_environment_order_sharing_one_lock(fleet: Fle
     (name,) = fleet.add_databases(1)
     fleet.services = ("people", "billing")
     fleet.publish(MIGRATIONS, service="people")
-    fleet.publish({"101-invoice.sql": "CREATE TABLE invoice (person_id INT REFERENCES person (id));"}, service="billing")
+    fleet.publish(
+        {"101-invoice.sql": "CREATE TABLE invoice (person_id INT REFERENCES person (id));"}, service="billing"
+    )
     fleet.write_env()
 
     only_people = fleet.cli("plan", "--env", "test", "--service", "people", "--format", "json")
@@ -241,3 +251,25 @@ def test_a_failed_service_skips_the_services_after_it_on_that_target(fleet: Flee
     assert "syntax error" in rows["people"]["error"]["message"]
     assert rows["billing"]["status"] == "skipped"
     assert "invoice" not in fleet.tables(name)
+
+
+def test_schema_targets_are_quoted_created_and_isolated(fleet: Fleet) -> None:
+    (name,) = fleet.add_databases(1)
+    fleet.query(name, "CREATE TABLE canary (id INT)")
+    fleet.publish(MIGRATIONS)
+    hostile = 'x"; DROP TABLE canary; --'
+    fleet.write_env(
+        [
+            {"id": "tenant-3", "dsn": fleet.dsn(name), "schema": "Tenant-3"},
+            {"id": "hostile", "dsn": fleet.dsn(name), "schema": hostile},
+        ]
+    )
+
+    result = fleet.cli("apply", "--env", "test", "--format", "json")
+
+    assert result.exit_code == EXIT_OK, result.output
+    assert {"person", "customer_order", "_yoyo_migration", "yoyo_lock"} <= fleet.tables(name, "Tenant-3")
+    assert {"person", "customer_order"} <= fleet.tables(name, hostile)
+    assert fleet.tables(name) == {"canary"}  # public untouched, and no injection
+    plan = fleet.cli("plan", "--env", "test", "--format", "json")
+    assert {r["status"] for r in json.loads(plan.stdout)["results"]} == {"up-to-date"}

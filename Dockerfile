@@ -1,0 +1,12 @@
+# fanout as a one-shot job: slim, non-root, pinned dependencies.
+FROM python:3.12-slim
+ENV PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /app
+COPY requirements.lock pyproject.toml README.md ./
+COPY fanout ./fanout
+RUN pip install -c requirements.lock . && useradd --system --uid 10001 fanout
+COPY migrations ./migrations
+COPY environments ./environments
+USER fanout
+ENTRYPOINT ["fanout"]
+CMD ["--help"]

@@ -1,0 +1,2 @@
+-- Runs after every apply that changed something: fresh statistics for the planner.
+ANALYZE person;

@@ -1,0 +1,144 @@
+"""Bad input: one readable line, a documented exit code, and nothing touched."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import MIGRATIONS, Fleet
+
+from fanout.config import load_environment
+from fanout.errors import EXIT_CONFIG, EXIT_DIRECTORY, EXIT_SOURCE, ConfigError
+
+
+def _assert_one_line_error(output: str, *fragments: str) -> None:
+    lines = [line for line in output.strip().splitlines() if line]
+    assert len(lines) == 1, output
+    assert lines[0].startswith("fanout: error: ")
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    ("mutation", "fragments"),
+    [
+        (lambda text: text.replace("[directory]", "[directory"), ("not valid TOML",)),
+        (lambda text: text + "\n[runner]\nconcurency = 4\n", ("runner.concurency", "unknown key")),
+        (lambda text: text.replace('kind = "static"', 'kind = "static"\nwat = 1'), ("directory.wat", "unknown key")),
+        (
+            lambda text: text.replace("${FANOUT_TEST_PG_PASSWORD}", "${FANOUT_NOT_SET_ANYWHERE}"),
+            ("FANOUT_NOT_SET_ANYWHERE is not set", "directory.targets[0].dsn"),
+        ),
+        (lambda text: text + "\n[runner]\nconcurrency = 0\n", ("runner.concurrency", "greater than or equal to 1")),
+        (lambda text: text.replace('services = ["app"]', "services = []"), ("services",)),
+        (lambda text: text.replace("postgresql://", "mysql://"), ("must start with postgresql://",)),
+    ],
+    ids=[
+        "malformed-toml",
+        "unknown-key",
+        "unknown-nested-key",
+        "missing-variable",
+        "bad-value",
+        "no-services",
+        "bad-dsn",
+    ],
+)
+def test_bad_environment_file_is_a_config_error_that_touches_nothing(fleet: Fleet, mutation, fragments) -> None:  # type: ignore[no-untyped-def]
+    (name,) = fleet.add_databases(1)
+    fleet.publish(MIGRATIONS)
+    path = fleet.write_env()
+    path.write_text(mutation(path.read_text()))
+
+    result = fleet.cli("apply", "--env", "test")
+
+    assert result.exit_code == EXIT_CONFIG
+    _assert_one_line_error(result.stderr, *fragments)
+    assert result.stdout == ""
+    assert fleet.tables(name) == set()
+
+
+def test_unknown_environment_lists_the_known_ones(fleet: Fleet) -> None:
+    fleet.write_env([{"id": "x", "dsn": "postgresql://u@h/db"}])
+    result = fleet.cli("plan", "--env", "nope")
+    assert result.exit_code == EXIT_CONFIG
+    _assert_one_line_error(result.stderr, "unknown environment 'nope'", "known: test")
+
+
+def test_unknown_service_names_the_environment_services(fleet: Fleet) -> None:
+    (name,) = fleet.add_databases(1)
+    fleet.publish(MIGRATIONS)
+    fleet.write_env()
+    result = fleet.cli("apply", "--env", "test", "--service", "billing")
+    assert result.exit_code == EXIT_CONFIG
+    _assert_one_line_error(result.stderr, "unknown service 'billing'", "it has: app")
+    assert fleet.tables(name) == set()
+
+
+def test_service_without_migrations_in_s3_is_a_source_error(fleet: Fleet) -> None:
+    (name,) = fleet.add_databases(1)
+    fleet.write_env()
+    result = fleet.cli("apply", "--env", "test")
+    assert result.exit_code == EXIT_SOURCE
+    _assert_one_line_error(
+        result.stderr, "no migrations for service 'app'", f"s3://{fleet.bucket}/migrations/app/test/"
+    )
+    assert fleet.tables(name) == set()
+
+
+def test_missing_bucket_and_unreachable_s3_are_source_errors(fleet: Fleet) -> None:
+    fleet.add_databases(1)
+    path = fleet.write_env()
+    path.write_text(path.read_text().replace(fleet.bucket, "no-such-bucket-here"))
+    missing = fleet.cli("plan", "--env", "test")
+    assert missing.exit_code == EXIT_SOURCE
+    _assert_one_line_error(missing.stderr, "bucket 'no-such-bucket-here' does not exist")
+
+    path.write_text(path.read_text().replace(fleet.s3.endpoint_url, "http://127.0.0.1:9"))
+    unreachable = fleet.cli("plan", "--env", "test")
+    assert unreachable.exit_code == EXIT_SOURCE
+    _assert_one_line_error(unreachable.stderr, "cannot reach the S3 endpoint")
+
+
+def test_broken_migration_set_stops_the_run_before_any_shard_is_touched(fleet: Fleet) -> None:
+    (name,) = fleet.add_databases(1)
+    fleet.publish(
+        {"001-a.sql": "CREATE TABLE a (id INT);", "002-b.sql": "-- depends: 000-missing\nCREATE TABLE b (id INT);"}
+    )
+    fleet.write_env()
+    result = fleet.cli("apply", "--env", "test")
+    assert result.exit_code == EXIT_SOURCE
+    _assert_one_line_error(result.stderr, "bad migration", "002-b.sql")
+    assert fleet.tables(name) == set()
+
+
+def test_duplicate_migration_ids_across_services_are_refused(fleet: Fleet) -> None:
+    fleet.add_databases(1)
+    fleet.services = ("one", "two")
+    fleet.publish({"001-init.sql": "CREATE TABLE one (id INT);"}, service="one")
+    fleet.publish({"001-init.sql": "CREATE TABLE two (id INT);"}, service="two")
+    fleet.write_env()
+    result = fleet.cli("plan", "--env", "test")
+    assert result.exit_code == EXIT_SOURCE
+    _assert_one_line_error(result.stderr, "migration id '001-init' exists in services 'one' and 'two'")
+
+
+def test_variables_are_interpolated_and_dollar_dollar_escapes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "x.toml"
+    path.write_text(
+        'services = ["s"]\n[source]\nbucket = "b-${SUFFIX}"\nprefix = "p$${LITERAL}"\n'
+        '[directory]\nkind = "static"\ntargets = [{ id = "t", dsn = "postgresql://u:${PW}@h:${PORT}/d" }]\n'
+    )
+    env = load_environment(str(path), variables={"SUFFIX": "prod", "PW": "s3cret-pw", "PORT": "6543"})
+    assert env.source.bucket == "b-prod"  # type: ignore[union-attr]
+    assert env.source.prefix == "p${LITERAL}"  # type: ignore[union-attr]
+    assert env.name == "x"
+    assert "s3cret-pw" not in repr(env)
+    with pytest.raises(ConfigError, match="PORT is not set"):
+        load_environment(str(path), variables={"SUFFIX": "x", "PW": "y"})
+
+
+def test_an_environment_without_targets_is_refused(fleet: Fleet) -> None:
+    path = fleet.write_env([])
+    result = fleet.cli("shards", "--env", "test")
+    assert result.exit_code == EXIT_CONFIG
+    _assert_one_line_error(result.stderr, "directory.targets")
+    assert path.exists()
+    assert EXIT_DIRECTORY != EXIT_CONFIG
