@@ -16,7 +16,7 @@ from fanout import commands
 from fanout.config import Environment, load_environment
 from fanout.config import environments_dir as default_environments_dir
 from fanout.errors import EXIT_INTERNAL, EXIT_OK, FanoutError
-from fanout.report import RunReport, exit_code, render
+from fanout.report import RunReport, exit_code, render, to_dict
 from fanout.secret import RedactingFilter, redact
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -127,8 +127,10 @@ def _configure_logging(verbose: int) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     if verbose < 2:
-        for noisy in ("botocore", "boto3", "urllib3", "yoyo"):
+        for noisy in ("botocore", "boto3", "yoyo"):
             logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+        # urllib3 warns on every retry; the final error says how many were made.
+        logging.getLogger("urllib3").setLevel(logging.INFO if verbose else logging.ERROR)
 
 
 @cli.command()
@@ -209,6 +211,58 @@ def status(env: Environment, services: tuple[str, ...], fmt: str, concurrency: i
       fanout status --env staging --format json | jq '.totals'
     """
     _emit(commands.status(env, services, concurrency=concurrency), fmt)
+
+
+@cli.command()
+@env_option
+@service_option
+@format_option
+@click.option(
+    "--target",
+    required=True,
+    metavar="ID_OR_DSN",
+    help="A target id of the environment, or a DSN (${VAR}s allowed) for a shard not listed yet.",
+)
+@click.option(
+    "--create-database",
+    is_flag=True,
+    help="Create the target's database first when it does not exist (needs CREATEDB).",
+)
+@click.option(
+    "--lock-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Seconds to wait for the shard's lock.",
+)
+@_guarded
+def bootstrap(
+    env: Environment,
+    services: tuple[str, ...],
+    fmt: str,
+    target: str,
+    create_database: bool,
+    lock_timeout: float | None,
+) -> None:
+    """Bring a new, empty shard to the current schema of every service, then show its status.
+
+    Services are applied in the environment's order. Works for a shard the directory does
+    not list yet (give a DSN), and is idempotent: running it twice is a no-op.
+
+    \b
+    Example:
+      PGPASSWORD=... fanout bootstrap --env production \\
+          --target postgresql://migrator@db-9:5432/tenant_newco --create-database
+    """
+    applied, after = commands.bootstrap(
+        env, target, create_database=create_database, services=services, lock_timeout=lock_timeout
+    )
+    color = sys.stdout.isatty() and fmt == "text"
+    if fmt == "json":
+        click.echo(json.dumps({"bootstrap": to_dict(applied), "status": to_dict(after)}, indent=2))
+    else:
+        click.echo(render(applied, fmt, color=color))
+        click.echo(render(after, fmt, color=color))
+    sys.exit(max(exit_code(applied), exit_code(after)))
 
 
 @cli.command()

@@ -13,12 +13,12 @@ import secrets
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 from fanout import runner, source
-from fanout.config import Environment, S3Location, load_environment
+from fanout.config import Environment, S3Location, interpolate, load_environment
 from fanout.directory import Target, list_targets
 from fanout.errors import ConfigError
 from fanout.report import Mode, RunReport, TargetResult
@@ -33,7 +33,7 @@ def new_run_id() -> str:
 
 def shards(env: Environment) -> tuple[Target, ...]:
     """Every distinct target of the environment (deduplicated). Raises DirectoryError."""
-    return list_targets(env.directory)
+    return list_targets(env.directory, env.name)
 
 
 def plan(
@@ -80,6 +80,38 @@ def apply(
     )
 
 
+def bootstrap(
+    env: Environment,
+    target: str,
+    *,
+    create_database: bool = False,
+    services: Sequence[str] = (),
+    lock_timeout: float | None = None,
+) -> tuple[RunReport, RunReport]:
+    """Bring one shard, listed in the directory or not yet, to the current schema of every service.
+
+    `target` is a target id from the directory or a DSN (which may use ${VARIABLE}s; a
+    password is better left to PGPASSWORD or ~/.pgpass than put on a command line).
+    Idempotent: a second run applies nothing. Returns the apply report and the status after it.
+    """
+    if "://" in target:
+        chosen = Target.from_dsn("bootstrap", interpolate(target, what="--target"))
+        chosen = replace(chosen, id=chosen.display.removeprefix("postgresql://"))
+    else:
+        known = {t.id: t for t in list_targets(env.directory, env.name)}
+        if target not in known:
+            raise ConfigError(
+                f"no target {target!r} in environment {env.name!r}; give a DSN to bootstrap an unlisted shard"
+            )
+        chosen = known[target]
+    if create_database:
+        runner.ensure_database(chosen, connect_timeout=env.runner.connect_timeout)
+    options = _options(env, Mode.APPLY, lock_timeout=lock_timeout)
+    applied = _run_on(env, services, "bootstrap", options, (chosen,))
+    after = _run_on(env, services, "status", replace(options, mode=Mode.PLAN), (chosen,))
+    return applied, after
+
+
 def publish(env: Environment, migrations_dir: Path, services: Sequence[str] = ()) -> list[str]:
     """Upload migrations/<service>/<env>/ to the environment's bucket; returns the keys written."""
     if not isinstance(env.source, S3Location):
@@ -98,22 +130,46 @@ def _run(
     fail_fast: bool = False,
     on_result: ResultCallback | None = None,
 ) -> RunReport:
-    selected = env.select_services(services)
-    options = runner.RunOptions(
+    options = _options(env, mode, concurrency=concurrency, lock_timeout=lock_timeout, fail_fast=fail_fast)
+    return _run_on(env, services, command, options, None, on_result=on_result)
+
+
+def _options(
+    env: Environment,
+    mode: Mode,
+    *,
+    concurrency: int | None = None,
+    lock_timeout: float | None = None,
+    fail_fast: bool = False,
+) -> runner.RunOptions:
+    if concurrency is not None and concurrency < 1:
+        raise ConfigError("--concurrency must be at least 1")
+    return runner.RunOptions(
         mode=mode,
         concurrency=concurrency or env.runner.concurrency,
         lock_timeout=lock_timeout if lock_timeout is not None else env.runner.lock_timeout,
         connect_timeout=env.runner.connect_timeout,
         fail_fast=fail_fast,
     )
-    if options.concurrency < 1:
-        raise ConfigError("--concurrency must be at least 1")
-    targets = list_targets(env.directory)
+
+
+def _run_on(
+    env: Environment,
+    services: Sequence[str],
+    command: str,
+    options: runner.RunOptions,
+    targets: Sequence[Target] | None,
+    *,
+    on_result: ResultCallback | None = None,
+) -> RunReport:
+    """Snapshot the sources and run; `targets` None means every target of the directory."""
+    selected = env.select_services(services)
+    chosen = list_targets(env.directory, env.name) if targets is None else tuple(targets)
     with tempfile.TemporaryDirectory(prefix="fanout-snapshot-") as workdir:
         snapshot = source.take_snapshot(env, selected, Path(workdir))
         return runner.run(
             snapshot,
-            targets,
+            chosen,
             options,
             run_id=new_run_id(),
             environment=env.name,

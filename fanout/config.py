@@ -70,12 +70,61 @@ class StaticTarget:
 
 
 @dataclass(frozen=True, slots=True)
+class SchemaDiscovery:
+    """Expand each database target into one target per tenant schema found in it."""
+
+    pattern: str | None = None  # a LIKE pattern on schema names, e.g. "tenant_%"
+    query: str | None = None  # or a query returning schema names, run read-only in each database
+
+
+@dataclass(frozen=True, slots=True)
 class StaticDirectoryConfig:
     targets: tuple[StaticTarget, ...]
+    schemas: SchemaDiscovery | None = None
     kind: Literal["static"] = "static"
 
 
-DirectoryConfig = StaticDirectoryConfig
+@dataclass(frozen=True, slots=True)
+class HttpDirectoryConfig:
+    """A sharding service: list tenants, then resolve each to the database that holds it."""
+
+    endpoint: str
+    tenants_path: str = "/tenants"
+    resolve_path: str = "/write/{tenant_id}"
+    token: Secret | None = None
+    timeout: float = 5.0
+    retries: int = 3
+    concurrency: int = 32
+    ca_bundle: str | None = None
+    schemas: SchemaDiscovery | None = None
+    kind: Literal["http"] = "http"
+
+
+@dataclass(frozen=True, slots=True)
+class SqlDirectoryConfig:
+    """A catalog database with one row per shard."""
+
+    dsn: Secret
+    query: str
+    user: str | None = None
+    password: Secret | None = None
+    schemas: SchemaDiscovery | None = None
+    kind: Literal["sql"] = "sql"
+
+
+@dataclass(frozen=True, slots=True)
+class PgCatDirectoryConfig:
+    """A pgcat.toml: each [pools.<pool>.shards.<n>] primary is a target; replicas never get DDL."""
+
+    config: Path
+    pools: tuple[str, ...] = ()
+    user: str | None = None
+    password: Secret | None = None
+    schemas: SchemaDiscovery | None = None
+    kind: Literal["pgcat"] = "pgcat"
+
+
+DirectoryConfig = StaticDirectoryConfig | HttpDirectoryConfig | SqlDirectoryConfig | PgCatDirectoryConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,9 +179,50 @@ class _StaticTarget(_Strict):
     tenants: tuple[str, ...] = ()
 
 
+class _Schemas(_Strict):
+    pattern: str | None = None
+    query: str | None = None
+
+
 class _StaticDirectory(_Strict):
     kind: Literal["static"]
     targets: Annotated[tuple[_StaticTarget, ...], Field(min_length=1)]
+    schemas: _Schemas | None = None
+
+
+class _HttpDirectory(_Strict):
+    kind: Literal["http"]
+    endpoint: Annotated[str, Field(pattern=r"^https?://")]
+    tenants_path: str = "/tenants"
+    resolve_path: Annotated[str, Field(pattern=r"\{tenant_id\}")] = "/write/{tenant_id}"
+    token: str | None = None
+    timeout: Annotated[float, Field(gt=0)] = 5.0
+    retries: Annotated[int, Field(ge=0, le=10)] = 3
+    concurrency: Annotated[int, Field(ge=1, le=256)] = 32
+    ca_bundle: str | None = None
+    schemas: _Schemas | None = None
+
+
+class _SqlDirectory(_Strict):
+    kind: Literal["sql"]
+    dsn: Annotated[str, Field(min_length=1)]
+    query: Annotated[str, Field(min_length=1)]
+    user: str | None = None
+    password: str | None = None
+    schemas: _Schemas | None = None
+
+
+class _PgCatDirectory(_Strict):
+    kind: Literal["pgcat"]
+    config: Annotated[str, Field(min_length=1)]
+    pools: tuple[str, ...] = ()
+    user: str | None = None
+    password: str | None = None
+    schemas: _Schemas | None = None
+
+
+_DIRECTORY_KINDS = ("static", "http", "sql", "pgcat")
+_Directory = Annotated[_StaticDirectory | _HttpDirectory | _SqlDirectory | _PgCatDirectory, Field(discriminator="kind")]
 
 
 class _Runner(_Strict):
@@ -144,7 +234,7 @@ class _Runner(_Strict):
 class _EnvironmentFile(_Strict):
     services: Annotated[tuple[Annotated[str, Field(pattern=_SERVICE_NAME)], ...], Field(min_length=1)]
     source: _Source
-    directory: _StaticDirectory
+    directory: _Directory
     runner: _Runner = _Runner()
 
 
@@ -193,6 +283,11 @@ def load_environment(
     return _build(parsed, path)
 
 
+def interpolate(text: str, *, what: str, variables: Mapping[str, str] | None = None) -> str:
+    """Resolve ${VARIABLE}s in a value given outside an environment file (e.g. a DSN on the command line)."""
+    return str(_interpolate(text, os.environ if variables is None else variables, Path(what), ()))
+
+
 def _interpolate(value: Any, variables: Mapping[str, str], path: Path, where: tuple[str | int, ...]) -> Any:
     if isinstance(value, dict):
         return {k: _interpolate(v, variables, path, (*where, k)) for k, v in value.items()}
@@ -223,7 +318,10 @@ def _describe(error: pydantic.ValidationError) -> str:
     # Built from loc and msg only: pydantic's own str() echoes input values, which may be secrets.
     problems = []
     for item in error.errors(include_input=False, include_url=False):
-        loc = _location([p if isinstance(p, int) else str(p) for p in item["loc"]])
+        parts = [p if isinstance(p, int) else str(p) for p in item["loc"]]
+        if parts[:1] == ["directory"] and parts[1:2] and parts[1] in _DIRECTORY_KINDS:
+            parts.pop(1)  # pydantic names the union member; the file has no such level
+        loc = _location(parts)
         message = item["msg"]
         if item["type"] == "extra_forbidden":
             message = "unknown key"
@@ -255,16 +353,7 @@ def _build(parsed: _EnvironmentFile, path: Path) -> Environment:
         )
     if len(set(parsed.services)) != len(parsed.services):
         raise ConfigError(f"{path}: services: a service is listed twice")
-    ids = [t.id for t in parsed.directory.targets]
-    duplicate = next((i for i in ids if ids.count(i) > 1), None)
-    if duplicate is not None:
-        raise ConfigError(f"{path}: directory.targets: target id {duplicate!r} is listed twice")
-    directory = StaticDirectoryConfig(
-        targets=tuple(
-            StaticTarget(id=t.id, dsn=Secret(t.dsn), schema=t.schema_, tenants=t.tenants)
-            for t in parsed.directory.targets
-        )
-    )
+    directory = _build_directory(parsed.directory, path)
     runner = RunnerSettings(**parsed.runner.model_dump())
     return Environment(
         name=path.stem,
@@ -273,4 +362,61 @@ def _build(parsed: _EnvironmentFile, path: Path) -> Environment:
         source=location,
         directory=directory,
         runner=runner,
+    )
+
+
+def _secret(value: str | None) -> Secret | None:
+    return Secret(value) if value else None
+
+
+def _build_schemas(schemas: _Schemas | None, path: Path) -> SchemaDiscovery | None:
+    if schemas is None:
+        return None
+    if (schemas.pattern is None) == (schemas.query is None):
+        raise ConfigError(f"{path}: directory.schemas: set exactly one of 'pattern' or 'query'")
+    return SchemaDiscovery(pattern=schemas.pattern, query=schemas.query)
+
+
+def _build_directory(
+    directory: _StaticDirectory | _HttpDirectory | _SqlDirectory | _PgCatDirectory, path: Path
+) -> DirectoryConfig:
+    schemas = _build_schemas(directory.schemas, path)
+    if isinstance(directory, _HttpDirectory):
+        return HttpDirectoryConfig(
+            endpoint=directory.endpoint.rstrip("/"),
+            tenants_path=directory.tenants_path,
+            resolve_path=directory.resolve_path,
+            token=_secret(directory.token),
+            timeout=directory.timeout,
+            retries=directory.retries,
+            concurrency=directory.concurrency,
+            ca_bundle=directory.ca_bundle,
+            schemas=schemas,
+        )
+    if isinstance(directory, _SqlDirectory):
+        return SqlDirectoryConfig(
+            dsn=Secret(directory.dsn),
+            query=directory.query,
+            user=directory.user,
+            password=_secret(directory.password),
+            schemas=schemas,
+        )
+    if isinstance(directory, _PgCatDirectory):
+        config = Path(directory.config)
+        return PgCatDirectoryConfig(
+            config=config if config.is_absolute() else (path.parent / config).resolve(),
+            pools=directory.pools,
+            user=directory.user,
+            password=_secret(directory.password),
+            schemas=schemas,
+        )
+    ids = [t.id for t in directory.targets]
+    duplicate = next((i for i in ids if ids.count(i) > 1), None)
+    if duplicate is not None:
+        raise ConfigError(f"{path}: directory.targets: target id {duplicate!r} is listed twice")
+    return StaticDirectoryConfig(
+        targets=tuple(
+            StaticTarget(id=t.id, dsn=Secret(t.dsn), schema=t.schema_, tenants=t.tenants) for t in directory.targets
+        ),
+        schemas=schemas,
     )

@@ -41,6 +41,12 @@ class DirectoryError(FanoutError):
     exit_code = EXIT_DIRECTORY
 
 
+class TargetFailed(FanoutError):
+    """A single named target could not be prepared (bootstrap's --create-database)."""
+
+    exit_code = EXIT_TARGETS_FAILED
+
+
 class Interrupted(FanoutError):
     """The run was stopped by a signal before it finished."""
 

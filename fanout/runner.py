@@ -48,7 +48,7 @@ from yoyo.connections import DatabaseURI
 from yoyo.migrations import Migration, MigrationList, topological_sort
 
 from fanout.directory import Target
-from fanout.errors import SourceError
+from fanout.errors import SourceError, TargetFailed
 from fanout.report import (
     AppliedMigration,
     ErrorKind,
@@ -61,7 +61,7 @@ from fanout.report import (
     TargetError,
     TargetResult,
 )
-from fanout.secret import redact
+from fanout.secret import error_line
 from fanout.source import MigrationSet, Snapshot
 
 log = logging.getLogger(__name__)
@@ -176,6 +176,34 @@ def load(sets: Sequence[MigrationSet]) -> tuple[_ServicePlan, ...]:
 def _bad_migration(error: yoyo_exceptions.BadMigration) -> str:
     text = " ".join(str(a) for a in error.args)
     return text.replace("Could not resolve dependencies in", "a '-- depends:' names an unknown migration in")
+
+
+def ensure_database(target: Target, *, connect_timeout: float = 10.0, maintenance_db: str = "postgres") -> bool:
+    """Create the target's database when it does not exist; True when it was created.
+
+    Connects to the server's maintenance database with the target's own credentials, so the
+    role needs CREATEDB. Safe when two bootstraps race: the loser sees the database exist.
+    """
+    options = RunOptions(mode=Mode.APPLY, connect_timeout=connect_timeout)
+    kwargs = _connect_kwargs(replace(target, dbname=maintenance_db), options, "bootstrap")
+    try:
+        connection = psycopg2.connect(**kwargs)
+    except psycopg2.Error as e:
+        raise TargetFailed(_classify_connect_error(e, replace(target, dbname=maintenance_db)).error.message) from None
+    connection.autocommit = True
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (target.dbname,))
+            if cursor.fetchone():
+                return False
+            cursor.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(target.dbname)))
+            return True
+    except psycopg2.errors.DuplicateDatabase:
+        return False
+    except psycopg2.Error as e:
+        raise TargetFailed(f"cannot create database {target.dbname!r} on {target.server}: {_pg_message(e)}") from None
+    finally:
+        connection.close()
 
 
 # ---- one target ---------------------------------------------------------------------
@@ -330,23 +358,13 @@ def _open_session(target: Target, options: RunOptions, run_id: str) -> _Session:
 
 
 def _connect_kwargs(target: Target, options: RunOptions, run_id: str) -> dict[str, Any]:
-    kwargs: dict[str, Any] = dict(target.options)
-    kwargs.update(
-        host=target.host,
-        port=target.port,
-        dbname=target.dbname,
-        connect_timeout=max(1, round(options.connect_timeout)),
-        application_name=f"{APPLICATION_NAME} {options.mode.value} {run_id}"[:63],
+    return target.libpq_kwargs(
+        application_name=f"{APPLICATION_NAME} {options.mode.value} {run_id}", connect_timeout=options.connect_timeout
     )
-    if target.user:
-        kwargs["user"] = target.user
-    if target.password is not None:
-        kwargs["password"] = target.password.reveal()
-    return kwargs
 
 
 def _classify_connect_error(error: psycopg2.Error, target: Target) -> _Failure:
-    message = _first_lines(str(error))
+    message = error_line(error)
     lowered = message.lower()
     auth_markers = ("password authentication failed", "no pg_hba.conf entry", "role", "authentication")
     if any(marker in lowered for marker in auth_markers) and "does not exist" not in lowered.replace("role", ""):
@@ -360,19 +378,14 @@ def _classify_connect_error(error: psycopg2.Error, target: Target) -> _Failure:
 
 def _classify_database_error(error: psycopg2.Error) -> _Failure:
     if isinstance(error, (psycopg2.OperationalError, psycopg2.InterfaceError)) and error.pgcode is None:
-        return _Failure(TargetError(ErrorKind.UNREACHABLE, f"connection lost: {_first_lines(str(error))}"))
+        return _Failure(TargetError(ErrorKind.UNREACHABLE, f"connection lost: {error_line(error)}"))
     return _Failure(TargetError(ErrorKind.DATABASE, _pg_message(error)))
 
 
 def _pg_message(error: psycopg2.Error) -> str:
-    primary = getattr(getattr(error, "diag", None), "message_primary", None) or _first_lines(str(error))
+    primary = getattr(getattr(error, "diag", None), "message_primary", None) or error_line(error)
     code = f" [{error.pgcode}]" if error.pgcode else ""
     return f"{primary}{code}"
-
-
-def _first_lines(text: str, limit: int = 2) -> str:
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return redact(" ".join(lines[:limit]))
 
 
 def _quote_schema(schema: str) -> sql.Composable:

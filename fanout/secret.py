@@ -86,3 +86,9 @@ class RedactingFilter(logging.Filter):
             record.exc_text = redact(formatter.formatException(record.exc_info))
             record.exc_info = None
         return True
+
+
+def error_line(error: BaseException, limit: int = 2) -> str:
+    """The first lines of an exception's message, redacted: what a report or an error line shows."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return redact(" ".join(lines[:limit]) or type(error).__name__)

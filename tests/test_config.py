@@ -142,3 +142,30 @@ def test_an_environment_without_targets_is_refused(fleet: Fleet) -> None:
     _assert_one_line_error(result.stderr, "directory.targets")
     assert path.exists()
     assert EXIT_DIRECTORY != EXIT_CONFIG
+
+
+def test_every_example_environment_file_is_valid() -> None:
+    from conftest import REPO
+
+    from fanout.config import HttpDirectoryConfig, PgCatDirectoryConfig, SqlDirectoryConfig, StaticDirectoryConfig
+
+    variables = {name: "x" for name in ("FANOUT_DEMO_S3_ENDPOINT", "FANOUT_DEMO_PG_PASSWORD", "FANOUT_S3_ENDPOINT",
+                 "SHARD_PASSWORD", "STAGING_SHARD_PASSWORD", "SHARDING_TOKEN", "CATALOG_PASSWORD", "CITUS_PASSWORD")}  # fmt: skip
+    variables["FANOUT_DEMO_PG_PORT"] = "5432"
+    kinds = {}
+    for path in sorted((REPO / "environments").glob("*.toml")):
+        env = load_environment(str(path), variables=variables)
+        kinds[path.stem] = type(env.directory)
+    assert kinds["production"] is HttpDirectoryConfig
+    assert kinds["catalog"] is SqlDirectoryConfig
+    assert kinds["pgcat"] is PgCatDirectoryConfig
+    assert kinds["citus"] is StaticDirectoryConfig
+    from fanout.directory.pgcat import PgCatDirectory
+
+    env = load_environment(str(REPO / "environments" / "pgcat.toml"), variables=variables)
+    assert isinstance(env.directory, PgCatDirectoryConfig)
+    targets = PgCatDirectory(env.directory).targets()
+    assert [(t.id, t.host, t.dbname, t.user) for t in targets] == [
+        ("sharded_db/shard-0", "shard-0.internal", "shard0", "migrator"),
+        ("sharded_db/shard-1", "shard-1.internal", "shard1", "migrator"),
+    ]

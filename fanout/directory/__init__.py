@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from fanout.config import DirectoryConfig
+from fanout.config import DirectoryConfig, HttpDirectoryConfig, PgCatDirectoryConfig, SqlDirectoryConfig
 from fanout.errors import ConfigError, DirectoryError
 from fanout.secret import Secret
 
@@ -77,6 +77,22 @@ class Target:
             tenants=tuple(tenants),
         )
 
+    def libpq_kwargs(self, *, application_name: str, connect_timeout: float) -> dict[str, Any]:
+        """Keyword arguments for psycopg2.connect; the only place the password is revealed."""
+        kwargs: dict[str, Any] = dict(self.options)
+        kwargs.update(
+            host=self.host,
+            port=self.port,
+            dbname=self.dbname,
+            connect_timeout=max(1, round(connect_timeout)),
+            application_name=application_name[:63],
+        )
+        if self.user:
+            kwargs["user"] = self.user
+        if self.password is not None:
+            kwargs["password"] = self.password.reveal()
+        return kwargs
+
     @property
     def server(self) -> str:
         """The PostgreSQL server (host:port) that holds this target."""
@@ -122,16 +138,29 @@ def deduplicate(targets: Iterable[Target]) -> tuple[Target, ...]:
     return tuple(merged.values())
 
 
-def open_directory(config: DirectoryConfig) -> ShardDirectory:
+def open_directory(config: DirectoryConfig, environment: str) -> ShardDirectory:
     """The directory backend that `config` describes."""
+    from fanout.directory.http import HttpDirectory
+    from fanout.directory.pgcat import PgCatDirectory
+    from fanout.directory.sql import SqlDirectory
     from fanout.directory.static import StaticDirectory
 
+    if isinstance(config, HttpDirectoryConfig):
+        return HttpDirectory(config)
+    if isinstance(config, SqlDirectoryConfig):
+        return SqlDirectory(config, environment)
+    if isinstance(config, PgCatDirectoryConfig):
+        return PgCatDirectory(config)
     return StaticDirectory(config)
 
 
-def list_targets(config: DirectoryConfig) -> tuple[Target, ...]:
+def list_targets(config: DirectoryConfig, environment: str) -> tuple[Target, ...]:
     """Every distinct target of the directory; an empty directory is an error, not a no-op."""
-    targets = deduplicate(open_directory(config).targets())
+    targets = deduplicate(open_directory(config, environment).targets())
+    if config.schemas is not None and targets:
+        from fanout.directory.schemas import discover_schemas
+
+        targets = deduplicate(discover_schemas(targets, config.schemas))
     if not targets:
         raise DirectoryError("the shard directory lists no target")
     return targets

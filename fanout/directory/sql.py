@@ -1,0 +1,90 @@
+"""The catalog directory: a query against a metadata database, one row per shard.
+
+The query runs in a READ ONLY transaction and may use `%(env)s` (the environment's
+name). Columns are read by name: `shard_id` (or `id`), `host`, `port`, `dbname` (or
+`database`) are required; `user`, `password`, `schema`, `tenants` (an array or a
+comma-separated string) and `sslmode` are optional. Credentials missing from the rows
+come from the directory's `user`/`password` settings.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg2
+
+from fanout.config import SqlDirectoryConfig
+from fanout.directory import Target
+from fanout.errors import DirectoryError
+from fanout.secret import Secret, error_line
+
+
+class SqlDirectory:
+    def __init__(self, config: SqlDirectoryConfig, environment: str) -> None:
+        self._config = config
+        self._environment = environment
+
+    def targets(self) -> list[Target]:
+        rows = self._rows()
+        return [self._target(index, row) for index, row in enumerate(rows)]
+
+    def _rows(self) -> list[dict[str, Any]]:
+        try:
+            connection = psycopg2.connect(
+                self._config.dsn.reveal(),
+                connect_timeout=10,
+                application_name="fanout directory",
+                options="-c default_transaction_read_only=on",
+            )
+        except psycopg2.Error as e:
+            raise DirectoryError(f"cannot connect to the catalog database: {error_line(e, 1)}") from None
+        try:
+            connection.set_session(readonly=True)
+            with connection.cursor() as cursor:
+                cursor.execute(self._config.query, {"env": self._environment})
+                if cursor.description is None:
+                    raise DirectoryError("the catalog query returned no result set")
+                columns = [c.name for c in cursor.description]
+                return [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
+        except psycopg2.Error as e:
+            raise DirectoryError(f"the catalog query failed: {error_line(e, 1)}") from None
+        finally:
+            connection.rollback()
+            connection.close()
+
+    def _target(self, index: int, row: dict[str, Any]) -> Target:
+        shard_id = row.get("shard_id", row.get("id"))
+        dbname = row.get("dbname", row.get("database"))
+        where = f"catalog row {index + 1}" + (f" (shard {shard_id})" if shard_id is not None else "")
+        missing = [
+            name
+            for name, value in (
+                ("shard_id", shard_id),
+                ("host", row.get("host")),
+                ("port", row.get("port")),
+                ("dbname", dbname),
+            )
+            if value in (None, "")
+        ]
+        if missing:
+            raise DirectoryError(f"{where}: missing column or value: {', '.join(missing)}")
+        try:
+            port = int(row["port"])
+        except (TypeError, ValueError):
+            raise DirectoryError(f"{where}: port {row['port']!r} is not a number") from None
+        password = row.get("password")
+        tenants = row.get("tenants") or ()
+        if isinstance(tenants, str):
+            tenants = [t.strip() for t in tenants.split(",") if t.strip()]
+        options = (("sslmode", str(row["sslmode"])),) if row.get("sslmode") else ()
+        return Target(
+            id=str(shard_id),
+            host=str(row["host"]),
+            port=port,
+            dbname=str(dbname),
+            user=row.get("user") or self._config.user,
+            password=Secret(str(password)) if password else self._config.password,
+            schema=row.get("schema") or None,
+            options=options,
+            tenants=tuple(str(t) for t in tenants),
+        )
