@@ -19,8 +19,8 @@ demo: $(VENV)/.installed
 test: lint typecheck unit
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check fanout tests
-	$(BIN)/ruff format --check fanout tests
+	$(BIN)/ruff check fanout tests bench
+	$(BIN)/ruff format --check fanout tests bench
 
 typecheck: $(VENV)/.installed
 	$(BIN)/mypy
@@ -37,3 +37,7 @@ lock:
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+## The benchmark table (issue targets); minutes, not part of `make test` (a smoke run is).
+bench: $(VENV)/.installed
+	$(BIN)/python bench/fleet.py
