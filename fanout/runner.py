@@ -285,24 +285,22 @@ def _migrate_service(
         status = Status.PENDING if still_pending else Status.UP_TO_DATE
     else:
         status = Status.APPLIED if ran else Status.UP_TO_DATE
-    return TargetResult(
-        target=target.id,
-        service=plan.service,
-        status=status,
-        server=target.server,
-        database=target.display,
-        schema=target.schema,
-        tenants=target.tenants,
+    return _result(
+        target,
+        plan.service,
+        status,
+        error,
         applied_before=before,
         ran=tuple(ran),
         pending=still_pending,
         initialized=session.initialized,
         lock_holder=holder,
-        error=error,
     )
 
 
-def _result(target: Target, service: str, status: Status, error: TargetError | None) -> TargetResult:
+def _result(target: Target, service: str, status: Status, error: TargetError | None, **outcome: Any) -> TargetResult:
+    """A result carrying the target's identity; `outcome` holds what the run learned (nothing if it never got in)."""
+    outcome.setdefault("initialized", False)
     return TargetResult(
         target=target.id,
         service=service,
@@ -311,8 +309,8 @@ def _result(target: Target, service: str, status: Status, error: TargetError | N
         database=target.display,
         schema=target.schema,
         tenants=target.tenants,
-        initialized=False,
         error=error,
+        **outcome,
     )
 
 
