@@ -364,10 +364,10 @@ def _connect_kwargs(target: Target, options: RunOptions, run_id: str) -> dict[st
 def _classify_connect_error(error: psycopg2.Error, target: Target) -> _Failure:
     message = error_line(error)
     lowered = message.lower()
-    auth_markers = ("password authentication failed", "no pg_hba.conf entry", "role", "authentication")
-    if any(marker in lowered for marker in auth_markers) and "does not exist" not in lowered.replace("role", ""):
+    missing = "does not exist" in lowered
+    if "authentication" in lowered or "no pg_hba.conf entry" in lowered or ("role" in lowered and missing):
         kind = ErrorKind.AUTHENTICATION
-    elif "database" in lowered and "does not exist" in lowered:
+    elif "database" in lowered and missing:
         kind = ErrorKind.DATABASE
     else:
         kind = ErrorKind.UNREACHABLE
@@ -544,6 +544,7 @@ class _YoyoSession:
             raise _classify_database_error(e) from None
         self.initialized = True
         self._pid = os.getpid()
+        self._display = target.display
 
     @contextmanager
     def lock(self, timeout: float) -> Iterator[LockHolder | None]:
@@ -580,9 +581,7 @@ class _YoyoSession:
                 with backend.transaction():
                     backend.cursor().execute(f'DELETE FROM "{LOCK_TABLE}" WHERE "pid" = %(pid)s', {"pid": self._pid})
             except psycopg2.Error:
-                log.warning(
-                    "could not release the lock on %s; it is released when yoyo break-lock runs", backend.uri.database
-                )
+                log.warning("could not release the lock on %s; yoyo break-lock releases it", self._display)
 
     def _holder(self) -> LockHolder | None:
         try:

@@ -273,3 +273,20 @@ def test_schema_targets_are_quoted_created_and_isolated(fleet: Fleet) -> None:
     assert fleet.tables(name) == {"canary"}  # public untouched, and no injection
     plan = fleet.cli("plan", "--env", "test", "--format", "json")
     assert {r["status"] for r in json.loads(plan.stdout)["results"]} == {"up-to-date"}
+
+
+def test_unknown_role_is_an_authentication_failure_and_missing_database_a_database_error(fleet: Fleet) -> None:
+    (name,) = fleet.add_databases(1)
+    fleet.publish(MIGRATIONS)
+    fleet.write_env(
+        [
+            {"id": "no-role", "dsn": fleet.dsn(name, user="nobody_here", password="x-password")},
+            {"id": "no-db", "dsn": fleet.dsn(name + "_missing")},
+        ]
+    )
+
+    result = fleet.cli("apply", "--env", "test", "--format", "json")
+
+    assert result.exit_code == EXIT_TARGETS_FAILED
+    kinds = {r["target"]: r["error"]["kind"] for r in json.loads(result.stdout)["results"]}
+    assert kinds == {"no-role": "authentication", "no-db": "database"}
