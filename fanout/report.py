@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from io import StringIO
@@ -117,7 +117,7 @@ class RunReport:
     sources: tuple[SourceSummary, ...] = ()
     s3_list_requests: int = 0
     s3_get_requests: int = 0
-    target_count: int = field(default=0)
+    target_count: int = 0
 
     def count(self, status: Status) -> int:
         return sum(1 for r in self.results if r.status is status)

@@ -355,9 +355,11 @@ def _open_session(target: Target, options: RunOptions, run_id: str) -> _Session:
     return _YoyoSession(target, options, run_id)
 
 
-def _connect_kwargs(target: Target, options: RunOptions, run_id: str) -> dict[str, Any]:
+def _connect_kwargs(target: Target, options: RunOptions, run_id: str, *, read_only: bool = False) -> dict[str, Any]:
     return target.libpq_kwargs(
-        application_name=f"{APPLICATION_NAME} {options.mode.value} {run_id}", connect_timeout=options.connect_timeout
+        application_name=f"{APPLICATION_NAME} {options.mode.value} {run_id}",
+        connect_timeout=options.connect_timeout,
+        read_only=read_only,
     )
 
 
@@ -394,9 +396,8 @@ class _ReadOnlySession:
     """Reads yoyo's tables inside READ ONLY transactions; creates nothing and takes no lock."""
 
     def __init__(self, target: Target, options: RunOptions, run_id: str) -> None:
-        kwargs = _connect_kwargs(target, options, run_id)
         # The server enforces read-only: even a bug here could not write.
-        kwargs["options"] = (kwargs.get("options", "") + " -c default_transaction_read_only=on").strip()
+        kwargs = _connect_kwargs(target, options, run_id, read_only=True)
         try:
             self._connection = psycopg2.connect(**kwargs)
         except psycopg2.Error as e:

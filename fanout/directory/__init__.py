@@ -77,8 +77,11 @@ class Target:
             tenants=tuple(tenants),
         )
 
-    def libpq_kwargs(self, *, application_name: str, connect_timeout: float) -> dict[str, Any]:
-        """Keyword arguments for psycopg2.connect; the only place the password is revealed."""
+    def libpq_kwargs(self, *, application_name: str, connect_timeout: float, read_only: bool = False) -> dict[str, Any]:
+        """Keyword arguments for psycopg2.connect; the only place the password is revealed.
+
+        `read_only` makes the server refuse writes for the whole session, whatever the caller does.
+        """
         kwargs: dict[str, Any] = dict(self.options)
         kwargs.update(
             host=self.host,
@@ -91,6 +94,8 @@ class Target:
             kwargs["user"] = self.user
         if self.password is not None:
             kwargs["password"] = self.password.reveal()
+        if read_only:
+            kwargs["options"] = (kwargs.get("options", "") + " -c default_transaction_read_only=on").strip()
         return kwargs
 
     @property

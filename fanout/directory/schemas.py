@@ -30,8 +30,7 @@ def discover_schemas(targets: Sequence[Target], discovery: SchemaDiscovery) -> l
 
 
 def _expand(target: Target, discovery: SchemaDiscovery) -> list[Target]:
-    kwargs = target.libpq_kwargs(application_name="fanout directory", connect_timeout=10)
-    kwargs["options"] = (kwargs.get("options", "") + " -c default_transaction_read_only=on").strip()
+    kwargs = target.libpq_kwargs(application_name="fanout directory", connect_timeout=10, read_only=True)
     try:
         connection = psycopg2.connect(**kwargs)
     except psycopg2.Error as e:
