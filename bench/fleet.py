@@ -27,6 +27,7 @@ from pathlib import Path
 from yoyo import get_backend, read_migrations
 
 from fanout import commands
+from fanout.commands import RunSettings
 from fanout.config import load_environment
 from fanout.embedded import EmbeddedPostgres, EmbeddedS3
 
@@ -129,7 +130,7 @@ def run(sizes_apply: list[int], sizes_plan: list[int], migrations: int, tuned: i
                 for kind, concurrency in (("dflt", None), ("tuned", tuned)):
                     env = load_environment(str(write_environment(root, postgres, s3, fleets[kind], kind)))
                     s3.requests.reset()
-                    seconds = timed(lambda env=env, c=concurrency: commands.apply(env, concurrency=c))
+                    seconds = timed(lambda env=env, c=concurrency: commands.apply(env, settings=RunSettings(concurrency=c), runs_dir=root / "runs"))
                     seen = s3.requests.snapshot()
                     label = f"fanout apply (concurrency {concurrency or env.runner.concurrency})"
                     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -149,10 +150,10 @@ def run(sizes_apply: list[int], sizes_plan: list[int], migrations: int, tuned: i
                 migrated = fleets["tuned"] if n in sizes_apply else fleets["dflt"]
                 if n not in sizes_apply:
                     env = load_environment(str(write_environment(root, postgres, s3, migrated, "plan")))
-                    commands.apply(env, concurrency=tuned)
+                    commands.apply(env, settings=RunSettings(concurrency=tuned), runs_dir=root / "runs")
                 env = load_environment(str(write_environment(root, postgres, s3, migrated, "plan")))
                 s3.requests.reset()
-                seconds = timed(lambda env=env: commands.plan(env, concurrency=tuned))
+                seconds = timed(lambda env=env: commands.plan(env, settings=RunSettings(concurrency=tuned)))
                 seen = s3.requests.snapshot()
                 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
                 rows.append(

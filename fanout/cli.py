@@ -15,7 +15,9 @@ import click
 from fanout import commands
 from fanout.config import Environment, load_environment
 from fanout.config import environments_dir as default_environments_dir
-from fanout.errors import EXIT_INTERNAL, EXIT_OK, FanoutError
+from fanout.errors import EXIT_INTERNAL, EXIT_OK, EXIT_TARGETS_FAILED, FanoutError
+from fanout.interrupt import Interrupt, signals_handled
+from fanout.locking import UnlockOutcome
 from fanout.report import RunReport, exit_code, render, to_dict
 from fanout.secret import RedactingFilter, redact
 
@@ -29,6 +31,8 @@ Exit codes:
   4   shard directory error; nothing was touched
   5   one or more targets failed or were skipped; the others are done
   10  plan --detailed-exitcode: migrations are pending
+  130 interrupted (SIGINT/SIGTERM): in-flight work finished or rolled back,
+      locks released, report written; `apply --resume RUN_ID` continues
   1   internal error
 """
 
@@ -156,7 +160,18 @@ def plan(
     Example:
       fanout plan --env staging --detailed-exitcode || [ $? -eq 10 ]
     """
-    _emit(commands.plan(env, services, concurrency=concurrency), fmt, detailed=detailed_exitcode)
+    settings = commands.RunSettings(concurrency=concurrency)
+    with signals_handled(Interrupt()) as interrupt:
+        report = commands.plan(env, services, settings=settings, interrupt=interrupt)
+    _emit(report, fmt, detailed=detailed_exitcode)
+
+
+lock_wait_option = click.option(
+    "--lock-wait",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Seconds to wait for a shard's migration lock [default: from the environment, else 60].",
+)
 
 
 @cli.command()
@@ -165,13 +180,38 @@ def plan(
 @format_option
 @concurrency_option
 @click.option(
-    "--lock-timeout",
-    type=click.FloatRange(min=0, min_open=True),
+    "--per-server",
+    type=click.IntRange(1, 512),
     default=None,
-    help="Seconds to wait for a shard's lock [default: from the environment, else 60].",
+    help="At most this many targets at once on one server (host:port) [default: --concurrency].",
 )
 @click.option(
-    "--fail-fast", is_flag=True, help="Start no new target after the first failure; the rest are reported as skipped."
+    "--waves",
+    metavar="STEPS",
+    default=None,
+    help="Roll out in waves, e.g. 1,10%,100%: cumulative counts or percentages of the targets. "
+    "The first wave is the canary; a wave starts only while failures are within --max-failures.",
+)
+@click.option(
+    "--max-failures",
+    metavar="N|P%",
+    default=None,
+    help="Failure budget: once more targets than this have failed, start no new one "
+    "[default: unlimited; 0 with --waves].",
+)
+@click.option("--fail-fast", is_flag=True, help="The same as --max-failures 0.")
+@lock_wait_option
+@click.option(
+    "--resume",
+    metavar="RUN_ID",
+    default=None,
+    help="Retry only the targets that failed or were skipped in that run, with the same migrations.",
+)
+@click.option(
+    "--runs-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where run records are kept [default: $FANOUT_RUNS_DIR, else .fanout/runs].",
 )
 @_guarded
 def apply(
@@ -179,22 +219,77 @@ def apply(
     services: tuple[str, ...],
     fmt: str,
     concurrency: int | None,
-    lock_timeout: float | None,
+    per_server: int | None,
+    waves: str | None,
+    max_failures: str | None,
     fail_fast: bool,
+    lock_wait: float | None,
+    resume: str | None,
+    runs_dir: Path | None,
 ) -> None:
     """Apply outstanding migrations to every target, each under its lock.
 
-    A target that fails (unreachable, bad credentials, SQL error, lock timeout) is
-    reported while the others go on; a failed migration leaves its shard at its last
-    good migration. Safe to run twice at once: the second run waits for each lock
-    and finds nothing left to do.
+    A target that fails (unreachable, bad credentials, SQL error, lock held) is reported
+    while the others go on, within the failure budget; a failed migration leaves its
+    shard at its last good migration. Safe to run twice at once: the second run waits
+    for each lock and finds nothing left to do. Every run is recorded under its run id.
 
     \b
     Example:
-      fanout apply --env production --concurrency 16 --format json > report.json
+      fanout apply --env production --waves 1,10%,100% --max-failures 2 --format json > report.json
+      fanout apply --env production --resume 20261121T101500Z-a1b2c3
     """
-    report = commands.apply(env, services, concurrency=concurrency, lock_timeout=lock_timeout, fail_fast=fail_fast)
+    settings = commands.RunSettings(
+        concurrency=concurrency,
+        per_server=per_server,
+        lock_wait=lock_wait,
+        waves=waves,
+        max_failures=max_failures,
+        fail_fast=fail_fast,
+    )
+    with signals_handled(Interrupt()) as interrupt:
+        report = commands.apply(env, services, settings=settings, interrupt=interrupt, resume=resume, runs_dir=runs_dir)
     _emit(report, fmt)
+
+
+@cli.command()
+@env_option
+@format_option
+@click.option("--target", "target_ids", multiple=True, metavar="ID", help="Only this target (repeatable).")
+@click.option("--force", is_flag=True, help="Remove the lock even when its holder may be alive.")
+@_guarded
+def unlock(env: Environment, fmt: str, target_ids: tuple[str, ...], force: bool) -> None:
+    """Remove shard migration locks left behind, e.g. by a plain yoyo that crashed.
+
+    fanout breaks the lock of a fanout run that died by itself; this is for the rest.
+    Refuses while the holder may be alive (its session is connected, or, for a plain
+    yoyo lock, any other session is connected to the database) unless --force.
+    Exit 0 when every lock is gone, 5 when one was refused or a target failed.
+
+    \b
+    Example:
+      fanout unlock --env staging --target tenant_acme
+    """
+    results = commands.unlock(env, target_ids, force=force)
+    if fmt == "json":
+        payload = [
+            {
+                "target": r.target,
+                "database": r.database,
+                "outcome": r.outcome.value if r.outcome else "failed",
+                "holder": None if r.holder is None else r.holder.describe(),
+                "message": r.message,
+            }
+            for r in results
+        ]
+        click.echo(redact(json.dumps(payload, indent=2)))
+    else:
+        for r in results:
+            holder = f" ({r.holder.describe()})" if r.holder else ""
+            outcome = r.outcome.value if r.outcome else "failed"
+            click.echo(redact(f"{r.target:<24} {outcome:<11} {r.message}{holder}"))
+    bad = any(r.outcome is None or r.outcome is UnlockOutcome.REFUSED for r in results)
+    sys.exit(EXIT_TARGETS_FAILED if bad else EXIT_OK)
 
 
 @cli.command()
@@ -210,7 +305,10 @@ def status(env: Environment, services: tuple[str, ...], fmt: str, concurrency: i
     Example:
       fanout status --env staging --format json | jq '.totals'
     """
-    _emit(commands.status(env, services, concurrency=concurrency), fmt)
+    settings = commands.RunSettings(concurrency=concurrency)
+    with signals_handled(Interrupt()) as interrupt:
+        report = commands.status(env, services, settings=settings, interrupt=interrupt)
+    _emit(report, fmt)
 
 
 @cli.command()
@@ -228,12 +326,7 @@ def status(env: Environment, services: tuple[str, ...], fmt: str, concurrency: i
     is_flag=True,
     help="Create the target's database first when it does not exist (needs CREATEDB).",
 )
-@click.option(
-    "--lock-timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    default=None,
-    help="Seconds to wait for the shard's lock.",
-)
+@lock_wait_option
 @_guarded
 def bootstrap(
     env: Environment,
@@ -241,7 +334,7 @@ def bootstrap(
     fmt: str,
     target: str,
     create_database: bool,
-    lock_timeout: float | None,
+    lock_wait: float | None,
 ) -> None:
     """Bring a new, empty shard to the current schema of every service, then show its status.
 
@@ -254,7 +347,7 @@ def bootstrap(
           --target postgresql://migrator@db-9:5432/tenant_newco --create-database
     """
     applied, after = commands.bootstrap(
-        env, target, create_database=create_database, services=services, lock_timeout=lock_timeout
+        env, target, create_database=create_database, services=services, lock_wait=lock_wait
     )
     color = sys.stdout.isatty() and fmt == "text"
     if fmt == "json":

@@ -17,11 +17,13 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from fanout import runner, source
+from fanout import runner, runs, source
 from fanout.config import Environment, S3Location, interpolate, load_environment
 from fanout.directory import Target, list_targets
-from fanout.errors import ConfigError
+from fanout.errors import ConfigError, DirectoryError
+from fanout.interrupt import Interrupt
 from fanout.report import Mode, RunReport, TargetResult
+from fanout.rollout import FailureBudget, Limits, Waves
 
 ResultCallback = Callable[[TargetResult], None]
 
@@ -36,47 +38,106 @@ def shards(env: Environment) -> tuple[Target, ...]:
     return list_targets(env.directory, env.name)
 
 
+@dataclass(frozen=True, slots=True)
+class RunSettings:
+    """Command-line overrides of the environment's [runner] table; None keeps the environment's value."""
+
+    concurrency: int | None = None
+    per_server: int | None = None
+    lock_wait: float | None = None
+    waves: str | None = None
+    max_failures: str | None = None
+    fail_fast: bool = False  # the same as max_failures "0"
+
+
 def plan(
     env: Environment,
     services: Sequence[str] = (),
     *,
-    concurrency: int | None = None,
+    settings: RunSettings = RunSettings(),
     on_result: ResultCallback | None = None,
+    interrupt: Interrupt | None = None,
 ) -> RunReport:
     """What apply would run, per target. Read-only: no table, no lock, no write, on any shard."""
-    return _run(env, services, "plan", Mode.PLAN, concurrency=concurrency, on_result=on_result)
+    options = _options(env, Mode.PLAN, settings)
+    return _run_on(env, services, "plan", options, None, on_result=on_result, interrupt=interrupt)
 
 
 def status(
     env: Environment,
     services: Sequence[str] = (),
     *,
-    concurrency: int | None = None,
+    settings: RunSettings = RunSettings(),
     on_result: ResultCallback | None = None,
+    interrupt: Interrupt | None = None,
 ) -> RunReport:
     """Applied and pending migrations and lock holders per target; read-only like plan."""
-    return _run(env, services, "status", Mode.PLAN, concurrency=concurrency, on_result=on_result)
+    options = _options(env, Mode.PLAN, settings)
+    return _run_on(env, services, "status", options, None, on_result=on_result, interrupt=interrupt)
 
 
 def apply(
     env: Environment,
     services: Sequence[str] = (),
     *,
-    concurrency: int | None = None,
-    lock_timeout: float | None = None,
-    fail_fast: bool = False,
+    settings: RunSettings = RunSettings(),
     on_result: ResultCallback | None = None,
+    interrupt: Interrupt | None = None,
+    resume: str | None = None,
+    runs_dir: Path | None = None,
 ) -> RunReport:
-    """Apply outstanding migrations on every target, each under its lock, many targets at once."""
-    return _run(
+    """Apply outstanding migrations on every target, each under its lock, many targets at once.
+
+    Every run is recorded (see `runs.save`). With `resume`, only the targets that failed
+    or were skipped in that run are retried, with the same migration set.
+    """
+    options = _options(env, Mode.APPLY, settings)
+    targets: tuple[Target, ...] | None = None
+    expected: dict[str, dict[str, str]] | None = None
+    if resume is not None:
+        if services:
+            raise ConfigError("--resume retries the services of the run it resumes; drop --service")
+        previous = runs.load(env, resume, runs_dir)
+        services = previous.services
+        expected = previous.sources
+        targets = _resumable_targets(env, previous)
+    report = _run_on(
         env,
         services,
         "apply",
-        Mode.APPLY,
-        concurrency=concurrency,
-        lock_timeout=lock_timeout,
-        fail_fast=fail_fast,
+        options,
+        targets,
         on_result=on_result,
+        interrupt=interrupt,
+        expected_sources=expected,
+        resumed_from=resume,
+    )
+    runs.save(env, report, runs_dir)
+    return report
+
+
+def _resumable_targets(env: Environment, previous: runs.RunRecord) -> tuple[Target, ...]:
+    known = {t.id: t for t in list_targets(env.directory, env.name)}
+    missing = [t for t in previous.unfinished if t not in known]
+    if missing:
+        raise DirectoryError(
+            f"run {previous.run_id}: {len(missing)} target(s) to resume are no longer in the directory: "
+            + ", ".join(missing[:10])
+        )
+    return tuple(known[t] for t in previous.unfinished)
+
+
+def unlock(env: Environment, target_ids: Sequence[str] = (), *, force: bool = False) -> list[runner.UnlockResult]:
+    """Remove shard locks by hand (all targets, or those named). Refuses while a holder may be alive, unless forced."""
+    targets = list_targets(env.directory, env.name)
+    if target_ids:
+        known = {t.id: t for t in targets}
+        unknown = [t for t in target_ids if t not in known]
+        if unknown:
+            raise ConfigError(f"no target {', '.join(map(repr, unknown))} in environment {env.name!r}")
+        targets = tuple(known[t] for t in target_ids)
+    return runner.unlock(
+        targets, force=force, connect_timeout=env.runner.connect_timeout, concurrency=env.runner.concurrency
     )
 
 
@@ -86,7 +147,7 @@ def bootstrap(
     *,
     create_database: bool = False,
     services: Sequence[str] = (),
-    lock_timeout: float | None = None,
+    lock_wait: float | None = None,
 ) -> tuple[RunReport, RunReport]:
     """Bring one shard, listed in the directory or not yet, to the current schema of every service.
 
@@ -106,7 +167,7 @@ def bootstrap(
         chosen = known[target]
     if create_database:
         runner.ensure_database(chosen, connect_timeout=env.runner.connect_timeout)
-    options = _options(env, Mode.APPLY, lock_timeout=lock_timeout)
+    options = _options(env, Mode.APPLY, RunSettings(lock_wait=lock_wait))
     applied = _run_on(env, services, "bootstrap", options, (chosen,))
     after = _run_on(env, services, "status", replace(options, mode=Mode.PLAN), (chosen,))
     return applied, after
@@ -119,37 +180,28 @@ def publish(env: Environment, migrations_dir: Path, services: Sequence[str] = ()
     return source.publish_folder(env.source, migrations_dir, env.select_services(services), env.name)
 
 
-def _run(
-    env: Environment,
-    services: Sequence[str],
-    command: str,
-    mode: Mode,
-    *,
-    concurrency: int | None = None,
-    lock_timeout: float | None = None,
-    fail_fast: bool = False,
-    on_result: ResultCallback | None = None,
-) -> RunReport:
-    options = _options(env, mode, concurrency=concurrency, lock_timeout=lock_timeout, fail_fast=fail_fast)
-    return _run_on(env, services, command, options, None, on_result=on_result)
-
-
-def _options(
-    env: Environment,
-    mode: Mode,
-    *,
-    concurrency: int | None = None,
-    lock_timeout: float | None = None,
-    fail_fast: bool = False,
-) -> runner.RunOptions:
-    if concurrency is not None and concurrency < 1:
-        raise ConfigError("--concurrency must be at least 1")
+def _options(env: Environment, mode: Mode, settings: RunSettings) -> runner.RunOptions:
+    defaults = env.runner
+    waves_text = settings.waves or defaults.waves
+    budget_text = "0" if settings.fail_fast else settings.max_failures or defaults.max_failures
+    waves = Waves.parse(waves_text) if waves_text else Waves()
+    # A canary is only a canary if a failure stops the rollout: with waves, the default budget is 0.
+    budget = FailureBudget.parse(budget_text) if budget_text else FailureBudget(count=0 if waves_text else None)
     return runner.RunOptions(
         mode=mode,
-        concurrency=concurrency or env.runner.concurrency,
-        lock_timeout=lock_timeout if lock_timeout is not None else env.runner.lock_timeout,
-        connect_timeout=env.runner.connect_timeout,
-        fail_fast=fail_fast,
+        limits=Limits(
+            concurrency=settings.concurrency or defaults.concurrency,
+            per_server=settings.per_server or defaults.per_server,
+            waves=waves,
+            budget=budget,
+        ),
+        lock_wait=settings.lock_wait if settings.lock_wait is not None else defaults.lock_wait,
+        connect_timeout=defaults.connect_timeout,
+        session=runner.SessionSettings(
+            lock_timeout=defaults.lock_timeout, statement_timeout=defaults.statement_timeout
+        ),
+        retries=defaults.retries,
+        retry_backoff=defaults.retry_backoff,
     )
 
 
@@ -161,12 +213,17 @@ def _run_on(
     targets: Sequence[Target] | None,
     *,
     on_result: ResultCallback | None = None,
+    interrupt: Interrupt | None = None,
+    expected_sources: dict[str, dict[str, str]] | None = None,
+    resumed_from: str | None = None,
 ) -> RunReport:
     """Snapshot the sources and run; `targets` None means every target of the directory."""
     selected = env.select_services(services)
     chosen = list_targets(env.directory, env.name) if targets is None else tuple(targets)
     with tempfile.TemporaryDirectory(prefix="fanout-snapshot-") as workdir:
         snapshot = source.take_snapshot(env, selected, Path(workdir))
+        if expected_sources is not None:
+            runs.check_same_sources(expected_sources, snapshot, resumed_from or "")
         return runner.run(
             snapshot,
             chosen,
@@ -175,6 +232,8 @@ def _run_on(
             environment=env.name,
             command=command,
             on_result=on_result,
+            interrupt=interrupt,
+            resumed_from=resumed_from,
         )
 
 

@@ -19,6 +19,7 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
 from fanout.errors import ConfigError
+from fanout.rollout import FailureBudget, Waves
 from fanout.secret import Secret
 
 ENVIRONMENTS_DIR_VARIABLE = "FANOUT_ENVIRONMENTS_DIR"
@@ -132,8 +133,15 @@ class RunnerSettings:
     """Defaults for a run; command-line options override them."""
 
     concurrency: int = 8
-    lock_timeout: float = 60.0
+    per_server: int | None = None  # None: only the global limit
+    lock_wait: float = 60.0  # seconds to wait for a shard's migration lock
     connect_timeout: float = 10.0
+    lock_timeout: str | None = None  # PostgreSQL lock_timeout for migrations, e.g. "5s"
+    statement_timeout: str | None = None  # PostgreSQL statement_timeout, e.g. "15min"
+    retries: int = 3
+    retry_backoff: float = 0.5
+    waves: str | None = None  # e.g. "1,10%,100%"
+    max_failures: str | None = None  # e.g. "0", "5", "2%"
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,10 +233,21 @@ _DIRECTORY_KINDS = ("static", "http", "sql", "pgcat")
 _Directory = Annotated[_StaticDirectory | _HttpDirectory | _SqlDirectory | _PgCatDirectory, Field(discriminator="kind")]
 
 
+# PostgreSQL's duration syntax for lock_timeout/statement_timeout: 0 (off), 500ms, 5s, 15min, 1h.
+_PG_DURATION = r"^\d+\s*(ms|s|min|h|d)?$"
+
+
 class _Runner(_Strict):
     concurrency: Annotated[int, Field(ge=1, le=512)] = 8
-    lock_timeout: Annotated[float, Field(gt=0)] = 60.0
+    per_server: Annotated[int, Field(ge=1, le=512)] | None = None
+    lock_wait: Annotated[float, Field(gt=0)] = 60.0
     connect_timeout: Annotated[float, Field(gt=0)] = 10.0
+    lock_timeout: Annotated[str, Field(pattern=_PG_DURATION)] | None = None
+    statement_timeout: Annotated[str, Field(pattern=_PG_DURATION)] | None = None
+    retries: Annotated[int, Field(ge=0, le=20)] = 3
+    retry_backoff: Annotated[float, Field(ge=0, le=60)] = 0.5
+    waves: str | None = None
+    max_failures: str | None = None
 
 
 class _EnvironmentFile(_Strict):
@@ -355,6 +374,10 @@ def _build(parsed: _EnvironmentFile, path: Path) -> Environment:
         raise ConfigError(f"{path}: services: a service is listed twice")
     directory = _build_directory(parsed.directory, path)
     runner = RunnerSettings(**parsed.runner.model_dump())
+    if runner.waves is not None:
+        Waves.parse(runner.waves, what=f"{path}: [runner] waves")
+    if runner.max_failures is not None:
+        FailureBudget.parse(runner.max_failures, what=f"{path}: [runner] max_failures")
     return Environment(
         name=path.stem,
         path=path,

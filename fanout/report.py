@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from enum import StrEnum
 from io import StringIO
 from typing import Any
 
-from fanout.errors import EXIT_OK, EXIT_PENDING, EXIT_TARGETS_FAILED
+from fanout.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PENDING, EXIT_TARGETS_FAILED
 from fanout.secret import redact
 
 SCHEMA = "fanout/report/v1"
@@ -33,15 +33,20 @@ class Status(StrEnum):
     PENDING = "pending"  # plan: migrations would be applied
     APPLIED = "applied"  # apply: migrations were applied in this run
     FAILED = "failed"
-    SKIPPED = "skipped"  # never attempted: --fail-fast, or an earlier service failed on this target
+    # not attempted, or stopped before its end: failure budget, interrupt, an earlier service failed
+    SKIPPED = "skipped"
 
 
 class ErrorKind(StrEnum):
     UNREACHABLE = "unreachable"
     AUTHENTICATION = "authentication"
-    LOCK_TIMEOUT = "lock-timeout"
+    LOCKED = "locked"  # the shard's migration lock stayed taken for the whole --lock-wait
+    LOCK_TIMEOUT = "lock-timeout"  # a migration waited longer than lock_timeout for a table lock
+    STATEMENT_TIMEOUT = "statement-timeout"
     MIGRATION = "migration"  # a migration's SQL failed; the shard was rolled back to its last good one
     DATABASE = "database"  # any other database error (permissions, missing schema, ...)
+    INTERRUPTED = "interrupted"  # SIGINT/SIGTERM: stopped before or between migrations, rolled back
+    NOT_STARTED = "not-started"  # the run stopped scheduling (failure budget, --fail-fast, interrupt)
     INTERNAL = "internal"
 
 
@@ -51,6 +56,8 @@ class TargetError:
     message: str
     migration: str | None = None
     file: str | None = None
+    # Indexes a failed non-transactional migration left INVALID (CREATE INDEX CONCURRENTLY).
+    invalid_indexes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "message", redact(self.message))
@@ -58,8 +65,32 @@ class TargetError:
 
 @dataclass(frozen=True, slots=True)
 class LockHolder:
+    """Who holds a shard's migration lock. `run_id` None: plain yoyo (or a hand-made row)."""
+
     pid: int
     since: datetime | None = None
+    host: str | None = None
+    run_id: str | None = None
+    alive: bool | None = None  # None: unknowable (plain yoyo)
+
+    def describe(self) -> str:
+        who = f"fanout run {self.run_id} (pid {self.pid} on {self.host})" if self.run_id else f"yoyo pid {self.pid}"
+        when = f" since {self.since:%Y-%m-%d %H:%M:%S} UTC" if self.since else ""
+        state = {True: "", False: ", session gone", None: ""}[self.alive]
+        return f"{who}{when}{state}"
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """A transient failure that was retried: lock timeout, serialization failure, deadlock, lost connection."""
+
+    attempt: int
+    reason: str
+    delay: float
+    migration: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "reason", redact(self.reason))
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +115,8 @@ class TargetResult:
     pending: tuple[str, ...] = ()  # still outstanding when the run ended (plan: what apply would run)
     initialized: bool = True  # False: yoyo's tables do not exist yet (never migrated)
     lock_holder: LockHolder | None = None
+    broken_lock: LockHolder | None = None  # a stale lock this run broke to get in
+    retries: tuple[Retry, ...] = ()
     error: TargetError | None = None
     seconds: float = 0.0
 
@@ -105,6 +138,22 @@ class SourceSummary:
 
 
 @dataclass(frozen=True, slots=True)
+class Rollout:
+    """How the run was paced, and what the pacing measured."""
+
+    concurrency: int
+    per_server: int
+    waves: str
+    max_failures: str
+    waves_run: int
+    waves_planned: int
+    stop_reason: str | None
+    peak_in_flight: int
+    peak_per_server: int
+    connections_opened: int
+
+
+@dataclass(frozen=True, slots=True)
 class RunReport:
     run_id: str
     command: str
@@ -118,6 +167,9 @@ class RunReport:
     s3_list_requests: int = 0
     s3_get_requests: int = 0
     target_count: int = 0
+    rollout: Rollout | None = None
+    interrupted: bool = False
+    resumed_from: str | None = None
 
     def count(self, status: Status) -> int:
         return sum(1 for r in self.results if r.status is status)
@@ -128,10 +180,12 @@ class RunReport:
 
 
 def exit_code(report: RunReport, *, detailed: bool = False) -> int:
-    """0 when every target succeeded; 5 when any failed or was skipped.
+    """0 when every target succeeded; 5 when any failed or was skipped; 130 when interrupted.
 
     With `detailed` (plan --detailed-exitcode), 10 tells CI that migrations are pending.
     """
+    if report.interrupted:
+        return EXIT_INTERRUPTED
     if any(r.status in (Status.FAILED, Status.SKIPPED) for r in report.results):
         return EXIT_TARGETS_FAILED
     if detailed and any(r.pending for r in report.results):
@@ -155,6 +209,9 @@ def to_dict(report: RunReport, *, detailed: bool = False) -> dict[str, Any]:
         "finished_at": report.finished_at.isoformat(),
         "duration_seconds": round((report.finished_at - report.started_at).total_seconds(), 3),
         "exit_code": exit_code(report, detailed=detailed),
+        "interrupted": report.interrupted,
+        "resumed_from": report.resumed_from,
+        "rollout": None if report.rollout is None else asdict(report.rollout),
         "totals": {
             "targets": report.target_count,
             "results": len(report.results),
@@ -200,12 +257,12 @@ def _result_dict(result: TargetResult) -> dict[str, Any]:
         "applied_before": list(result.applied_before),
         "ran": [{"id": m.id, "seconds": round(m.seconds, 4)} for m in result.ran],
         "pending": list(result.pending),
-        "lock_holder": None
-        if result.lock_holder is None
-        else {
-            "pid": result.lock_holder.pid,
-            "since": result.lock_holder.since.isoformat() if result.lock_holder.since else None,
-        },
+        "lock_holder": _holder_dict(result.lock_holder),
+        "broken_lock": _holder_dict(result.broken_lock),
+        "retries": [
+            {"attempt": r.attempt, "migration": r.migration, "reason": r.reason, "delay_seconds": round(r.delay, 3)}
+            for r in result.retries
+        ],
         "error": None
         if result.error is None
         else {
@@ -213,8 +270,21 @@ def _result_dict(result: TargetResult) -> dict[str, Any]:
             "message": result.error.message,
             "migration": result.error.migration,
             "file": result.error.file,
+            "invalid_indexes": list(result.error.invalid_indexes),
         },
         "seconds": round(result.seconds, 4),
+    }
+
+
+def _holder_dict(holder: LockHolder | None) -> dict[str, Any] | None:
+    if holder is None:
+        return None
+    return {
+        "pid": holder.pid,
+        "since": holder.since.isoformat() if holder.since else None,
+        "host": holder.host,
+        "run_id": holder.run_id,
+        "alive": holder.alive,
     }
 
 
@@ -265,13 +335,22 @@ def render_text(report: RunReport, *, width: int = 120, color: bool = False) -> 
     if summarized:
         console.print(f"({len(report.results)} results; only failed and skipped ones are listed)")
     console.print(_totals_line(report))
+    rollout = report.rollout
+    if rollout is not None and rollout.stop_reason:
+        console.print(
+            f"stopped after wave {rollout.waves_run} of {rollout.waves_planned}: {rollout.stop_reason}; "
+            "targets not started are listed as skipped"
+        )
+    if report.interrupted:
+        console.print("interrupted: in-flight migrations finished or rolled back, every lock was released")
     return redact(buffer.getvalue())
 
 
 def _detail(result: TargetResult, mode: Mode) -> str:
     if result.error is not None:
         where = f"{result.error.file}: " if result.error.file else ""
-        return f"{result.error.kind.value}: {where}{result.error.message}"
+        retried = f" (after {len(result.retries)} retries)" if result.retries else ""
+        return f"{result.error.kind.value}: {where}{result.error.message}{retried}"
     parts = []
     if not result.initialized and result.status is not Status.SKIPPED:
         parts.append("never migrated")
@@ -282,7 +361,11 @@ def _detail(result: TargetResult, mode: Mode) -> str:
     elif result.pending:
         parts.append("still pending " + _shorten(result.pending))
     if result.lock_holder is not None:
-        parts.append(f"locked by pid {result.lock_holder.pid}")
+        parts.append(f"locked by {result.lock_holder.describe()}")
+    if result.broken_lock is not None:
+        parts.append(f"broke the stale lock of {result.broken_lock.describe()}")
+    if result.retries:
+        parts.append(f"{len(result.retries)} retr{'y' if len(result.retries) == 1 else 'ies'}")
     if result.status is Status.SKIPPED and not parts:
         parts.append("not attempted")
     return "; ".join(parts)

@@ -1,21 +1,26 @@
 """The runner: applies (or plans) a pinned migration set on many targets at once.
 
-This is the only module that talks to yoyo. Each target gets its own connection, used
-by one worker thread and closed afterwards (yoyo backends are not thread-safe); the
+This is the only module that talks to yoyo. Each target gets one connection, used by
+one worker thread and closed afterwards (yoyo backends are not thread-safe); the
 migration lists are read and fully loaded once, in the calling thread, before the
-fan-out, and are shared read-only after that.
+fan-out, and are shared read-only after that. `fanout.rollout` decides when each
+target starts (waves, failure budget, caps per server); this module decides what
+happens on it.
 
 Plan and apply go through the same per-target procedure; the mode only picks the
 session behind it. The plan session is read-only (its transactions are READ ONLY,
 it creates no table and takes no lock), the apply session drives yoyo.
 
-Two deliberate departures from yoyo's own `apply_migrations`:
+Departures from yoyo's own `apply_migrations`, each for a failure yoyo users meet:
 - A transactional migration and the row that records it are committed in one
   transaction on one connection, so a crash can never leave a shard with a change
   applied but unrecorded (yoyo applies on one connection and marks on another).
-- The lock is taken with fanout's own loop on yoyo's `yoyo_lock` row, so plain yoyo
-  processes and fanout still exclude each other, but a real error (permission denied,
-  missing schema) surfaces at once instead of being retried until the lock timeout.
+  One connection per target also makes the connection budget simple: at most
+  `concurrency` connections to shards, at most `per_server` to one server.
+- The shard lock is yoyo's `yoyo_lock` row, taken through `fanout.locking`, which
+  recognizes and breaks the lock of a fanout that died (see that module).
+- Transient failures (lock timeout, serialization failure, deadlock, lost connection)
+  are retried with backoff and jitter, and every retry is in the report.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import getpass
 import hashlib
+import itertools
 import logging
 import os
 import random
@@ -31,9 +37,8 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -47,13 +52,17 @@ from yoyo.backends import PostgresqlBackend
 from yoyo.connections import DatabaseURI
 from yoyo.migrations import Migration, MigrationList, topological_sort
 
+from fanout import locking, rollout
 from fanout.directory import Target
 from fanout.errors import SourceError, TargetFailed
+from fanout.interrupt import Interrupt
 from fanout.report import (
     AppliedMigration,
     ErrorKind,
     LockHolder,
     Mode,
+    Retry,
+    Rollout,
     RunReport,
     SourceFile,
     SourceSummary,
@@ -68,9 +77,12 @@ log = logging.getLogger(__name__)
 
 MIGRATION_TABLE = "_yoyo_migration"
 VERSION_TABLE = "_yoyo_version"
-LOCK_TABLE = "yoyo_lock"
 LOCK_POLL_SECONDS = 0.25
 APPLICATION_NAME = "fanout"
+RETRY_BACKOFF_CAP_SECONDS = 30.0
+# SQLSTATEs worth another try: lock_not_available (lock_timeout), serialization_failure,
+# deadlock_detected. Everything else is the migration's own fault.
+_RETRYABLE_SQLSTATES = {"55P03", "40001", "40P01"}
 
 yoyo_exceptions.register(psycopg2.DatabaseError)
 # yoyo's Migration keeps a process-wide registry by id that `load()` reads to resolve
@@ -79,12 +91,26 @@ _load_lock = threading.Lock()
 
 
 @dataclass(frozen=True, slots=True)
+class SessionSettings:
+    """PostgreSQL settings for every session fanout opens on a shard (None: the server's default)."""
+
+    lock_timeout: str | None = None
+    statement_timeout: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class RunOptions:
     mode: Mode
-    concurrency: int = 8
-    lock_timeout: float = 60.0
+    limits: rollout.Limits = field(default_factory=rollout.Limits)
+    lock_wait: float = 60.0  # seconds to wait for a shard's migration lock
     connect_timeout: float = 10.0
-    fail_fast: bool = False
+    session: SessionSettings = field(default_factory=SessionSettings)
+    retries: int = 3
+    retry_backoff: float = 0.5  # first delay; doubles each retry, with jitter
+
+    @property
+    def concurrency(self) -> int:
+        return self.limits.concurrency
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,30 +132,41 @@ def run(
     environment: str,
     command: str,
     on_result: Callable[[TargetResult], None] | None = None,
+    interrupt: Interrupt | None = None,
+    resumed_from: str | None = None,
 ) -> RunReport:
     """Run `options.mode` on every target; a target's failure is a result, never an exception."""
     started_at = datetime.now(UTC)
     plans = load(snapshot.sets)
-    cancel = threading.Event()
+    interrupt = interrupt or Interrupt()
+    connections = itertools.count()
 
     def work(target: Target) -> list[TargetResult]:
-        if cancel.is_set():
-            results = [
-                _skipped(target, p.service, "not attempted: an earlier target failed (--fail-fast)") for p in plans
-            ]
-        else:
-            results = _migrate_target(target, plans, options, run_id)
-            if options.fail_fast and any(r.status is Status.FAILED for r in results):
-                cancel.set()
+        results = _migrate_target(target, plans, options, run_id, interrupt, connections)
         if on_result is not None:
             for result in results:
                 on_result(result)
         return results
 
-    workers = max(1, min(options.concurrency, len(targets)))
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fanout-target") as pool:
-        per_target = list(pool.map(work, targets))
+    outcome = rollout.schedule(
+        targets,
+        work,
+        server_of=lambda t: t.server,
+        failed=lambda results: any(r.status is Status.FAILED for r in results),
+        limits=options.limits,
+        stop=interrupt.stopping,
+    )
+    per_target: list[list[TargetResult]] = []
+    for target, results in zip(targets, outcome.results, strict=True):
+        if results is None:
+            error = TargetError(ErrorKind.NOT_STARTED, f"not started: {outcome.stop_reason}")
+            results = [_result(target, p.service, Status.SKIPPED, error) for p in plans]
+            if on_result is not None:
+                for result in results:
+                    on_result(result)
+        per_target.append(results)
 
+    limits = options.limits
     return RunReport(
         run_id=run_id,
         command=command,
@@ -143,6 +180,20 @@ def run(
         s3_list_requests=snapshot.stats.list_requests,
         s3_get_requests=snapshot.stats.get_requests,
         target_count=len(targets),
+        rollout=Rollout(
+            concurrency=limits.concurrency,
+            per_server=limits.per_server or limits.concurrency,
+            waves=str(limits.waves),
+            max_failures=str(limits.budget),
+            waves_run=outcome.waves_run,
+            waves_planned=len(limits.waves.sizes(len(targets))),
+            stop_reason=outcome.stop_reason,
+            peak_in_flight=outcome.peak_in_flight,
+            peak_per_server=max(outcome.peak_per_server.values(), default=0),
+            connections_opened=next(connections),
+        ),
+        interrupted=interrupt.stopping.is_set(),
+        resumed_from=resumed_from,
     )
 
 
@@ -212,41 +263,109 @@ def ensure_database(target: Target, *, connect_timeout: float = 10.0, maintenanc
 class _Failure(Exception):
     """A classified per-target failure; becomes TargetResult.error."""
 
-    def __init__(self, error: TargetError) -> None:
+    def __init__(self, error: TargetError, *, retryable: bool = False) -> None:
         super().__init__(error.message)
         self.error = error
+        self.retryable = retryable
+
+
+@dataclass(slots=True)
+class _Progress:
+    """What one service achieved on one target, kept across the target's retries."""
+
+    before: tuple[str, ...] | None = None
+    ran: list[AppliedMigration] = field(default_factory=list)
+    retries: list[Retry] = field(default_factory=list)
+    result: TargetResult | None = None
+
+
+def _backoff(options: RunOptions, attempt: int) -> float:
+    """Exponential, capped, with full jitter so retrying runners do not march in step."""
+    ceiling = min(RETRY_BACKOFF_CAP_SECONDS, options.retry_backoff * 2**attempt)
+    return random.uniform(ceiling / 2, ceiling)
 
 
 def _migrate_target(
-    target: Target, plans: Sequence[_ServicePlan], options: RunOptions, run_id: str
+    target: Target,
+    plans: Sequence[_ServicePlan],
+    options: RunOptions,
+    run_id: str,
+    interrupt: Interrupt,
+    connections: Iterator[int],
 ) -> list[TargetResult]:
     started = time.monotonic()
+    progress = {p.service: _Progress() for p in plans}
+    failure: TargetError | None = None
+    context: dict[str, Any] = {}
+    for attempt in itertools.count():
+        session: _Session | None = None
+        try:
+            next(connections)
+            session = _open_session(target, options, run_id, interrupt)
+            context["initialized"] = session.initialized
+            with session.lock(options.lock_wait) as (holder, broken):
+                context["lock_holder"] = holder
+                context.setdefault("broken_lock", broken)
+                applied = session.applied_hashes()
+                for plan in plans:
+                    state = progress[plan.service]
+                    if state.result is None:
+                        state.result = _migrate_service(session, target, plan, applied, state, options, interrupt)
+                    if state.result.status in (Status.FAILED, Status.SKIPPED):
+                        break
+            break
+        except _Failure as caught:
+            current = next((p for p in plans if progress[p.service].result is None), plans[0])
+            if caught.retryable and attempt < options.retries and not interrupt.stopping.is_set():
+                delay = _backoff(options, attempt)
+                progress[current.service].retries.append(Retry(attempt + 1, caught.error.message, delay))
+                log.info("%s: %s; retrying in %.1fs", target.id, caught.error.message, delay)
+                interrupt.stopping.wait(delay)
+                continue
+            failure = caught.error
+            break
+        except Exception as e:  # a bug or an unexpected driver error must not crash the fleet run
+            log.exception("unexpected error on target %s", target.id)
+            failure = TargetError(ErrorKind.INTERNAL, f"{type(e).__name__}: {e}")
+            break
+        finally:
+            if session is not None:
+                session.close()
+
     results: list[TargetResult] = []
-    session: _Session | None = None
-    try:
-        session = _open_session(target, options, run_id)
-        with session.lock(options.lock_timeout) as holder:
-            applied = session.applied_hashes()
-            for index, plan in enumerate(plans):
-                result = _migrate_service(session, target, plan, applied, holder, options.mode)
-                results.append(result)
-                if result.status is Status.FAILED:
-                    reason = f"not attempted: service {plan.service!r} failed on this target"
-                    results.extend(_skipped(target, p.service, reason) for p in plans[index + 1 :])
-                    break
-    except _Failure as failure:
-        done = {r.service for r in results}
-        results.extend(_failed(target, p.service, failure.error) for p in plans if p.service not in done)
-    except Exception as e:  # a bug or an unexpected driver error must not crash the fleet run
-        log.exception("unexpected error on target %s", target.id)
-        error = TargetError(ErrorKind.INTERNAL, f"{type(e).__name__}: {e}")
-        done = {r.service for r in results}
-        results.extend(_failed(target, p.service, error) for p in plans if p.service not in done)
-    finally:
-        if session is not None:
-            session.close()
+    blocked_by: str | None = None
+    for plan in plans:
+        state = progress[plan.service]
+        if state.result is not None:
+            result = state.result
+        elif failure is not None and blocked_by is None:
+            status = Status.SKIPPED if failure.kind is ErrorKind.INTERRUPTED else Status.FAILED
+            result = _result(target, plan.service, status, failure, **_outcome(state, plan, context))
+        else:
+            reason = f"not attempted: service {blocked_by!r} did not complete on this target"
+            result = _result(target, plan.service, Status.SKIPPED, TargetError(ErrorKind.NOT_STARTED, reason))
+        if blocked_by is None and result.status in (Status.FAILED, Status.SKIPPED):
+            blocked_by = plan.service
+        results.append(replace(result, retries=tuple(state.retries), **_lock_context(context)))
     seconds = time.monotonic() - started
     return [replace(r, seconds=seconds) for r in results]
+
+
+def _outcome(state: _Progress, plan: _ServicePlan, context: dict[str, Any]) -> dict[str, Any]:
+    ran = {m.id for m in state.ran}
+    before = state.before or ()
+    return {
+        "applied_before": before,
+        "ran": tuple(state.ran),
+        "pending": tuple(m.id for m in plan.migrations if m.id not in ran and m.id not in before)
+        if state.before is not None
+        else (),
+        "initialized": context.get("initialized", False),
+    }
+
+
+def _lock_context(context: dict[str, Any]) -> dict[str, Any]:
+    return {"lock_holder": context.get("lock_holder"), "broken_lock": context.get("broken_lock")}
 
 
 def _migrate_service(
@@ -254,48 +373,78 @@ def _migrate_service(
     target: Target,
     plan: _ServicePlan,
     applied: set[str],
-    holder: LockHolder | None,
-    mode: Mode,
+    state: _Progress,
+    options: RunOptions,
+    interrupt: Interrupt,
 ) -> TargetResult:
-    before = tuple(m.id for m in plan.migrations if m.hash in applied)
+    """Apply one service's pending migrations; raises _Failure only when the connection is lost."""
+    if state.before is None:
+        state.before = tuple(m.id for m in plan.migrations if m.hash in applied)
     pending = list(topological_sort(m for m in plan.migrations if m.hash not in applied))
-    ran: list[AppliedMigration] = []
     error: TargetError | None = None
+    ran_now = 0
     for migration in pending:
-        started = time.monotonic()
+        if interrupt.stopping.is_set():
+            error = TargetError(ErrorKind.INTERRUPTED, f"interrupted before {migration.id}")
+            break
         try:
-            session.apply(migration)
+            seconds = _apply_with_retries(session, migration, state, options, interrupt)
         except _Failure as failure:
+            if failure.retryable and failure.error.kind is ErrorKind.UNREACHABLE:
+                raise  # the connection is gone: the target starts over on a new one
             error = replace(failure.error, migration=migration.id, file=plan.files.get(migration.id))
             break
-        if mode is Mode.APPLY:
+        if seconds is not None:
+            ran_now += 1
             applied.add(migration.hash)
-            ran.append(AppliedMigration(migration.id, time.monotonic() - started))
-    if error is None and ran:
+            state.ran.append(AppliedMigration(migration.id, seconds))
+    if error is None and state.ran:
         for hook in plan.post_apply:
             try:
                 session.run_hook(hook)
             except _Failure as failure:
                 error = replace(failure.error, migration=hook.id, file=f"{hook.id}.sql")
                 break
-    still_pending = tuple(m.id for m in pending[len(ran) :])
-    if error is not None:
+    still_pending = tuple(m.id for m in pending[ran_now:])
+    if error is not None and error.kind is ErrorKind.INTERRUPTED:
+        status = Status.SKIPPED
+    elif error is not None:
         status = Status.FAILED
-    elif mode is Mode.PLAN:
+    elif options.mode is Mode.PLAN:
         status = Status.PENDING if still_pending else Status.UP_TO_DATE
     else:
-        status = Status.APPLIED if ran else Status.UP_TO_DATE
+        status = Status.APPLIED if state.ran else Status.UP_TO_DATE
     return _result(
         target,
         plan.service,
         status,
         error,
-        applied_before=before,
-        ran=tuple(ran),
+        applied_before=state.before,
+        ran=tuple(state.ran),
         pending=still_pending,
         initialized=session.initialized,
-        lock_holder=holder,
     )
+
+
+def _apply_with_retries(
+    session: _Session, migration: Migration, state: _Progress, options: RunOptions, interrupt: Interrupt
+) -> float | None:
+    """Seconds the migration took (None in plan mode); retries what a second try can fix."""
+    for attempt in itertools.count():
+        started = time.monotonic()
+        try:
+            return time.monotonic() - started if session.apply(migration) else None
+        except _Failure as failure:
+            if interrupt.aborting.is_set():
+                raise _Failure(TargetError(ErrorKind.INTERRUPTED, "cancelled by a second interrupt")) from None
+            transient = failure.retryable and failure.error.kind is not ErrorKind.UNREACHABLE
+            if not transient or attempt >= options.retries or interrupt.stopping.is_set():
+                raise
+            delay = _backoff(options, attempt)
+            state.retries.append(Retry(attempt + 1, failure.error.message, delay, migration.id))
+            log.info("%s: %s; retrying in %.1fs", migration.id, failure.error.message, delay)
+            interrupt.stopping.wait(delay)
+    raise AssertionError("unreachable")
 
 
 def _result(target: Target, service: str, status: Status, error: TargetError | None, **outcome: Any) -> TargetResult:
@@ -314,14 +463,6 @@ def _result(target: Target, service: str, status: Status, error: TargetError | N
     )
 
 
-def _failed(target: Target, service: str, error: TargetError) -> TargetResult:
-    return _result(target, service, Status.FAILED, error)
-
-
-def _skipped(target: Target, service: str, reason: str) -> TargetResult:
-    return _result(target, service, Status.SKIPPED, TargetError(ErrorKind.INTERNAL, reason))
-
-
 def _summary(migration_set: MigrationSet) -> SourceSummary:
     return SourceSummary(
         service=migration_set.service,
@@ -330,29 +471,70 @@ def _summary(migration_set: MigrationSet) -> SourceSummary:
     )
 
 
+# ---- unlock ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class UnlockResult:
+    target: str
+    database: str
+    outcome: locking.UnlockOutcome | None  # None: could not connect or query
+    holder: LockHolder | None
+    message: str
+
+
+def unlock(targets: Sequence[Target], *, force: bool, connect_timeout: float, concurrency: int) -> list[UnlockResult]:
+    """Remove the migration lock of each target by hand; refuses while a holder may be alive, unless forced."""
+    options = RunOptions(mode=Mode.APPLY, connect_timeout=connect_timeout)
+
+    def one(target: Target) -> UnlockResult:
+        kwargs = _connect_kwargs(target, options, "unlock")
+        try:
+            connection = psycopg2.connect(**kwargs)
+        except psycopg2.Error as e:
+            return UnlockResult(target.id, target.display, None, None, _classify_connect_error(e, target).error.message)
+        connection.autocommit = True
+        try:
+            if target.schema:
+                with connection.cursor() as cursor:
+                    cursor.execute(_quote_schema(target.schema))
+            done = locking.unlock(connection, force=force)
+            return UnlockResult(target.id, target.display, done.outcome, done.holder, done.reason)
+        except psycopg2.Error as e:
+            return UnlockResult(target.id, target.display, None, None, _pg_message(e))
+        finally:
+            connection.close()
+
+    limits = rollout.Limits(concurrency=concurrency)
+    outcome = rollout.schedule(targets, one, server_of=lambda t: t.server, failed=lambda _: False, limits=limits)
+    return [r for r in outcome.results if r is not None]
+
+
 # ---- sessions: the one place the mode makes a difference ----------------------------
 
 
 class _Session(Protocol):
     initialized: bool
 
-    def lock(self, timeout: float) -> Any:
-        """A context manager that holds the target's migration lock and yields the holder seen, if any."""
+    def lock(self, wait: float) -> Any:
+        """A context manager holding the target's migration lock; yields (holder seen, stale lock broken)."""
         ...
 
     def applied_hashes(self) -> set[str]: ...
 
-    def apply(self, migration: Migration) -> None: ...
+    def apply(self, migration: Migration) -> bool:
+        """True when the migration ran (apply), False when it was only planned."""
+        ...
 
     def run_hook(self, migration: Migration) -> None: ...
 
     def close(self) -> None: ...
 
 
-def _open_session(target: Target, options: RunOptions, run_id: str) -> _Session:
+def _open_session(target: Target, options: RunOptions, run_id: str, interrupt: Interrupt) -> _Session:
     if options.mode is Mode.PLAN:
         return _ReadOnlySession(target, options, run_id)
-    return _YoyoSession(target, options, run_id)
+    return _YoyoSession(target, options, run_id, interrupt)
 
 
 def _connect_kwargs(target: Target, options: RunOptions, run_id: str, *, read_only: bool = False) -> dict[str, Any]:
@@ -361,6 +543,10 @@ def _connect_kwargs(target: Target, options: RunOptions, run_id: str, *, read_on
         connect_timeout=options.connect_timeout,
         read_only=read_only,
     )
+
+
+def _lost(error: psycopg2.Error) -> bool:
+    return isinstance(error, (psycopg2.OperationalError, psycopg2.InterfaceError)) and error.pgcode is None
 
 
 def _classify_connect_error(error: psycopg2.Error, target: Target) -> _Failure:
@@ -373,13 +559,26 @@ def _classify_connect_error(error: psycopg2.Error, target: Target) -> _Failure:
         kind = ErrorKind.DATABASE
     else:
         kind = ErrorKind.UNREACHABLE
-    return _Failure(TargetError(kind, f"cannot connect to {target.display}: {message}"))
+    return _Failure(
+        TargetError(kind, f"cannot connect to {target.display}: {message}"), retryable=kind is ErrorKind.UNREACHABLE
+    )
 
 
 def _classify_database_error(error: psycopg2.Error) -> _Failure:
-    if isinstance(error, (psycopg2.OperationalError, psycopg2.InterfaceError)) and error.pgcode is None:
-        return _Failure(TargetError(ErrorKind.UNREACHABLE, f"connection lost: {error_line(error)}"))
-    return _Failure(TargetError(ErrorKind.DATABASE, _pg_message(error)))
+    if _lost(error):
+        return _Failure(TargetError(ErrorKind.UNREACHABLE, f"connection lost: {error_line(error)}"), retryable=True)
+    if error.pgcode == "55P03":
+        return _Failure(TargetError(ErrorKind.LOCK_TIMEOUT, _pg_message(error)), retryable=True)
+    return _Failure(TargetError(ErrorKind.DATABASE, _pg_message(error)), retryable=error.pgcode in _RETRYABLE_SQLSTATES)
+
+
+def _classify_migration_error(error: psycopg2.Error) -> _Failure:
+    if _lost(error):
+        return _classify_database_error(error)
+    kind = {"55P03": ErrorKind.LOCK_TIMEOUT, "57014": ErrorKind.STATEMENT_TIMEOUT}.get(error.pgcode or "")
+    return _Failure(
+        TargetError(kind or ErrorKind.MIGRATION, _pg_message(error)), retryable=error.pgcode in _RETRYABLE_SQLSTATES
+    )
 
 
 def _pg_message(error: psycopg2.Error) -> str:
@@ -390,6 +589,13 @@ def _pg_message(error: psycopg2.Error) -> str:
 
 def _quote_schema(schema: str) -> sql.Composable:
     return sql.SQL("SET search_path TO {}").format(sql.Identifier(schema))
+
+
+def _apply_settings(cursor: Any, settings: SessionSettings) -> None:
+    for name in ("lock_timeout", "statement_timeout"):
+        value = getattr(settings, name)
+        if value is not None:
+            cursor.execute(sql.SQL("SET {} = {}").format(sql.Identifier(name), sql.Literal(value)))
 
 
 class _ReadOnlySession:
@@ -407,22 +613,27 @@ class _ReadOnlySession:
         self.initialized = False
         try:
             with self._connection.cursor() as cursor:
+                _apply_settings(cursor, options.session)
                 if self._schema:
                     cursor.execute(_quote_schema(self._schema))
                 cursor.execute(
-                    "SELECT to_regclass(%s) IS NOT NULL, to_regclass(%s) IS NOT NULL, to_regclass(%s) IS NOT NULL",
-                    (_relation(MIGRATION_TABLE), _relation(VERSION_TABLE), _relation(LOCK_TABLE)),
+                    "SELECT to_regclass(%s) IS NOT NULL, to_regclass(%s) IS NOT NULL",
+                    (_relation(MIGRATION_TABLE), _relation(VERSION_TABLE)),
                 )
                 row = cursor.fetchone()
             assert row is not None
-            self.initialized, self._has_version_table, self._has_lock_table = row
+            self.initialized, self._has_version_table = row
         except psycopg2.Error as e:
             self.close()
             raise _classify_database_error(e) from None
 
     @contextmanager
-    def lock(self, timeout: float) -> Iterator[LockHolder | None]:
-        yield _read_lock_holder(self._connection) if self._has_lock_table else None
+    def lock(self, wait: float) -> Iterator[tuple[LockHolder | None, None]]:
+        try:
+            holder = locking.read_holder(self._connection)
+        except psycopg2.Error as e:
+            raise _classify_database_error(e) from None
+        yield holder, None
 
     def applied_hashes(self) -> set[str]:
         if not self.initialized:
@@ -438,8 +649,9 @@ class _ReadOnlySession:
         except psycopg2.Error as e:
             raise _classify_database_error(e) from None
 
-    def apply(self, migration: Migration) -> None:
+    def apply(self, migration: Migration) -> bool:
         """Plan mode: record nothing, run nothing."""
+        return False
 
     def run_hook(self, migration: Migration) -> None:
         """Plan mode: hooks are not run."""
@@ -454,13 +666,6 @@ class _ReadOnlySession:
 
 def _relation(name: str) -> str:
     return '"' + name + '"'
-
-
-def _read_lock_holder(connection: Any) -> LockHolder | None:
-    with connection.cursor() as cursor:
-        cursor.execute(f'SELECT "pid", "ctime" FROM "{LOCK_TABLE}" LIMIT 1')
-        row = cursor.fetchone()
-    return LockHolder(pid=row[0], since=row[1]) if row else None
 
 
 class _QuietCursor(psycopg2.extensions.cursor):
@@ -495,17 +700,14 @@ class _Backend(PostgresqlBackend):  # type: ignore[misc]
     def init_database(self) -> None:
         # PostgreSQL has transactional DDL; yoyo's probe costs a table creation per connection.
         self.has_transactional_ddl = True
-        if self.schema:
-            # A schema-per-tenant target may be brand new: its schema is part of what apply brings.
-            with self.transaction(), self.connection.cursor() as cursor:
-                cursor.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)))
-        try:
-            with self.transaction():
-                self.execute(
-                    self.format_sql(self.create_lock_table_sql.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS"))
-                )
-        except psycopg2.errors.UniqueViolation:
-            pass  # another runner created it at the same instant
+        for attempt in range(3):
+            try:
+                locking.create_tables(self.connection, schema=self.schema)
+                return
+            except (psycopg2.errors.UniqueViolation, psycopg2.errors.DuplicateObject, psycopg2.errors.DuplicateTable):
+                # A plain yoyo created yoyo_lock at the same instant (fanout runners serialize).
+                if attempt == 2:
+                    raise
 
     def ensure_internal_schema_updated(self) -> None:
         # yoyo re-checks (two queries) on every call unless it upgraded; once is enough per connection.
@@ -527,9 +729,9 @@ class _Backend(PostgresqlBackend):  # type: ignore[misc]
 
 
 class _YoyoSession:
-    """Applies migrations through yoyo under yoyo's lock."""
+    """Applies migrations through yoyo under the shard lock."""
 
-    def __init__(self, target: Target, options: RunOptions, run_id: str) -> None:
+    def __init__(self, target: Target, options: RunOptions, run_id: str, interrupt: Interrupt) -> None:
         kwargs = _connect_kwargs(target, options, run_id)
         if target.schema:
             kwargs["schema"] = target.schema
@@ -538,57 +740,49 @@ class _YoyoSession:
             self._backend = _Backend(uri, MIGRATION_TABLE)
         except psycopg2.Error as e:
             raise _classify_connect_error(e, target) from None
+        self._connection = self._backend.connection
+        self._interrupt = interrupt
+        self._owner = locking.Owner(pid=os.getpid(), run_id=run_id)
+        self._display = target.display
         try:
+            with self._connection.cursor() as cursor:
+                _apply_settings(cursor, options.session)
             self._backend.init_database()
         except psycopg2.Error as e:
             self.close()
             raise _classify_database_error(e) from None
         self.initialized = True
-        self._pid = os.getpid()
-        self._display = target.display
 
     @contextmanager
-    def lock(self, timeout: float) -> Iterator[LockHolder | None]:
-        backend = self._backend
-        insert = f'INSERT INTO "{LOCK_TABLE}" ("locked", "ctime", "pid") VALUES (1, %(when)s, %(pid)s)'
-        deadline = time.monotonic() + timeout
+    def lock(self, wait: float) -> Iterator[tuple[LockHolder | None, LockHolder | None]]:
+        deadline = time.monotonic() + wait
         while True:
             try:
-                with backend.transaction():
-                    backend.cursor().execute(insert, {"when": datetime.now(UTC).replace(tzinfo=None), "pid": self._pid})
-                break
-            except psycopg2.errors.UniqueViolation:
-                if time.monotonic() >= deadline:
-                    holder = self._holder()
-                    who = (
-                        f"pid {holder.pid} since {holder.since:%Y-%m-%d %H:%M:%S} UTC"
-                        if holder and holder.since
-                        else "another process"
-                    )
-                    raise _Failure(
-                        TargetError(ErrorKind.LOCK_TIMEOUT, f"lock held by {who}; gave up after {timeout:g}s")
-                    ) from None
-                time.sleep(LOCK_POLL_SECONDS * random.uniform(0.5, 1.5))
+                attempt = locking.try_acquire(self._connection, self._owner)
             except psycopg2.Error as e:
                 raise _classify_database_error(e) from None
-        backend._is_locked = True
+            if attempt.taken:
+                break
+            if self._interrupt.stopping.is_set():
+                raise _Failure(TargetError(ErrorKind.INTERRUPTED, "interrupted while waiting for the shard's lock"))
+            if time.monotonic() >= deadline:
+                who = attempt.holder.describe() if attempt.holder else "another process"
+                raise _Failure(TargetError(ErrorKind.LOCKED, f"lock held by {who}; gave up after {wait:g}s"))
+            time.sleep(LOCK_POLL_SECONDS * random.uniform(0.5, 1.5))
+        if attempt.broken is not None:
+            log.warning("%s: broke the stale lock of %s", self._display, attempt.broken.describe())
+        self._backend._is_locked = True
         try:
-            yield None
+            yield None, attempt.broken
         finally:
-            backend._is_locked = False
+            self._backend._is_locked = False
             try:
-                if backend._in_transaction:
-                    backend.rollback()
-                with backend.transaction():
-                    backend.cursor().execute(f'DELETE FROM "{LOCK_TABLE}" WHERE "pid" = %(pid)s', {"pid": self._pid})
+                if self._backend._in_transaction:
+                    self._backend.rollback()
+                locking.release(self._connection, self._owner)
             except psycopg2.Error:
-                log.warning("could not release the lock on %s; yoyo break-lock releases it", self._display)
-
-    def _holder(self) -> LockHolder | None:
-        try:
-            return _read_lock_holder(self._backend.connection)
-        except psycopg2.Error:
-            return None
+                # Only reachable when the connection broke; the lock is then recognizably stale.
+                log.warning("could not release the lock on %s; the next run breaks it", self._display)
 
     def applied_hashes(self) -> set[str]:
         try:
@@ -596,32 +790,54 @@ class _YoyoSession:
         except psycopg2.Error as e:
             raise _classify_database_error(e) from None
 
-    def apply(self, migration: Migration) -> None:
+    def apply(self, migration: Migration) -> bool:
         backend = self._backend
+        invalid_before: set[str] = set()
         try:
-            if migration.use_transactions:
-                # One transaction: the migration's steps (as savepoints) and the row recording them.
-                with backend.transaction():
+            with self._interrupt.cancellable(self._connection):
+                if migration.use_transactions:
+                    # One transaction: the migration's steps (as savepoints) and the row recording them.
+                    with backend.transaction():
+                        migration.process_steps(backend, "apply")
+                        backend.log_migration(migration, "apply")
+                        backend.mark_one(migration, log=False)
+                else:
+                    invalid_before = self._invalid_indexes()
                     migration.process_steps(backend, "apply")
-                    backend.log_migration(migration, "apply")
-                    backend.mark_one(migration, log=False)
-            else:
-                migration.process_steps(backend, "apply")
-                with backend.transaction():
-                    backend.log_migration(migration, "apply")
-                    backend.mark_one(migration, log=False)
+                    with backend.transaction():
+                        backend.log_migration(migration, "apply")
+                        backend.mark_one(migration, log=False)
         except psycopg2.Error as e:
             self._reset()
-            if isinstance(e, (psycopg2.OperationalError, psycopg2.InterfaceError)) and e.pgcode is None:
-                raise _classify_database_error(e) from None
-            raise _Failure(TargetError(ErrorKind.MIGRATION, _pg_message(e))) from None
+            failure = _classify_migration_error(e)
+            if not migration.use_transactions and not _lost(e):
+                left = tuple(sorted(self._invalid_indexes() - invalid_before))
+                if left:
+                    message = (
+                        f"{failure.error.message}; left INVALID index {', '.join(left)} "
+                        "(DROP INDEX CONCURRENTLY it before the next run)"
+                    )
+                    failure = _Failure(replace(failure.error, message=message, invalid_indexes=left))
+            raise failure from None
+        return True
+
+    def _invalid_indexes(self) -> set[str]:
+        """Indexes a failed CREATE INDEX CONCURRENTLY leaves behind, marked INVALID."""
+        with self._connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_index i "
+                "JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE NOT i.indisvalid"
+            )
+            return {row[0] for row in cursor.fetchall()}
 
     def run_hook(self, migration: Migration) -> None:
         try:
-            migration.process_steps(self._backend, "apply")
+            with self._interrupt.cancellable(self._connection):
+                migration.process_steps(self._backend, "apply")
         except psycopg2.Error as e:
             self._reset()
-            raise _Failure(TargetError(ErrorKind.MIGRATION, _pg_message(e))) from None
+            raise _classify_migration_error(e) from None
 
     def _reset(self) -> None:
         """Leave the connection usable (to release the lock) after a failed statement."""
@@ -633,4 +849,4 @@ class _YoyoSession:
 
     def close(self) -> None:
         with contextlib.suppress(psycopg2.Error):
-            self._backend.connection.close()
+            self._connection.close()

@@ -282,3 +282,47 @@ def _s3_call(location: S3Location, call: Callable[[], Any]) -> Any:
         raise SourceError(f"cannot reach the S3 endpoint for {where}: {e}") from None
     except BotoCoreError as e:
         raise SourceError(f"S3 request to {where} failed: {e}") from None
+
+
+# ---- run records --------------------------------------------------------------------
+
+# A service name cannot start with "_", so run records never mix with migrations.
+RUNS_FOLDER = "_runs"
+
+
+def run_record_key(location: S3Location, environment: str, run_id: str) -> str:
+    parts = [p for p in (location.prefix.strip("/"), RUNS_FOLDER, environment) if p]
+    return "/".join(parts) + f"/{run_id}.json"
+
+
+def save_run_record(location: S3Location, environment: str, run_id: str, body: bytes) -> str:
+    """Store a run's report next to the migrations; returns its s3:// URL."""
+    client = s3_client(location)
+    key = run_record_key(location, environment, run_id)
+    _s3_call(
+        location,
+        functools.partial(
+            client.put_object, Bucket=location.bucket, Key=key, Body=body, ContentType="application/json"
+        ),
+    )
+    return f"s3://{location.bucket}/{key}"
+
+
+def load_run_record(location: S3Location, environment: str, run_id: str) -> bytes | None:
+    """A run's stored report, or None when there is none."""
+    from botocore.exceptions import ClientError
+
+    client = s3_client(location)
+    key = run_record_key(location, environment, run_id)
+
+    def get() -> bytes | None:
+        try:
+            body: bytes = client.get_object(Bucket=location.bucket, Key=key)["Body"].read()
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise
+        return body
+
+    result: bytes | None = _s3_call(location, get)
+    return result

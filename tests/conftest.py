@@ -150,6 +150,14 @@ class Fleet:
         return [r[0] for r in self.query(database, "SELECT migration_id FROM _yoyo_migration ORDER BY applied_at_utc")]
 
 
+@pytest.fixture(autouse=True)
+def runs_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Run records of every test go to its own folder, never into the checkout."""
+    path = tmp_path / "runs"
+    monkeypatch.setenv("FANOUT_RUNS_DIR", str(path))
+    return path
+
+
 @pytest.fixture
 def fleet(postgres: EmbeddedPostgres, s3: EmbeddedS3, tmp_path: Path) -> Iterator[Fleet]:
     bucket = unique("bucket").replace("_", "-")

@@ -46,8 +46,9 @@ def test_two_apply_processes_started_together_apply_each_migration_once_per_shar
     runs = [fleet.spawn("apply", "--env", "test", "--format", "json", "--concurrency", "3") for _ in range(2)]
     outputs = [run.communicate(timeout=120) for run in runs]
 
-    assert [run.returncode for run in runs] == [EXIT_OK, EXIT_OK], outputs
     reports = [json.loads(stdout) for stdout, _ in outputs]
+    failures = [(r["target"], r["error"]) for report in reports for r in report["results"] if r["error"]]
+    assert [run.returncode for run in runs] == [EXIT_OK, EXIT_OK], (failures, [stderr for _, stderr in outputs])
     assert sum(r["totals"]["migrations_applied"] for r in reports) == 3 * 6
     for database in fleet.databases:
         rows = fleet.query(
@@ -140,11 +141,11 @@ def test_lock_held_by_another_process_times_out_with_its_holder_named(fleet: Fle
     )
     fleet.query(name, "INSERT INTO yoyo_lock VALUES (1, now(), 424242)")
 
-    result = fleet.cli("apply", "--env", "test", "--lock-timeout", "0.5", "--format", "json")
+    result = fleet.cli("apply", "--env", "test", "--lock-wait", "0.5", "--format", "json")
 
     assert result.exit_code == EXIT_TARGETS_FAILED
     (row,) = json.loads(result.stdout)["results"]
-    assert row["error"]["kind"] == "lock-timeout"
+    assert row["error"]["kind"] == "locked"
     assert "pid 424242" in row["error"]["message"]
     assert fleet.applied(name) == []
     assert fleet.query(name, "SELECT pid FROM yoyo_lock") == [(424242,)]  # never broken

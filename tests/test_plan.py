@@ -97,7 +97,9 @@ def test_status_shows_applied_migrations_and_the_lock_holder(fleet: Fleet) -> No
     (row,) = json.loads(result.stdout)["results"]
     assert row["applied_before"] == ["001-create-person", "002-add-address", "003-create-order"]
     assert row["lock_holder"]["pid"] == 31337
-    assert "locked by pid 31337" in text.stdout
+    assert row["lock_holder"]["run_id"] is None  # a plain yoyo row: nobody can tell whether it is alive
+    assert row["lock_holder"]["alive"] is None
+    assert "locked by yoyo pid 31337" in text.stdout
 
 
 def test_json_report_shape_is_pinned(fleet: Fleet) -> None:
@@ -110,13 +112,17 @@ def test_json_report_shape_is_pinned(fleet: Fleet) -> None:
     assert report["schema"] == "fanout/report/v1"
     assert set(report) == {
         "schema", "run_id", "command", "mode", "environment", "services", "started_at", "finished_at",
-        "duration_seconds", "exit_code", "totals", "source", "results",
+        "duration_seconds", "exit_code", "interrupted", "resumed_from", "rollout", "totals", "source", "results",
+    }  # fmt: skip
+    assert set(report["rollout"]) == {
+        "concurrency", "per_server", "waves", "max_failures", "waves_run", "waves_planned", "stop_reason",
+        "peak_in_flight", "peak_per_server", "connections_opened",
     }  # fmt: skip
     assert set(report["totals"]) == {"targets", "results", "by_status", "migrations_applied", "migrations_pending"}
     assert set(report["totals"]["by_status"]) == {"up-to-date", "pending", "applied", "failed", "skipped"}
     assert set(report["results"][0]) == {
         "target", "service", "status", "server", "database", "schema", "tenants", "initialized",
-        "applied_before", "ran", "pending", "lock_holder", "error", "seconds",
+        "applied_before", "ran", "pending", "lock_holder", "broken_lock", "retries", "error", "seconds",
     }  # fmt: skip
     assert set(report["source"]["sets"][0]["files"][0]) == {"name", "sha256", "size", "etag", "version_id"}
     assert report["exit_code"] == 0

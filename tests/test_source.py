@@ -22,7 +22,8 @@ def test_each_object_is_fetched_once_per_run_whatever_the_number_of_shards(fleet
     seen = fleet.s3.requests.snapshot()  # counted by the S3 server, not by fanout
     assert seen["LIST"] == 1
     assert seen["GET"] == len(MIGRATIONS)
-    assert sum(seen.values()) == 1 + len(MIGRATIONS)
+    assert seen["PUT"] == 1  # the run record, next to the migrations
+    assert sum(seen.values()) == 1 + len(MIGRATIONS) + 1
     report = json.loads(result.stdout)
     assert (report["source"]["s3_list_requests"], report["source"]["s3_get_requests"]) == (1, len(MIGRATIONS))
     assert report["totals"]["migrations_applied"] == 20 * 3

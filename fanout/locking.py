@@ -1,0 +1,257 @@
+"""The shard lock: yoyo's `yoyo_lock` row, made recoverable after a crash.
+
+yoyo locks a shard by inserting the single row of `yoyo_lock`, keyed by the OS pid of
+the process, and deletes it when done; a process that dies in between leaves the row
+behind, and nothing tells a live holder from a dead one. fanout keeps taking that same
+row, so fanout and plain yoyo still exclude each other, and adds two things:
+
+- while it holds the row, fanout's session also holds a PostgreSQL advisory lock keyed
+  on the schema; the server drops it the moment that session ends, whatever killed it;
+- a `fanout_lock` row, written in the same transaction as the yoyo row, names the
+  holder (host, pid, run id, since).
+
+So a yoyo row that has a matching `fanout_lock` row while nobody holds the advisory
+lock was left by a fanout session that no longer exists: it is provably stale and is
+broken automatically. A row without a `fanout_lock` row belongs to plain yoyo (or to
+someone's hand): nothing proves it dead, so it is never broken automatically;
+`fanout unlock` removes it when no other session is connected to the database, or
+when forced.
+
+Every function takes a psycopg2 connection in autocommit mode, except `read_holder`,
+which only reads and works inside a read-only transaction.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+import psycopg2
+import psycopg2.errors
+
+from fanout.report import LockHolder
+
+YOYO_LOCK_TABLE = "yoyo_lock"
+OWNER_TABLE = "fanout_lock"
+
+# Advisory lock keys: (namespace, hashtext(schema)). One namespace for the held lock,
+# another to serialize the creation of the lock tables by concurrent runners.
+_HELD = 1717661295  # "fano"
+_SETUP = 1717661296
+_SCHEMA_KEY = "hashtext(coalesce(current_schema(), ''))"
+HOSTNAME = socket.gethostname()
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """Who takes a lock: this process, in this run."""
+
+    pid: int
+    run_id: str
+    host: str = HOSTNAME
+    since: datetime | None = None
+
+
+def create_tables(connection: Any, *, schema: str | None) -> None:
+    """Create the schema (for schema-per-tenant targets) and both lock tables, once, race-free.
+
+    Concurrent runners would otherwise race inside CREATE ... IF NOT EXISTS and one would
+    fail on the catalog's unique index; the transaction-scoped advisory lock orders them.
+    A plain yoyo creating `yoyo_lock` at the same instant can still collide; the caller retries.
+    """
+    with connection.cursor() as cursor:
+        cursor.execute("BEGIN")
+        try:
+            if schema:
+                cursor.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_SETUP, schema))
+                cursor.execute(f"CREATE SCHEMA IF NOT EXISTS {_quote(schema)}")
+            else:
+                cursor.execute(f"SELECT pg_advisory_xact_lock(%s, {_SCHEMA_KEY})", (_SETUP,))
+            cursor.execute(
+                f'CREATE TABLE IF NOT EXISTS "{YOYO_LOCK_TABLE}" '
+                '("locked" INT DEFAULT 1, "ctime" TIMESTAMP, "pid" INT NOT NULL, PRIMARY KEY ("locked"))'
+            )
+            cursor.execute(
+                f'CREATE TABLE IF NOT EXISTS "{OWNER_TABLE}" ('
+                '"locked" INT DEFAULT 1 PRIMARY KEY, "pid" INT NOT NULL, "ctime" TIMESTAMP NOT NULL, '
+                '"host" TEXT NOT NULL, "run_id" TEXT NOT NULL, "backend_pid" INT NOT NULL)'
+            )
+            cursor.execute("COMMIT")
+        except BaseException:
+            cursor.execute("ROLLBACK")
+            raise
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One try at the lock: taken or not, the stale holder broken to take it, or the holder in the way."""
+
+    taken: bool
+    broken: LockHolder | None = None
+    holder: LockHolder | None = None
+
+
+def try_acquire(connection: Any, me: Owner) -> Attempt:
+    """Take the shard lock if it is free or provably stale; never waits."""
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT pg_try_advisory_lock(%s, {_SCHEMA_KEY})", (_HELD,))
+        row = cursor.fetchone()
+        if not row or not row[0]:
+            return Attempt(False, holder=_current_holder(cursor, alive=True))
+        try:
+            cursor.execute("BEGIN")
+            holder = _current_holder(cursor, alive=False, for_update=True)
+            if holder is not None and holder.run_id is None:
+                cursor.execute("ROLLBACK")
+                _unlock_advisory(cursor)
+                return Attempt(False, holder=holder)  # plain yoyo: alive or not, nothing proves it
+            # Either free, or held by a fanout session that has ended (we hold its advisory lock).
+            cursor.execute(f'DELETE FROM "{YOYO_LOCK_TABLE}"')
+            cursor.execute(f'DELETE FROM "{OWNER_TABLE}"')
+            since = me.since or datetime.now(UTC).replace(tzinfo=None)
+            cursor.execute(
+                f'INSERT INTO "{YOYO_LOCK_TABLE}" ("locked", "ctime", "pid") VALUES (1, %s, %s)', (since, me.pid)
+            )
+            cursor.execute(
+                f'INSERT INTO "{OWNER_TABLE}" ("pid", "ctime", "host", "run_id", "backend_pid") '
+                "VALUES (%s, %s, %s, %s, pg_backend_pid())",
+                (me.pid, since, me.host, me.run_id),
+            )
+            cursor.execute("COMMIT")
+        except psycopg2.errors.UniqueViolation:
+            # A plain yoyo inserted its row between our read and our insert.
+            cursor.execute("ROLLBACK")
+            _unlock_advisory(cursor)
+            return Attempt(False, holder=None)
+        except BaseException:
+            _rollback_quietly(connection)
+            raise
+        return Attempt(True, broken=holder)
+
+
+def release(connection: Any, me: Owner) -> None:
+    """Give the lock back: both rows in one transaction, then the advisory lock."""
+    with connection.cursor() as cursor:
+        cursor.execute("BEGIN")
+        try:
+            cursor.execute(f'DELETE FROM "{YOYO_LOCK_TABLE}" WHERE "pid" = %s', (me.pid,))
+            cursor.execute(f'DELETE FROM "{OWNER_TABLE}" WHERE "pid" = %s AND "run_id" = %s', (me.pid, me.run_id))
+            cursor.execute("COMMIT")
+        except BaseException:
+            _rollback_quietly(connection)
+            raise
+        _unlock_advisory(cursor)
+
+
+def read_holder(connection: Any) -> LockHolder | None:
+    """The current holder, with whether its session is alive (None for plain yoyo: unknowable)."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT to_regclass(%s) IS NOT NULL", (f'"{YOYO_LOCK_TABLE}"',))
+        row = cursor.fetchone()
+        if not row or not row[0]:
+            return None
+        return _current_holder(cursor, alive=None)
+
+
+class UnlockOutcome(StrEnum):
+    NOT_LOCKED = "not-locked"
+    RELEASED = "released"  # the holder was provably gone
+    FORCED = "forced"  # released although the holder may be alive
+    REFUSED = "refused"  # the holder is (or may be) alive; --force to override
+
+
+@dataclass(frozen=True, slots=True)
+class Unlock:
+    outcome: UnlockOutcome
+    holder: LockHolder | None
+    reason: str
+
+
+def unlock(connection: Any, *, force: bool) -> Unlock:
+    """Remove the lock by hand. Refuses while the holder may be alive, unless `force`."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT to_regclass(%s) IS NOT NULL", (f'"{YOYO_LOCK_TABLE}"',))
+        row = cursor.fetchone()
+        if not row or not row[0]:
+            return Unlock(UnlockOutcome.NOT_LOCKED, None, "never migrated")
+        holder = _current_holder(cursor, alive=None)
+        if holder is None:
+            return Unlock(UnlockOutcome.NOT_LOCKED, None, "not locked")
+        if holder.alive is True:
+            reason = "the holder's session is alive"
+        elif holder.alive is None:
+            others = _other_sessions(cursor)
+            reason = f"plain yoyo lock; {others} other session(s) connected to this database" if others else ""
+        else:
+            reason = ""
+        if reason and not force:
+            return Unlock(UnlockOutcome.REFUSED, holder, reason + " (--force removes it anyway)")
+        cursor.execute("BEGIN")
+        try:
+            cursor.execute(f'DELETE FROM "{YOYO_LOCK_TABLE}" WHERE "pid" = %s', (holder.pid,))
+            if holder.run_id is not None:
+                cursor.execute(f'DELETE FROM "{OWNER_TABLE}" WHERE "run_id" = %s', (holder.run_id,))
+            cursor.execute("COMMIT")
+        except BaseException:
+            _rollback_quietly(connection)
+            raise
+        if reason:
+            return Unlock(UnlockOutcome.FORCED, holder, reason)
+        return Unlock(UnlockOutcome.RELEASED, holder, "the holder is gone")
+
+
+def _current_holder(cursor: Any, *, alive: bool | None, for_update: bool = False) -> LockHolder | None:
+    """The lock row joined with its owner row; `alive` None means: ask the server."""
+    cursor.execute(f'SELECT "pid", "ctime" FROM "{YOYO_LOCK_TABLE}"' + (" FOR UPDATE" if for_update else ""))
+    row = cursor.fetchone()
+    if row is None:
+        return None
+    pid, since = row
+    cursor.execute("SELECT to_regclass(%s) IS NOT NULL", (f'"{OWNER_TABLE}"',))
+    has_owner_table = bool(cursor.fetchone()[0])
+    owner = None
+    if has_owner_table:
+        cursor.execute(
+            f'SELECT "host", "run_id", "backend_pid" FROM "{OWNER_TABLE}" WHERE "pid" = %s AND "ctime" = %s',
+            (pid, since),
+        )
+        owner = cursor.fetchone()
+    if owner is None:
+        return LockHolder(pid=pid, since=since, alive=None)
+    host, run_id, backend_pid = owner
+    if alive is None:
+        cursor.execute(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid = %s "
+            f"AND classid = %s::oid AND objid = ({_SCHEMA_KEY})::oid AND objsubid = 2 "
+            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))",
+            (backend_pid, _HELD),
+        )
+        alive = bool(cursor.fetchone()[0])
+    return LockHolder(pid=pid, since=since, host=host, run_id=run_id, alive=alive)
+
+
+def _other_sessions(cursor: Any) -> int:
+    cursor.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+    )
+    return int(cursor.fetchone()[0])
+
+
+def _unlock_advisory(cursor: Any) -> None:
+    cursor.execute(f"SELECT pg_advisory_unlock(%s, {_SCHEMA_KEY})", (_HELD,))
+
+
+def _rollback_quietly(connection: Any) -> None:
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("ROLLBACK")
+    except psycopg2.Error:
+        pass
+
+
+def _quote(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'

@@ -1,0 +1,107 @@
+"""Run records: every apply leaves its report behind, so a later run can resume it.
+
+A record is the run's JSON report (the public `fanout/report/v1` shape, secrets
+redacted), written to `<runs dir>/<env>/<run id>.json` and, when the environment's
+migrations live in S3, to `s3://<bucket>/<prefix>/_runs/<env>/<run id>.json` too, so a
+pipeline on another machine can resume it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fanout import source
+from fanout.config import Environment, S3Location
+from fanout.errors import ConfigError, FanoutError, SourceError
+from fanout.report import RunReport, render_json
+from fanout.source import Snapshot
+
+log = logging.getLogger(__name__)
+
+RUNS_DIR_VARIABLE = "FANOUT_RUNS_DIR"
+DEFAULT_RUNS_DIR = Path(".fanout") / "runs"
+_UNFINISHED = ("failed", "skipped")
+
+
+def runs_dir(override: Path | None = None) -> Path:
+    return override or Path(os.environ.get(RUNS_DIR_VARIABLE) or DEFAULT_RUNS_DIR)
+
+
+@dataclass(frozen=True, slots=True)
+class RunRecord:
+    run_id: str
+    environment: str
+    services: tuple[str, ...]
+    unfinished: tuple[str, ...]  # target ids with a failed or skipped result, in run order
+    sources: dict[str, dict[str, str]]  # service -> file name -> sha256
+
+
+def save(env: Environment, report: RunReport, directory: Path | None = None) -> list[str]:
+    """Write the record locally and to S3 when configured; returns where it went. Never raises."""
+    body = render_json(report).encode()
+    written = []
+    path = runs_dir(directory) / env.name / f"{report.run_id}.json"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(body)
+        written.append(str(path))
+    except OSError as e:
+        log.warning("could not write the run record %s: %s", path, e)
+    if isinstance(env.source, S3Location):
+        try:
+            written.append(source.save_run_record(env.source, env.name, report.run_id, body))
+        except FanoutError as e:
+            log.warning("could not store the run record in S3: %s", e)
+    return written
+
+
+def load(env: Environment, run_id: str, directory: Path | None = None) -> RunRecord:
+    """The record of `run_id`: from the runs directory, else from S3. Raises ConfigError when absent."""
+    if not run_id or "/" in run_id or run_id.startswith("."):
+        raise ConfigError(f"--resume: {run_id!r} is not a run id")
+    path = runs_dir(directory) / env.name / f"{run_id}.json"
+    body: bytes | None = path.read_bytes() if path.is_file() else None
+    if body is None and isinstance(env.source, S3Location):
+        body = source.load_run_record(env.source, env.name, run_id)
+    if body is None:
+        where = f"{path}" + (" or S3" if isinstance(env.source, S3Location) else "")
+        raise ConfigError(f"no record of run {run_id!r} for environment {env.name!r} in {where}")
+    try:
+        data: dict[str, Any] = json.loads(body)
+        if data["environment"] != env.name:
+            raise ConfigError(f"run {run_id!r} was in environment {data['environment']!r}, not {env.name!r}")
+        if data["command"] != "apply":
+            raise ConfigError(f"run {run_id!r} was a {data['command']}, not an apply")
+        unfinished: list[str] = []
+        for result in data["results"]:
+            if result["status"] in _UNFINISHED and result["target"] not in unfinished:
+                unfinished.append(result["target"])
+        return RunRecord(
+            run_id=run_id,
+            environment=env.name,
+            services=tuple(data["services"]),
+            unfinished=tuple(unfinished),
+            sources={s["service"]: {f["name"]: f["sha256"] for f in s["files"]} for s in data["source"]["sets"]},
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"the record of run {run_id!r} is not a fanout report ({type(e).__name__}: {e})") from None
+
+
+def check_same_sources(expected: dict[str, dict[str, str]], snapshot: Snapshot, run_id: str) -> None:
+    """A resumed run applies exactly the migrations of the run it resumes, or nothing."""
+    current = {s.service: {f.name: f.sha256 for f in s.files} for s in snapshot.sets}
+    for service, files in expected.items():
+        now = current.get(service, {})
+        changed = sorted(
+            {name for name in files.keys() | now.keys() if files.get(name) != now.get(name)},
+        )
+        if changed:
+            raise SourceError(
+                f"the migrations of service {service!r} changed since run {run_id} "
+                f"({', '.join(changed[:5])}); resume applies the same set, so start a new run instead"
+            )
