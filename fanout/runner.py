@@ -80,6 +80,7 @@ VERSION_TABLE = "_yoyo_version"
 LOCK_POLL_SECONDS = 0.25
 APPLICATION_NAME = "fanout"
 RETRY_BACKOFF_CAP_SECONDS = 30.0
+CLIENT_CHECK_INTERVAL = "1s"
 # SQLSTATEs worth another try: lock_not_available (lock_timeout), serialization_failure,
 # deadlock_detected. Everything else is the migration's own fault.
 _RETRYABLE_SQLSTATES = {"55P03", "40001", "40P01"}
@@ -598,6 +599,20 @@ def _apply_settings(cursor: Any, settings: SessionSettings) -> None:
             cursor.execute(sql.SQL("SET {} = {}").format(sql.Identifier(name), sql.Literal(value)))
 
 
+def _watch_client(cursor: Any, server_version: int) -> None:
+    """Make the server notice a dead runner within seconds, even mid-statement (PostgreSQL 14+).
+
+    Otherwise a runner killed during a long migration keeps its transaction, and with it
+    the shard lock, until the statement ends; with this the server rolls back and frees it.
+    """
+    if server_version < 140000:
+        return
+    try:
+        cursor.execute(f"SET client_connection_check_interval = '{CLIENT_CHECK_INTERVAL}'")
+    except psycopg2.Error as e:  # platforms without the check refuse any non-zero value
+        log.debug("client_connection_check_interval unavailable: %s", e)
+
+
 class _ReadOnlySession:
     """Reads yoyo's tables inside READ ONLY transactions; creates nothing and takes no lock."""
 
@@ -747,6 +762,7 @@ class _YoyoSession:
         try:
             with self._connection.cursor() as cursor:
                 _apply_settings(cursor, options.session)
+                _watch_client(cursor, self._connection.server_version)
             self._backend.init_database()
         except psycopg2.Error as e:
             self.close()

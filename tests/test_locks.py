@@ -1,0 +1,200 @@
+"""Shard locks that cannot get stuck: stale fanout locks are broken, live ones never, plain yoyo's by hand."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+from conftest import MIGRATIONS, Fleet
+from yoyo import get_backend
+
+from fanout.errors import EXIT_OK, EXIT_TARGETS_FAILED
+
+SLOW = {
+    "001-create-person.sql": "CREATE TABLE person (id SERIAL PRIMARY KEY, name TEXT NOT NULL);",
+    "002-slow.sql": "-- depends: 001-create-person\nALTER TABLE person ADD COLUMN address TEXT; SELECT pg_sleep(%s);",
+}
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 20.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+def lock_owner(fleet: Fleet, database: str) -> tuple[Any, ...] | None:
+    if "fanout_lock" not in fleet.tables(database):
+        return None
+    rows = fleet.query(database, "SELECT run_id, pid, host FROM fanout_lock")
+    return rows[0] if rows else None
+
+
+def slow_set(seconds: float) -> dict[str, str]:
+    return {name: body.replace("%s", str(seconds)) for name, body in SLOW.items()}
+
+
+def test_lock_of_a_killed_fanout_is_broken_by_the_next_run_and_the_report_says_so(fleet: Fleet) -> None:
+    (name,) = fleet.add_databases(1)
+    fleet.publish(slow_set(30))
+    fleet.write_env()
+    victim = fleet.spawn("apply", "--env", "test")
+    run_id, pid, _host = wait_for(lambda: lock_owner(fleet, name))
+    wait_for(lambda: fleet.query(name, "SELECT 1 FROM pg_stat_activity WHERE query LIKE '%%pg_sleep(30)%%' "
+                                       "AND pid <> pg_backend_pid()"))  # fmt: skip
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert fleet.query(name, "SELECT pid FROM yoyo_lock") == [(pid,)]  # left behind, as yoyo would
+
+    fleet.publish(slow_set(0))  # same ids; yoyo hashes ids, not content
+    result = fleet.cli("apply", "--env", "test", "--lock-wait", "20", "--format", "json")
+
+    assert result.exit_code == EXIT_OK, result.output
+    (row,) = json.loads(result.stdout)["results"]
+    assert row["broken_lock"]["run_id"] == run_id
+    assert row["broken_lock"]["pid"] == pid
+    assert row["status"] == "applied"
+    assert [m["id"] for m in row["ran"]] == ["002-slow"]  # the killed migration was rolled back, not recorded
+    assert fleet.query(name, "SELECT count(*) FROM yoyo_lock") == [(0,)]
+    assert fleet.query(name, "SELECT count(*) FROM fanout_lock") == [(0,)]
+
+
+def test_a_live_fanout_lock_is_never_broken_and_its_owner_is_shown(fleet: Fleet) -> None:
+    (name,) = fleet.add_databases(1)
+    fleet.publish(slow_set(4))
+    fleet.write_env()
+    holder = fleet.spawn("apply", "--env", "test", "--format", "json")
+    run_id, pid, host = wait_for(lambda: lock_owner(fleet, name))
+
+    blocked = fleet.cli("apply", "--env", "test", "--lock-wait", "0.5", "--format", "json")
+    status = fleet.cli("status", "--env", "test", "--format", "json")
+    refused = fleet.cli("unlock", "--env", "test")
+
+    assert blocked.exit_code == EXIT_TARGETS_FAILED
+    (row,) = json.loads(blocked.stdout)["results"]
+    assert row["error"]["kind"] == "locked"
+    assert run_id in row["error"]["message"]
+    (seen,) = json.loads(status.stdout)["results"]
+    assert seen["lock_holder"] == {
+        "pid": pid,
+        "since": seen["lock_holder"]["since"],
+        "host": host,
+        "run_id": run_id,
+        "alive": True,
+    }
+    assert seen["lock_holder"]["since"]
+    assert refused.exit_code == EXIT_TARGETS_FAILED
+    assert "refused" in refused.stdout and "alive" in refused.stdout
+    stdout, _ = holder.communicate(timeout=60)
+    assert holder.returncode == EXIT_OK
+    assert json.loads(stdout)["totals"]["migrations_applied"] == 2
+
+
+def test_a_plain_yoyo_lock_is_never_broken_automatically(fleet: Fleet) -> None:
+    (name,) = fleet.add_databases(1)
+    fleet.publish(MIGRATIONS)
+    fleet.write_env()
+    backend = get_backend(fleet.dsn(name, password=fleet.postgres.password.reveal()))
+    try:
+        with backend.lock():  # a real yoyo process, holding its lock
+            result = fleet.cli("apply", "--env", "test", "--lock-wait", "0.5", "--format", "json")
+            refused = fleet.cli("unlock", "--env", "test", "--format", "json")
+            assert fleet.query(name, "SELECT count(*) FROM yoyo_lock") == [(1,)]
+    finally:
+        backend.connection.close()
+
+    assert result.exit_code == EXIT_TARGETS_FAILED
+    (row,) = json.loads(result.stdout)["results"]
+    assert row["error"]["kind"] == "locked"
+    assert "yoyo pid" in row["error"]["message"]
+    assert refused.exit_code == EXIT_TARGETS_FAILED
+    (entry,) = json.loads(refused.stdout)
+    assert entry["outcome"] == "refused"
+    assert "other session" in entry["message"]
+    assert fleet.query(name, "SELECT count(*) FROM yoyo_lock") == [(0,)]  # yoyo released it itself
+
+
+def test_unlock_removes_a_dead_yoyo_lock_and_refuses_a_live_one_unless_forced(fleet: Fleet) -> None:
+    dead, live = fleet.add_databases(2)
+    fleet.publish(MIGRATIONS)
+    fleet.write_env()
+    for name in (dead, live):
+        fleet.query(
+            name,
+            "CREATE TABLE yoyo_lock (locked INT DEFAULT 1, ctime TIMESTAMP, pid INT NOT NULL, PRIMARY KEY (locked))",
+        )
+        fleet.query(name, "INSERT INTO yoyo_lock VALUES (1, now(), 424242)")
+    with fleet.postgres.connect(live):  # someone is connected: the holder may be alive
+        refused = fleet.cli("unlock", "--env", "test", "--target", live)
+        forced = fleet.cli("unlock", "--env", "test", "--target", live, "--force")
+    released = fleet.cli("unlock", "--env", "test", "--target", dead)
+    again = fleet.cli("unlock", "--env", "test")
+
+    assert refused.exit_code == EXIT_TARGETS_FAILED
+    assert "refused" in refused.stdout
+    assert forced.exit_code == EXIT_OK and "forced" in forced.stdout
+    assert released.exit_code == EXIT_OK and "released" in released.stdout
+    assert again.exit_code == EXIT_OK
+    assert again.stdout.count("not-locked") == 2
+    for name in (dead, live):
+        assert fleet.query(name, "SELECT count(*) FROM yoyo_lock") == [(0,)]
+    assert fleet.cli("apply", "--env", "test").exit_code == EXIT_OK
+
+
+def test_unlock_names_an_unknown_target(fleet: Fleet) -> None:
+    fleet.add_databases(1)
+    fleet.publish(MIGRATIONS)
+    fleet.write_env()
+
+    result = fleet.cli("unlock", "--env", "test", "--target", "nope")
+
+    assert result.exit_code == 2
+    assert "no target 'nope'" in result.stderr
+
+
+def test_fanout_and_plain_yoyo_exclude_each_other(fleet: Fleet) -> None:
+    (name,) = fleet.add_databases(1)
+    fleet.publish(slow_set(2))
+    fleet.write_env()
+    holder = fleet.spawn("apply", "--env", "test")
+    wait_for(lambda: lock_owner(fleet, name))
+    backend = get_backend(fleet.dsn(name, password=fleet.postgres.password.reveal()))
+    started = time.monotonic()
+    try:
+        with backend.lock(timeout=30):
+            waited = time.monotonic() - started
+            assert fleet.query(name, "SELECT count(*) FROM fanout_lock") == [(0,)]
+    finally:
+        backend.connection.close()
+    holder.communicate(timeout=60)
+
+    assert holder.returncode == EXIT_OK
+    assert waited > 0.5  # yoyo waited for fanout to finish the slow migration
+
+
+def test_owner_liveness_is_read_right_for_a_schema_whose_hash_is_negative(fleet: Fleet) -> None:
+    """The liveness probe compares hashtext() (an int4, here negative) with pg_locks' oid columns."""
+    (name,) = fleet.add_databases(1)
+    candidates = [f"tenant_{i}" for i in range(20)]
+    rows = fleet.query(name, "SELECT s FROM unnest(%s::text[]) AS s WHERE hashtext(s) < 0", (candidates,))
+    schema = rows[0][0]
+    fleet.publish(slow_set(4))
+    fleet.write_env([{"id": "tenant", "dsn": fleet.dsn(name), "schema": schema}])
+    holder = fleet.spawn("apply", "--env", "test")
+    wait_for(
+        lambda: "fanout_lock" in fleet.tables(name, schema) and fleet.query(name, f"SELECT 1 FROM {schema}.fanout_lock")
+    )
+
+    status = fleet.cli("status", "--env", "test", "--format", "json")
+    holder.communicate(timeout=60)
+
+    (row,) = json.loads(status.stdout)["results"]
+    assert row["schema"] == schema
+    assert row["lock_holder"]["alive"] is True
+    assert holder.returncode == EXIT_OK
