@@ -72,13 +72,14 @@ def signals_handled(interrupt: Interrupt) -> Iterator[Interrupt]:
         return
 
     def handle(signum: int, _frame: FrameType | None) -> None:
+        # Act before logging: a second signal can run this handler again mid-way through the first.
         name = signal.Signals(signum).name
         if interrupt.stopping.is_set():
-            log.warning("%s again: cancelling in-flight migrations, releasing locks", name)
             interrupt.abort()
+            log.warning("%s again: cancelling in-flight migrations, releasing locks", name)
         else:
-            log.warning("%s: starting no new target; in-flight migrations finish, then the report", name)
             interrupt.stop()
+            log.warning("%s: starting no new target; in-flight migrations finish, then the report", name)
 
     previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -306,7 +306,7 @@ def _migrate_target(
             context["initialized"] = session.initialized
             with session.lock(options.lock_wait) as (holder, broken):
                 context["lock_holder"] = holder
-                context.setdefault("broken_lock", broken)
+                context["broken_lock"] = context.get("broken_lock") or broken
                 applied = session.applied_hashes()
                 for plan in plans:
                     state = progress[plan.service]
