@@ -130,7 +130,11 @@ def run(sizes_apply: list[int], sizes_plan: list[int], migrations: int, tuned: i
                 for kind, concurrency in (("dflt", None), ("tuned", tuned)):
                     env = load_environment(str(write_environment(root, postgres, s3, fleets[kind], kind)))
                     s3.requests.reset()
-                    seconds = timed(lambda env=env, c=concurrency: commands.apply(env, settings=RunSettings(concurrency=c), runs_dir=root / "runs"))
+                    seconds = timed(
+                        lambda env=env, c=concurrency: commands.apply(
+                            env, settings=RunSettings(concurrency=c), runs_dir=root / "runs"
+                        )
+                    )
                     seen = s3.requests.snapshot()
                     label = f"fanout apply (concurrency {concurrency or env.runner.concurrency})"
                     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
