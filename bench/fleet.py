@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from yoyo import get_backend, read_migrations
@@ -75,6 +76,16 @@ def baseline(postgres: EmbeddedPostgres, databases: list[str], folder: Path) -> 
         with backend.lock():
             backend.apply_migrations(backend.to_apply(migrations))
         backend.connection.close()
+
+
+def connect_only(postgres: EmbeddedPostgres, databases: list[str], concurrency: int) -> None:
+    import psycopg2
+
+    def one(database: str) -> None:
+        psycopg2.connect(**postgres.connect_kwargs(database)).close()
+
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        list(pool.map(one, databases))
 
 
 def write_environment(root: Path, postgres: EmbeddedPostgres, s3: EmbeddedS3, databases: list[str], name: str) -> Path:
@@ -157,6 +168,10 @@ def run(sizes_apply: list[int], sizes_plan: list[int], migrations: int, tuned: i
                     commands.apply(env, settings=RunSettings(concurrency=tuned), runs_dir=root / "runs")
                 env = load_environment(str(write_environment(root, postgres, s3, migrated, "plan")))
                 s3.requests.reset()
+                # The floor a no-op plan cannot beat: one fresh (SCRAM) connection per database, nothing else.
+                floor = timed(lambda names=migrated: connect_only(postgres, names, tuned))
+                label = f"connect+close only (concurrency {tuned})"
+                rows.append([f"no-op plan N={n}", label, f"{floor:.2f}", "1.00x of floor", "-", "-", "-", str(n)])
                 seconds = timed(lambda env=env: commands.plan(env, settings=RunSettings(concurrency=tuned)))
                 seen = s3.requests.snapshot()
                 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -165,7 +180,7 @@ def run(sizes_apply: list[int], sizes_plan: list[int], migrations: int, tuned: i
                         f"no-op plan N={n}",
                         f"fanout plan (concurrency {tuned})",
                         f"{seconds:.2f}",
-                        "-",
+                        f"{floor / seconds:.2f}x of floor",
                         str(seen["LIST"]),
                         str(seen["GET"]),
                         f"{rss:.0f}",
