@@ -346,9 +346,10 @@ def bootstrap(
       PGPASSWORD=... fanout bootstrap --env production \\
           --target postgresql://migrator@db-9:5432/tenant_newco --create-database
     """
-    applied, after = commands.bootstrap(
-        env, target, create_database=create_database, services=services, lock_wait=lock_wait
-    )
+    with signals_handled(Interrupt()) as interrupt:
+        applied, after = commands.bootstrap(
+            env, target, create_database=create_database, services=services, lock_wait=lock_wait, interrupt=interrupt
+        )
     color = sys.stdout.isatty() and fmt == "text"
     if fmt == "json":
         click.echo(json.dumps({"bootstrap": to_dict(applied), "status": to_dict(after)}, indent=2))

@@ -148,6 +148,7 @@ def bootstrap(
     create_database: bool = False,
     services: Sequence[str] = (),
     lock_wait: float | None = None,
+    interrupt: Interrupt | None = None,
 ) -> tuple[RunReport, RunReport]:
     """Bring one shard, listed in the directory or not yet, to the current schema of every service.
 
@@ -168,8 +169,8 @@ def bootstrap(
     if create_database:
         runner.ensure_database(chosen, connect_timeout=env.runner.connect_timeout)
     options = _options(env, Mode.APPLY, RunSettings(lock_wait=lock_wait))
-    applied = _run_on(env, services, "bootstrap", options, (chosen,))
-    after = _run_on(env, services, "status", replace(options, mode=Mode.PLAN), (chosen,))
+    applied = _run_on(env, services, "bootstrap", options, (chosen,), interrupt=interrupt)
+    after = _run_on(env, services, "status", replace(options, mode=Mode.PLAN), (chosen,), interrupt=interrupt)
     return applied, after
 
 

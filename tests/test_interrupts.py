@@ -31,6 +31,18 @@ def wait_until_sleeping(fleet: Fleet, database: str) -> None:
     )
 
 
+def interrupted_run(fleet: Fleet, shards: int, sleep: float) -> tuple[list[str], int, str, str]:
+    """An apply over `shards` new shards, one at a time, sent SIGTERM mid-migration on the first."""
+    names = fleet.add_databases(shards)
+    fleet.publish(slow_migrations(sleep))
+    fleet.write_env()
+    process = fleet.spawn("apply", "--env", "test", "--concurrency", "1", "--format", "json")
+    wait_until_sleeping(fleet, names[0])
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=60)
+    return names, process.returncode, stdout, stderr
+
+
 def no_lock_left(fleet: Fleet, names: list[str]) -> bool:
     return all(
         "yoyo_lock" not in fleet.tables(n) or fleet.query(n, "SELECT count(*) FROM yoyo_lock") == [(0,)] for n in names
@@ -38,16 +50,9 @@ def no_lock_left(fleet: Fleet, names: list[str]) -> bool:
 
 
 def test_sigterm_lets_the_migration_in_flight_finish_then_reports_and_exits_130(fleet: Fleet) -> None:
-    names = fleet.add_databases(5)
-    fleet.publish(slow_migrations(0.8))
-    fleet.write_env()
-    process = fleet.spawn("apply", "--env", "test", "--concurrency", "1", "--format", "json")
-    wait_until_sleeping(fleet, names[0])
+    names, returncode, stdout, stderr = interrupted_run(fleet, shards=5, sleep=0.8)
 
-    process.send_signal(signal.SIGTERM)
-    stdout, stderr = process.communicate(timeout=60)
-
-    assert process.returncode == EXIT_INTERRUPTED, stderr
+    assert returncode == EXIT_INTERRUPTED, stderr
     assert "SIGTERM" in stderr
     report = json.loads(stdout)
     assert report["interrupted"] is True
@@ -89,13 +94,7 @@ def test_a_second_signal_cancels_the_migration_in_flight_and_still_releases_the_
 
 
 def test_resume_retries_only_what_an_interrupted_run_left(fleet: Fleet, runs_dir: Path) -> None:
-    names = fleet.add_databases(4)
-    fleet.publish(slow_migrations(0.5))
-    fleet.write_env()
-    process = fleet.spawn("apply", "--env", "test", "--concurrency", "1", "--format", "json")
-    wait_until_sleeping(fleet, names[0])
-    process.send_signal(signal.SIGTERM)
-    stdout, _ = process.communicate(timeout=60)
+    names, _, stdout, _ = interrupted_run(fleet, shards=4, sleep=0.5)
     run_id = json.loads(stdout)["run_id"]
     assert (runs_dir / "test" / f"{run_id}.json").is_file()
 
