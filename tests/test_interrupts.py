@@ -50,7 +50,7 @@ def no_lock_left(fleet: Fleet, names: list[str]) -> bool:
 
 
 def test_sigterm_lets_the_migration_in_flight_finish_then_reports_and_exits_130(fleet: Fleet) -> None:
-    names, returncode, stdout, stderr = interrupted_run(fleet, shards=5, sleep=0.8)
+    names, returncode, stdout, stderr = interrupted_run(fleet, shards=5, sleep=1.5)
 
     assert returncode == EXIT_INTERRUPTED, stderr
     assert "SIGTERM" in stderr
@@ -94,7 +94,7 @@ def test_a_second_signal_cancels_the_migration_in_flight_and_still_releases_the_
 
 
 def test_resume_retries_only_what_an_interrupted_run_left(fleet: Fleet, runs_dir: Path) -> None:
-    names, _, stdout, _ = interrupted_run(fleet, shards=4, sleep=0.5)
+    names, _, stdout, _ = interrupted_run(fleet, shards=4, sleep=1.0)
     run_id = json.loads(stdout)["run_id"]
     assert (runs_dir / "test" / f"{run_id}.json").is_file()
 

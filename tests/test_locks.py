@@ -67,7 +67,7 @@ def test_lock_of_a_killed_fanout_is_broken_by_the_next_run_and_the_report_says_s
 
 def test_a_live_fanout_lock_is_never_broken_and_its_owner_is_shown(fleet: Fleet) -> None:
     (name,) = fleet.add_databases(1)
-    fleet.publish(slow_set(4))
+    fleet.publish(slow_set(8))  # room for three CLI calls while it holds the lock, even on a loaded machine
     fleet.write_env()
     holder = fleet.spawn("apply", "--env", "test", "--format", "json")
     run_id, pid, host = wait_for(lambda: lock_owner(fleet, name))

@@ -55,7 +55,22 @@ def test_a_retry_succeeds_once_the_blocking_transaction_ends(fleet: Fleet) -> No
     fleet.publish(ALTER_PERSON)
     blocker = psycopg2.connect(**fleet.postgres.connect_kwargs(name))
     blocker.cursor().execute("SELECT count(*) FROM person")
-    release = threading.Timer(0.6, blocker.rollback)
+
+    def release_after_the_first_timeout() -> None:
+        # Waiting on the lock, then no longer waiting: the first attempt timed out. Only then end the blocker.
+        seen_waiting, deadline = False, time.monotonic() + 30
+        while time.monotonic() < deadline:
+            waiting = fleet.query(
+                name,
+                "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%%nickname%%'",
+            )
+            if seen_waiting and not waiting:
+                break
+            seen_waiting = seen_waiting or bool(waiting)
+            time.sleep(0.005)
+        blocker.rollback()
+
+    release = threading.Thread(target=release_after_the_first_timeout)
     release.start()
     try:
         result = fleet.cli("apply", "--env", "test", "--format", "json")
