@@ -147,12 +147,11 @@ def release(connection: Any, me: Owner) -> None:
 
 
 def read_holder(connection: Any) -> LockHolder | None:
-    """The current holder, with whether its session is alive (None for plain yoyo: unknowable)."""
+    """The current holder, with whether its session is alive (None for plain yoyo: unknowable).
+
+    The caller has seen that `yoyo_lock` exists (plan folds that into its first query).
+    """
     with connection.cursor() as cursor:
-        cursor.execute("SELECT to_regclass(%s) IS NOT NULL", (f'"{YOYO_LOCK_TABLE}"',))
-        row = cursor.fetchone()
-        if not row or not row[0]:
-            return None
         return _current_holder(cursor, alive=None)
 
 

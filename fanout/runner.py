@@ -84,6 +84,7 @@ CLIENT_CHECK_INTERVAL = "1s"
 # SQLSTATEs worth another try: lock_not_available (lock_timeout), serialization_failure,
 # deadlock_detected. Everything else is the migration's own fault.
 _RETRYABLE_SQLSTATES = {"55P03", "40001", "40P01"}
+_SQLSTATE_KINDS = {"55P03": ErrorKind.LOCK_TIMEOUT, "57014": ErrorKind.STATEMENT_TIMEOUT}
 
 yoyo_exceptions.register(psycopg2.DatabaseError)
 # yoyo's Migration keeps a process-wide registry by id that `load()` reads to resolve
@@ -565,21 +566,16 @@ def _classify_connect_error(error: psycopg2.Error, target: Target) -> _Failure:
     )
 
 
-def _classify_database_error(error: psycopg2.Error) -> _Failure:
+def _classify_database_error(error: psycopg2.Error, *, otherwise: ErrorKind = ErrorKind.DATABASE) -> _Failure:
+    """`otherwise` is the kind of an error that is neither a lost connection nor a timeout."""
     if _lost(error):
         return _Failure(TargetError(ErrorKind.UNREACHABLE, f"connection lost: {error_line(error)}"), retryable=True)
-    if error.pgcode == "55P03":
-        return _Failure(TargetError(ErrorKind.LOCK_TIMEOUT, _pg_message(error)), retryable=True)
-    return _Failure(TargetError(ErrorKind.DATABASE, _pg_message(error)), retryable=error.pgcode in _RETRYABLE_SQLSTATES)
+    kind = _SQLSTATE_KINDS.get(error.pgcode or "", otherwise)
+    return _Failure(TargetError(kind, _pg_message(error)), retryable=error.pgcode in _RETRYABLE_SQLSTATES)
 
 
 def _classify_migration_error(error: psycopg2.Error) -> _Failure:
-    if _lost(error):
-        return _classify_database_error(error)
-    kind = {"55P03": ErrorKind.LOCK_TIMEOUT, "57014": ErrorKind.STATEMENT_TIMEOUT}.get(error.pgcode or "")
-    return _Failure(
-        TargetError(kind or ErrorKind.MIGRATION, _pg_message(error)), retryable=error.pgcode in _RETRYABLE_SQLSTATES
-    )
+    return _classify_database_error(error, otherwise=ErrorKind.MIGRATION)
 
 
 def _pg_message(error: psycopg2.Error) -> str:
@@ -632,12 +628,12 @@ class _ReadOnlySession:
                 if self._schema:
                     cursor.execute(_quote_schema(self._schema))
                 cursor.execute(
-                    "SELECT to_regclass(%s) IS NOT NULL, to_regclass(%s) IS NOT NULL",
-                    (_relation(MIGRATION_TABLE), _relation(VERSION_TABLE)),
+                    "SELECT to_regclass(%s) IS NOT NULL, to_regclass(%s) IS NOT NULL, to_regclass(%s) IS NOT NULL",
+                    (_relation(MIGRATION_TABLE), _relation(VERSION_TABLE), _relation(locking.YOYO_LOCK_TABLE)),
                 )
                 row = cursor.fetchone()
             assert row is not None
-            self.initialized, self._has_version_table = row
+            self.initialized, self._has_version_table, self._has_lock_table = row
         except psycopg2.Error as e:
             self.close()
             raise _classify_database_error(e) from None
@@ -645,7 +641,7 @@ class _ReadOnlySession:
     @contextmanager
     def lock(self, wait: float) -> Iterator[tuple[LockHolder | None, None]]:
         try:
-            holder = locking.read_holder(self._connection)
+            holder = locking.read_holder(self._connection) if self._has_lock_table else None
         except psycopg2.Error as e:
             raise _classify_database_error(e) from None
         yield holder, None
