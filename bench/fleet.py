@@ -1,36 +1,47 @@
-"""Benchmark: fanout against the sequential yoyo loop a team writes by hand.
+"""Benchmark: fanout against the sequential yoyo loop a team writes by hand, and against the floor.
 
-    python bench/fleet.py                   # the full table (N = 10, 100, 200 for apply; 10, 100, 1000 for plan)
-    python bench/fleet.py --smoke           # N = 5, seconds; run by the test suite so it cannot rot
+    python bench/fleet.py            # the full table, about 10 minutes on 2 cores
+    python bench/fleet.py --smoke    # N = 5, seconds; run by the test suite so it cannot rot
 
-Starts its own PostgreSQL (the embedded one) and S3 endpoint, builds identical fresh
-fleets of N shard databases, publishes M realistic migrations, and measures in one run:
+Starts its own PostgreSQL (the embedded one) and S3 endpoint, builds identical fresh fleets of
+N shard databases, publishes M realistic migrations, and measures in one run:
 - baseline: for each database, get_backend(dsn); with backend.lock():
-  backend.apply_migrations(backend.to_apply(migrations)), migrations read once;
-- fanout apply at its default concurrency and at a tuned one;
-- fanout's no-op plan over the migrated fleet.
-Prints wall time, the ratio against the baseline, S3 LIST/GET requests seen by the S3
-server, the runner's peak RSS, and connections opened (from pg_stat_database).
+  backend.apply_migrations(backend.to_apply(migrations)), migrations read once, in-process;
+- floor: the same SQL, each migration in its own transaction, with `psql -f` per database,
+  in parallel at fanout's concurrency, no bookkeeping at all;
+- fanout apply, the real CLI in a subprocess (interpreter start and imports included), at its
+  default concurrency and at a tuned one;
+- fanout's no-op plan over the migrated fleet, against opening and closing one connection per
+  database (a plan cannot do less);
+- the apply comparison again through a TCP proxy that adds about 2 ms of round trip
+  (bench/latency_proxy.py, a process of its own; its measured RTT is printed).
+Columns: wall time, speed-up against the baseline, time against the floor, S3 LIST/GET
+requests seen by the S3 server, the runner's own peak RSS and CPU time (os.wait4 on the
+fanout process), and connections opened (pg_stat_database.sessions).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import resource
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
+import psycopg2
 from yoyo import get_backend, read_migrations
 
-from fanout import commands
-from fanout.commands import RunSettings
-from fanout.config import load_environment
 from fanout.embedded import EmbeddedPostgres, EmbeddedS3
+
+DEFAULT_CONCURRENCY = 8  # fanout's own default when the environment sets none
+PROXY_ONE_WAY_MS = 0.85  # plus the proxy's own hop, about 2 ms per round trip (measured and printed)
+HERE = Path(__file__).resolve().parent
 
 
 def migration_set(count: int) -> dict[str, str]:
@@ -57,30 +68,92 @@ def migration_set(count: int) -> dict[str, str]:
     return files
 
 
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the runners reach the server: directly, or through the latency proxy."""
+
+    host: str
+    port: int
+
+    def dsn(self, postgres: EmbeddedPostgres, database: str) -> str:
+        direct = postgres.dsn(database)
+        return direct.replace(f"@{postgres.host}:{postgres.port}/", f"@{self.host}:{self.port}/")
+
+
+@dataclass(frozen=True)
+class Measure:
+    wall: float
+    rss_mb: float | None = None
+    cpu: float | None = None
+
+
+@dataclass
+class Row:
+    case: str
+    runner: str
+    measure: Measure
+    speedup: str = "-"
+    vs_floor: str = "-"
+    s3_list: str = "-"
+    s3_get: str = "-"
+    connections: str = "-"
+
+    def cells(self) -> list[str]:
+        m = self.measure
+        rss = "-" if m.rss_mb is None else f"{m.rss_mb:.0f}"
+        cpu = "-" if m.cpu is None else f"{m.cpu:.2f}"
+        return [self.case, self.runner, f"{m.wall:.2f}", self.speedup, self.vs_floor, self.s3_list, self.s3_get, rss,
+                cpu, self.connections]  # fmt: skip
+
+
+def timed(action: Callable[[], object]) -> Measure:
+    started = time.perf_counter()
+    action()
+    return Measure(time.perf_counter() - started)
+
+
 def connections(postgres: EmbeddedPostgres, databases: list[str]) -> int:
     with postgres.connect() as connection, connection.cursor() as cursor:
         cursor.execute("SELECT coalesce(sum(sessions), 0) FROM pg_stat_database WHERE datname = ANY(%s)", (databases,))
         return int(cursor.fetchone()[0])
 
 
-def timed(action: Callable[[], object]) -> float:
-    started = time.perf_counter()
-    action()
-    return time.perf_counter() - started
-
-
-def baseline(postgres: EmbeddedPostgres, databases: list[str], folder: Path) -> None:
+def baseline(postgres: EmbeddedPostgres, endpoint: Endpoint, databases: list[str], folder: Path) -> None:
     migrations = read_migrations(str(folder))
     for database in databases:
-        backend = get_backend(postgres.dsn(database))
+        backend = get_backend(endpoint.dsn(postgres, database))
         with backend.lock():
             backend.apply_migrations(backend.to_apply(migrations))
         backend.connection.close()
 
 
-def connect_only(postgres: EmbeddedPostgres, databases: list[str], concurrency: int) -> None:
-    import psycopg2
+def psql_floor(
+    postgres: EmbeddedPostgres, endpoint: Endpoint, databases: list[str], script: Path, concurrency: int
+) -> None:
+    assert postgres.bin_dir is not None
+    psql = str(postgres.bin_dir / "psql")
+    # The password goes through the environment, never argv (visible in ps).
+    env = {
+        **os.environ,
+        "PGHOST": endpoint.host,
+        "PGPORT": str(endpoint.port),
+        "PGUSER": postgres.user,
+        "PGPASSWORD": postgres.password.reveal(),
+    }
 
+    def one(database: str) -> None:
+        subprocess.run(
+            [psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", str(script), "-d", database],
+            env=env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        list(pool.map(one, databases))
+
+
+def connect_only(postgres: EmbeddedPostgres, databases: list[str], concurrency: int) -> None:
     def one(database: str) -> None:
         psycopg2.connect(**postgres.connect_kwargs(database)).close()
 
@@ -88,132 +161,193 @@ def connect_only(postgres: EmbeddedPostgres, databases: list[str], concurrency: 
         list(pool.map(one, databases))
 
 
-def write_environment(root: Path, postgres: EmbeddedPostgres, s3: EmbeddedS3, databases: list[str], name: str) -> Path:
-    lines = [
-        'services = ["bench"]',
-        "[source]",
-        'bucket = "bench"',
-        'prefix = "m"',
-        f'endpoint_url = "{s3.endpoint_url}"',
-    ]
-    lines += ["[directory]", 'kind = "static"']
+def fanout_cli(arguments: list[str], expect: int = 0) -> Measure:
+    """Run the fanout CLI as a user would and measure that process alone."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        started = time.perf_counter()
+        process = subprocess.Popen([sys.executable, "-m", "fanout", *arguments], stdout=out, stderr=err)
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.perf_counter() - started
+        process.returncode = os.waitstatus_to_exitcode(status)
+        if process.returncode != expect:
+            err.seek(0)
+            raise RuntimeError(f"fanout {arguments[0]} exited {process.returncode}: {err.read().decode()[-2000:]}")
+    return Measure(wall, rss_mb=usage.ru_maxrss / 1024, cpu=usage.ru_utime + usage.ru_stime)
+
+
+def write_environment(
+    root: Path, postgres: EmbeddedPostgres, s3: EmbeddedS3, endpoint: Endpoint, databases: list[str], name: str
+) -> Path:
+    lines = ['services = ["bench"]', "[source]", 'bucket = "bench"', 'prefix = "m"']
+    lines += [f'endpoint_url = "{s3.endpoint_url}"', "[directory]", 'kind = "static"']
     for database in databases:
-        lines += ["[[directory.targets]]", f'id = "{database}"', f'dsn = "{postgres.dsn(database)}"']
+        lines += ["[[directory.targets]]", f'id = "{database}"', f'dsn = "{endpoint.dsn(postgres, database)}"']
     path = root / f"{name}.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
-def run(sizes_apply: list[int], sizes_plan: list[int], migrations: int, tuned: int) -> list[list[str]]:
-    rows: list[list[str]] = []
-    files = migration_set(migrations)
-    with EmbeddedPostgres() as postgres, EmbeddedS3() as s3, tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+@contextmanager
+def latency_proxy(postgres: EmbeddedPostgres) -> Iterator[Endpoint]:
+    command = [sys.executable, str(HERE / "latency_proxy.py"), "--target", f"{postgres.host}:{postgres.port}"]
+    process = subprocess.Popen([*command, "--one-way-ms", str(PROXY_ONE_WAY_MS)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        yield Endpoint("127.0.0.1", int(process.stdout.readline()))
+    finally:
+        process.terminate()
+        process.wait()
+
+
+def round_trip_ms(postgres: EmbeddedPostgres, endpoint: Endpoint) -> float:
+    with psycopg2.connect(endpoint.dsn(postgres, "postgres")) as connection, connection.cursor() as cursor:
+        started = time.perf_counter()
+        for _ in range(200):
+            cursor.execute("SELECT 1")
+        return (time.perf_counter() - started) / 200 * 1000
+
+
+class Bench:
+    def __init__(self, postgres: EmbeddedPostgres, s3: EmbeddedS3, root: Path, migrations: int) -> None:
+        self.postgres, self.s3, self.root = postgres, s3, root
+        self.migrations = migrations
+        self.rows: list[Row] = []
+        self.folder = root / "local"
+        self.folder.mkdir()
+        files = migration_set(migrations)
+        # What psql runs: the same statements, one transaction per migration, nothing recorded.
+        self.script = root / "floor.sql"
+        self.script.write_text("".join(f"BEGIN;\n{body}\nCOMMIT;\n" for body in files.values()))
         client = s3.client()
         client.create_bucket(Bucket="bench")
-        folder = root / "local"
-        folder.mkdir()
         for name, body in files.items():
-            (folder / name).write_text(body)
-            for env_name in ("base", "dflt", "tuned", "plan"):
-                client.put_object(Bucket="bench", Key=f"m/bench/{env_name}/{name}", Body=body.encode())
+            (self.folder / name).write_text(body)
+            client.put_object(Bucket="bench", Key=f"m/bench/bench/{name}", Body=body.encode())
+        self._fleets = 0
 
-        for n in sorted(set(sizes_apply) | set(sizes_plan)):
-            kinds = ("base", "dflt", "tuned") if n in sizes_apply else ("dflt",)
-            fleets = {kind: [f"{kind}_{n}_{i}" for i in range(n)] for kind in kinds}
-            for names in fleets.values():
-                postgres.create_databases(names)
-            if n in sizes_apply:
-                base = timed(lambda names=fleets["base"]: baseline(postgres, names, folder))
-                rows.append(
-                    [
-                        f"apply N={n} M={migrations}",
-                        "yoyo loop (baseline)",
-                        f"{base:.2f}",
-                        "1.00",
-                        "-",
-                        "-",
-                        "-",
-                        str(connections(postgres, fleets["base"])),
-                    ]
-                )
-                for kind, concurrency in (("dflt", None), ("tuned", tuned)):
-                    env = load_environment(str(write_environment(root, postgres, s3, fleets[kind], kind)))
-                    s3.requests.reset()
-                    seconds = timed(
-                        lambda env=env, c=concurrency: commands.apply(
-                            env, settings=RunSettings(concurrency=c), runs_dir=root / "runs"
-                        )
-                    )
-                    seen = s3.requests.snapshot()
-                    label = f"fanout apply (concurrency {concurrency or env.runner.concurrency})"
-                    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-                    rows.append(
-                        [
-                            f"apply N={n} M={migrations}",
-                            label,
-                            f"{seconds:.2f}",
-                            f"{base / seconds:.2f}x",
-                            str(seen["LIST"]),
-                            str(seen["GET"]),
-                            f"{rss:.0f}",
-                            str(connections(postgres, fleets[kind])),
-                        ]
-                    )
-            if n in sizes_plan:
-                migrated = fleets["tuned"] if n in sizes_apply else fleets["dflt"]
-                if n not in sizes_apply:
-                    env = load_environment(str(write_environment(root, postgres, s3, migrated, "plan")))
-                    commands.apply(env, settings=RunSettings(concurrency=tuned), runs_dir=root / "runs")
-                env = load_environment(str(write_environment(root, postgres, s3, migrated, "plan")))
-                s3.requests.reset()
-                # The floor a no-op plan cannot beat: one fresh (SCRAM) connection per database, nothing else.
-                floor = timed(lambda names=migrated: connect_only(postgres, names, tuned))
-                label = f"connect+close only (concurrency {tuned})"
-                rows.append([f"no-op plan N={n}", label, f"{floor:.2f}", "1.00x of floor", "-", "-", "-", str(n)])
-                seconds = timed(lambda env=env: commands.plan(env, settings=RunSettings(concurrency=tuned)))
-                seen = s3.requests.snapshot()
-                rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-                rows.append(
-                    [
-                        f"no-op plan N={n}",
-                        f"fanout plan (concurrency {tuned})",
-                        f"{seconds:.2f}",
-                        f"{floor / seconds:.2f}x of floor",
-                        str(seen["LIST"]),
-                        str(seen["GET"]),
-                        f"{rss:.0f}",
-                        "-",
-                    ]
-                )
-            for names in fleets.values():
-                postgres.drop_databases(names)
-    return rows
+    def fleet(self, n: int) -> list[str]:
+        self._fleets += 1
+        names = [f"f{self._fleets}_{i}" for i in range(n)]
+        self.postgres.create_databases(names)
+        return names
+
+    def fanout(self, command: str, endpoint: Endpoint, databases: list[str], concurrency: int, expect: int = 0) -> Row:
+        env = write_environment(self.root, self.postgres, self.s3, endpoint, databases, "bench")
+        self.s3.requests.reset()
+        arguments = [command, "--env", str(env), "--format", "json", "--concurrency", str(concurrency)]
+        if command == "apply":
+            arguments += ["--runs-dir", str(self.root / "runs")]
+        measure = fanout_cli(arguments, expect)
+        seen = self.s3.requests.snapshot()
+        return Row(
+            "",
+            f"fanout {command} (concurrency {concurrency})",
+            measure,
+            s3_list=str(seen["LIST"]),
+            s3_get=str(seen["GET"]),
+            connections=str(connections(self.postgres, databases)),
+        )
+
+    def apply_case(self, n: int, endpoint: Endpoint, concurrencies: list[int], label: str) -> list[str]:
+        """Baseline, then per concurrency the psql floor and fanout, each on a fresh fleet."""
+        case = f"apply N={n} M={self.migrations}{label}"
+        fleet = self.fleet(n)
+        base = timed(lambda: baseline(self.postgres, endpoint, fleet, self.folder))
+        self.rows.append(
+            Row(case, "yoyo loop (baseline)", base, "1.00x", connections=str(connections(self.postgres, fleet)))
+        )
+        self.postgres.drop_databases(fleet)
+        migrated: list[str] = []
+        for concurrency in concurrencies:
+            fleet = self.fleet(n)
+            floor = timed(lambda c=concurrency, f=fleet: psql_floor(self.postgres, endpoint, f, self.script, c))
+            self.rows.append(
+                Row(case, f"psql -f floor (concurrency {concurrency})", floor, f"{base.wall / floor.wall:.2f}x", "1.00x",
+                    connections=str(connections(self.postgres, fleet)))
+            )  # fmt: skip
+            self.postgres.drop_databases(fleet)
+            fleet = self.fleet(n)
+            row = self.fanout("apply", endpoint, fleet, concurrency)
+            row.case = case
+            row.speedup = f"{base.wall / row.measure.wall:.2f}x"
+            row.vs_floor = f"{row.measure.wall / floor.wall:.2f}x"
+            self.rows.append(row)
+            if migrated:
+                self.postgres.drop_databases(migrated)
+            migrated = fleet
+        return migrated
+
+    def plan_case(self, n: int, concurrency: int, migrated: list[str] | None) -> list[str]:
+        direct = Endpoint(self.postgres.host, self.postgres.port)
+        if migrated is None:
+            migrated = self.fleet(n)
+            self.fanout("apply", direct, migrated, concurrency)
+        case = f"no-op plan N={n}"
+        floor = timed(lambda: connect_only(self.postgres, migrated, concurrency))
+        self.rows.append(Row(case, f"connect+close only (concurrency {concurrency})", floor, vs_floor="1.00x",
+                             connections=str(n)))  # fmt: skip
+        before = connections(self.postgres, migrated)
+        row = self.fanout("plan", direct, migrated, concurrency)
+        row.case = case
+        row.vs_floor = f"{row.measure.wall / floor.wall:.2f}x"
+        row.connections = str(connections(self.postgres, migrated) - before)
+        self.rows.append(row)
+        return migrated
 
 
-def table(rows: list[list[str]]) -> str:
-    header = ["case", "runner", "wall s", "speed-up", "S3 LIST", "S3 GET", "peak RSS MB", "connections"]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+def table(rows: list[Row]) -> str:
+    header = ["case", "runner", "wall s", "speed-up", "vs floor", "S3 LIST", "S3 GET", "RSS MB", "CPU s", "connections"]
+    cells = [row.cells() for row in rows]
+    widths = [max(len(r[i]) for r in [header, *cells]) for i in range(len(header))]
     lines = [" | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
     lines.append("-+-".join("-" * w for w in widths))
-    lines += [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines += [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
     return "\n".join(lines)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--smoke", action="store_true", help="N=5, M=5: a seconds-long run that checks the benchmark works"
-    )
-    parser.add_argument("--migrations", type=int, default=20)
-    parser.add_argument("--tuned", type=int, default=16, help="the tuned concurrency")
+    parser.add_argument("--smoke", action="store_true", help="N=5, M=5: seconds; checks that the benchmark works")
+    parser.add_argument("--migrations", type=int, default=20, help="M")
+    parser.add_argument("--tuned", type=int, default=16, help="the tuned concurrency on loopback")
+    parser.add_argument("--tuned-network", type=int, default=32, help="the tuned concurrency at 2 ms RTT")
+    parser.add_argument("--apply", type=int, nargs="*", default=[10, 100, 200, 1000], metavar="N")
+    parser.add_argument("--network", type=int, nargs="*", default=[200], metavar="N", help="apply sizes at 2 ms RTT")
+    parser.add_argument("--plan", type=int, nargs="*", default=[10, 100, 1000], metavar="N")
     args = parser.parse_args()
-    smoke = args.smoke
-    rows = run([5], [5], 5, 4) if smoke else run([10, 100, 200], [10, 100, 1000], args.migrations, args.tuned)
-    print(table(rows))
+    if args.smoke:
+        args.migrations, args.tuned, args.tuned_network = 5, 4, 4
+        args.apply, args.network, args.plan = [5], [5], [5]
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    startup = fanout_cli(["--version"])
+    with (
+        EmbeddedPostgres(max_connections=max(args.tuned, args.tuned_network) + 40) as postgres,
+        EmbeddedS3() as s3,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
+        bench = Bench(postgres, s3, Path(tmp), args.migrations)
+        direct = Endpoint(postgres.host, postgres.port)
+        migrated: dict[int, list[str]] = {}
+        for n in args.apply:
+            concurrencies = [DEFAULT_CONCURRENCY, args.tuned] if n <= 200 else [args.tuned]
+            migrated[n] = bench.apply_case(n, direct, sorted(set(concurrencies)), "")
+        for n in args.plan:
+            bench.plan_case(n, args.tuned, migrated.pop(n, None))
+        for fleet in migrated.values():
+            postgres.drop_databases(fleet)
+        rtt = None
+        if args.network:
+            with latency_proxy(postgres) as proxied:
+                rtt = round_trip_ms(postgres, proxied)
+                for n in args.network:
+                    concurrencies = sorted({DEFAULT_CONCURRENCY, args.tuned_network})
+                    postgres.drop_databases(bench.apply_case(n, proxied, concurrencies, f" RTT {rtt:.1f} ms"))
+    print(table(bench.rows))
     print(
-        f"\nmachine: {os.cpu_count()} cores, Python {sys.version.split()[0]}; peak RSS is the benchmark process's (fanout runs in-process)"
+        f"\nmachine: {os.cpu_count()} cores, Python {sys.version.split()[0]}, PostgreSQL and S3 on this machine."
+        f"\nfanout rows are the CLI in its own process: wall includes {startup.wall:.2f} s of interpreter start and"
+        f" imports (`fanout --version` alone: {startup.rss_mb:.0f} MB RSS); RSS and CPU s are that process's."
+        + (f"\nnetwork rows go through bench/latency_proxy.py: measured round trip {rtt:.2f} ms." if rtt else "")
     )
     return 0
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -433,13 +434,16 @@ def _build_directory(
             password=_secret(directory.password),
             schemas=schemas,
         )
-    ids = [t.id for t in directory.targets]
-    duplicate = next((i for i in ids if ids.count(i) > 1), None)
+    counts = Counter(t.id for t in directory.targets)
+    duplicate = next((i for i, count in counts.items() if count > 1), None)
     if duplicate is not None:
         raise ConfigError(f"{path}: directory.targets: target id {duplicate!r} is listed twice")
     return StaticDirectoryConfig(
         targets=tuple(
-            StaticTarget(id=t.id, dsn=Secret(t.dsn), schema=t.schema_, tenants=t.tenants) for t in directory.targets
+            # The DSN's password is registered for redaction when the target is parsed; a whole
+            # DSN per target would make the redaction pattern grow with the fleet.
+            StaticTarget(id=t.id, dsn=Secret(t.dsn, searchable=False), schema=t.schema_, tenants=t.tenants)
+            for t in directory.targets
         ),
         schemas=schemas,
     )

@@ -105,6 +105,7 @@ class EmbeddedPostgres:
         self._max_connections = max_connections
         self._process: subprocess.Popen[bytes] | None = None
         self._root: Path | None = None
+        self.bin_dir: Path | None = None  # the server's binaries (psql included), once started
 
     def __enter__(self) -> EmbeddedPostgres:
         self.start()
@@ -120,7 +121,7 @@ class EmbeddedPostgres:
 
     def start(self) -> None:
         run_as = pwd.getpwnam(UNPRIVILEGED_USER) if os.geteuid() == 0 else None
-        bin_dir = _binaries_for(run_as)
+        bin_dir = self.bin_dir = _binaries_for(run_as)
         self._root = Path(tempfile.mkdtemp(prefix="fanout-pg-"))
         data, sockets = self._root / "data", self._root / "sockets"
         sockets.mkdir()

@@ -62,27 +62,20 @@ def create_tables(connection: Any, *, schema: str | None) -> None:
     fail on the catalog's unique index; the transaction-scoped advisory lock orders them.
     A plain yoyo creating `yoyo_lock` at the same instant can still collide; the caller retries.
     """
-    with connection.cursor() as cursor:
-        cursor.execute("BEGIN")
-        try:
-            if schema:
-                cursor.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_SETUP, schema))
-                cursor.execute(f"CREATE SCHEMA IF NOT EXISTS {_quote(schema)}")
-            else:
-                cursor.execute(f"SELECT pg_advisory_xact_lock(%s, {_SCHEMA_KEY})", (_SETUP,))
-            cursor.execute(
-                f'CREATE TABLE IF NOT EXISTS "{YOYO_LOCK_TABLE}" '
-                '("locked" INT DEFAULT 1, "ctime" TIMESTAMP, "pid" INT NOT NULL, PRIMARY KEY ("locked"))'
-            )
-            cursor.execute(
-                f'CREATE TABLE IF NOT EXISTS "{OWNER_TABLE}" ('
-                '"locked" INT DEFAULT 1 PRIMARY KEY, "pid" INT NOT NULL, "ctime" TIMESTAMP NOT NULL, '
-                '"host" TEXT NOT NULL, "run_id" TEXT NOT NULL, "backend_pid" INT NOT NULL)'
-            )
-            cursor.execute("COMMIT")
-        except BaseException:
-            cursor.execute("ROLLBACK")
-            raise
+    if schema:
+        with connection.cursor() as cursor:
+            lock = cursor.mogrify("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_SETUP, schema)).decode()
+        setup = [lock, f"CREATE SCHEMA IF NOT EXISTS {_quote(schema)}"]
+    else:
+        setup = [f"SELECT pg_advisory_xact_lock({_SETUP}, {_SCHEMA_KEY})"]
+    setup += [
+        f'CREATE TABLE IF NOT EXISTS "{YOYO_LOCK_TABLE}" '
+        '("locked" INT DEFAULT 1, "ctime" TIMESTAMP, "pid" INT NOT NULL, PRIMARY KEY ("locked"))',
+        f'CREATE TABLE IF NOT EXISTS "{OWNER_TABLE}" ('
+        '"locked" INT DEFAULT 1 PRIMARY KEY, "pid" INT NOT NULL, "ctime" TIMESTAMP NOT NULL, '
+        '"host" TEXT NOT NULL, "run_id" TEXT NOT NULL, "backend_pid" INT NOT NULL)',
+    ]
+    _in_one_transaction(connection, setup)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,25 +95,27 @@ def try_acquire(connection: Any, me: Owner) -> Attempt:
         if not row or not row[0]:
             return Attempt(False, holder=_current_holder(cursor, alive=True))
         try:
-            cursor.execute("BEGIN")
-            holder = _current_holder(cursor, alive=False, for_update=True)
+            holder = _current_holder(cursor, alive=False, for_update=True, after="BEGIN")
             if holder is not None and holder.run_id is None:
                 cursor.execute("ROLLBACK")
                 _unlock_advisory(cursor)
                 return Attempt(False, holder=holder)  # plain yoyo: alive or not, nothing proves it
             # Either free, or held by a fanout session that has ended (we hold its advisory lock).
-            cursor.execute(f'DELETE FROM "{YOYO_LOCK_TABLE}"')
-            cursor.execute(f'DELETE FROM "{OWNER_TABLE}"')
             since = me.since or datetime.now(UTC).replace(tzinfo=None)
-            cursor.execute(
-                f'INSERT INTO "{YOYO_LOCK_TABLE}" ("locked", "ctime", "pid") VALUES (1, %s, %s)', (since, me.pid)
-            )
-            cursor.execute(
-                f'INSERT INTO "{OWNER_TABLE}" ("pid", "ctime", "host", "run_id", "backend_pid") '
-                "VALUES (%s, %s, %s, %s, pg_backend_pid())",
-                (me.pid, since, me.host, me.run_id),
-            )
-            cursor.execute("COMMIT")
+            take = [
+                f'DELETE FROM "{YOYO_LOCK_TABLE}"',
+                f'DELETE FROM "{OWNER_TABLE}"',
+                cursor.mogrify(
+                    f'INSERT INTO "{YOYO_LOCK_TABLE}" ("locked", "ctime", "pid") VALUES (1, %s, %s)', (since, me.pid)
+                ).decode(),
+                cursor.mogrify(
+                    f'INSERT INTO "{OWNER_TABLE}" ("pid", "ctime", "host", "run_id", "backend_pid") '
+                    "VALUES (%s, %s, %s, %s, pg_backend_pid())",
+                    (me.pid, since, me.host, me.run_id),
+                ).decode(),
+                "COMMIT",
+            ]
+            cursor.execute(";\n".join(take))
         except psycopg2.errors.UniqueViolation:
             # A plain yoyo inserted its row between our read and our insert.
             cursor.execute("ROLLBACK")
@@ -133,17 +128,15 @@ def try_acquire(connection: Any, me: Owner) -> Attempt:
 
 
 def release(connection: Any, me: Owner) -> None:
-    """Give the lock back: both rows in one transaction, then the advisory lock."""
+    """Give the lock back: both rows in one transaction, then the advisory lock (one round trip)."""
     with connection.cursor() as cursor:
-        cursor.execute("BEGIN")
-        try:
-            cursor.execute(f'DELETE FROM "{YOYO_LOCK_TABLE}" WHERE "pid" = %s', (me.pid,))
-            cursor.execute(f'DELETE FROM "{OWNER_TABLE}" WHERE "pid" = %s AND "run_id" = %s', (me.pid, me.run_id))
-            cursor.execute("COMMIT")
-        except BaseException:
-            _rollback_quietly(connection)
-            raise
-        _unlock_advisory(cursor)
+        statements = [
+            cursor.mogrify(f'DELETE FROM "{YOYO_LOCK_TABLE}" WHERE "pid" = %s', (me.pid,)).decode(),
+            cursor.mogrify(
+                f'DELETE FROM "{OWNER_TABLE}" WHERE "pid" = %s AND "run_id" = %s', (me.pid, me.run_id)
+            ).decode(),
+        ]
+    _in_one_transaction(connection, statements, then=f"SELECT pg_advisory_unlock({_HELD}, {_SCHEMA_KEY})")
 
 
 def read_holder(connection: Any) -> LockHolder | None:
@@ -202,9 +195,15 @@ def unlock(connection: Any, *, force: bool) -> Unlock:
         return Unlock(UnlockOutcome.RELEASED, holder, "the holder is gone")
 
 
-def _current_holder(cursor: Any, *, alive: bool | None, for_update: bool = False) -> LockHolder | None:
-    """The lock row joined with its owner row; `alive` None means: ask the server."""
-    cursor.execute(f'SELECT "pid", "ctime" FROM "{YOYO_LOCK_TABLE}"' + (" FOR UPDATE" if for_update else ""))
+def _current_holder(
+    cursor: Any, *, alive: bool | None, for_update: bool = False, after: str | None = None
+) -> LockHolder | None:
+    """The lock row joined with its owner row; `alive` None means: ask the server.
+
+    `after` is a statement sent in the same round trip, before the first read (a BEGIN).
+    """
+    query = f'SELECT "pid", "ctime" FROM "{YOYO_LOCK_TABLE}"' + (" FOR UPDATE" if for_update else "")
+    cursor.execute(f"{after};\n{query}" if after else query)
     row = cursor.fetchone()
     if row is None:
         return None
@@ -242,6 +241,19 @@ def _other_sessions(cursor: Any) -> int:
 
 def _unlock_advisory(cursor: Any) -> None:
     cursor.execute(f"SELECT pg_advisory_unlock(%s, {_SCHEMA_KEY})", (_HELD,))
+
+
+def _in_one_transaction(connection: Any, statements: list[str], *, then: str | None = None) -> None:
+    """BEGIN; statements; COMMIT (and `then`, after the commit) as one simple-query message.
+
+    The server stops at the first error and leaves the transaction aborted; roll it back.
+    """
+    with connection.cursor() as cursor:
+        try:
+            cursor.execute(";\n".join(["BEGIN", *statements, "COMMIT", *([then] if then else [])]))
+        except BaseException:
+            _rollback_quietly(connection)
+            raise
 
 
 def _rollback_quietly(connection: Any) -> None:

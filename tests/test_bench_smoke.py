@@ -17,10 +17,22 @@ def test_benchmark_smoke_run_prints_its_table() -> None:
         cwd=REPO,
     )
     assert result.returncode == 0, result.stderr
-    rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith(("apply", "no-op"))]
-    runners = [r[1].strip() for r in rows]
-    assert runners[0] == "yoyo loop (baseline)"
-    assert sum(r.startswith("fanout apply") for r in runners) == 2
-    assert runners[-1].startswith("fanout plan")
-    fanout_rows = [r for r in rows if r[1].strip().startswith("fanout")]
-    assert all(r[4].strip() == "1" and r[5].strip() == "5" for r in fanout_rows)  # one LIST, one GET per file
+    lines = result.stdout.splitlines()
+    header = [cell.strip() for cell in lines[0].split("|")]
+    rows = [dict(zip(header, (c.strip() for c in line.split("|")), strict=True)) for line in lines[2:] if "|" in line]
+    loopback = [r for r in rows if r["case"] == "apply N=5 M=5"]
+    network = [r for r in rows if r["case"].startswith("apply N=5 M=5 RTT")]
+    plan = [r for r in rows if r["case"] == "no-op plan N=5"]
+    for case in (loopback, network):
+        assert case[0]["runner"] == "yoyo loop (baseline)"
+        assert sum(r["runner"].startswith("psql -f floor") for r in case) == 2
+        assert sum(r["runner"].startswith("fanout apply") for r in case) == 2
+        assert case[0]["connections"] == str(5 * (1 + 5))  # yoyo: a connection per database and per migration
+    assert [r["runner"].split(" (")[0] for r in plan] == ["connect+close only", "fanout plan"]
+    fanout_rows = [r for r in rows if r["runner"].startswith("fanout")]
+    assert len(fanout_rows) == 5
+    for row in fanout_rows:
+        assert (row["S3 LIST"], row["S3 GET"]) == ("1", "5")  # one LIST, one GET per file, whatever N
+        assert row["connections"] == "5"  # one per target
+        assert float(row["RSS MB"]) > 0 and float(row["CPU s"]) > 0  # measured on the fanout process itself
+    assert "measured round trip" in result.stdout
