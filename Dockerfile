@@ -1,6 +1,9 @@
-# fanout as a one-shot job: slim, non-root, pinned dependencies.
-FROM python:3.12-slim
-ENV PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# fanout as a one-shot job: slim, non-root, pinned dependencies. Run records also go to
+# S3 next to the migrations; the local copy lives in /tmp, writable by the non-root user.
+# The interpreter requirements.lock was resolved on.
+FROM python:3.11-slim
+ENV PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    FANOUT_RUNS_DIR=/tmp/fanout-runs
 WORKDIR /app
 COPY requirements.lock pyproject.toml README.md ./
 COPY fanout ./fanout

@@ -310,7 +310,7 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="N=5, M=5: seconds; checks that the benchmark works")
     parser.add_argument("--migrations", type=int, default=20, help="M")
     parser.add_argument("--tuned", type=int, default=16, help="the tuned concurrency on loopback")
-    parser.add_argument("--tuned-network", type=int, default=32, help="the tuned concurrency at 2 ms RTT")
+    parser.add_argument("--tuned-network", type=int, default=16, help="the tuned concurrency at 2 ms RTT")
     parser.add_argument("--apply", type=int, nargs="*", default=[10, 100, 200, 1000], metavar="N")
     parser.add_argument("--network", type=int, nargs="*", default=[200], metavar="N", help="apply sizes at 2 ms RTT")
     parser.add_argument("--plan", type=int, nargs="*", default=[10, 100, 1000], metavar="N")

@@ -12,7 +12,7 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from fanout import commands
+from fanout import commands, runner
 from fanout.config import Environment, load_environment
 from fanout.config import environments_dir as default_environments_dir
 from fanout.errors import EXIT_INTERNAL, EXIT_OK, EXIT_TARGETS_FAILED, FanoutError
@@ -27,9 +27,11 @@ EXIT_CODES_HELP = """\b
 Exit codes:
   0   success (plan --detailed-exitcode: nothing pending)
   2   usage or configuration error; nothing was touched
-  3   migration source error (S3, bad migration file); nothing was touched
+  3   migration source error (S3, lint, a published file would change);
+      nothing was touched
   4   shard directory error; nothing was touched
-  5   one or more targets failed or were skipped; the others are done
+  5   one or more targets failed, drifted or were skipped; the others are done
+      (verify: also behind or unverified; report merge: also a missing slice)
   10  plan --detailed-exitcode: migrations are pending
   130 interrupted (SIGINT/SIGTERM): in-flight work finished or rolled back,
       locks released, report written; `apply --resume RUN_ID` continues
@@ -61,7 +63,9 @@ def _guarded(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _load_env(ctx: click.Context, _param: click.Parameter, value: str) -> Environment:
+def _load_env(ctx: click.Context, _param: click.Parameter, value: str | None) -> Environment | None:
+    if value is None:
+        return None
     try:
         return load_environment(value, search_dir=ctx.obj["environments_dir"])
     except FanoutError as e:
@@ -94,9 +98,55 @@ concurrency_option = click.option(
 )
 
 
-def _emit(report: RunReport, fmt: str, *, detailed: bool = False) -> NoReturn:
+slice_option = click.option(
+    "--slice",
+    "slice_",
+    metavar="K/N",
+    default=None,
+    help="Only slice K of N of the targets (by a stable hash of the target id): N runners given "
+    "1/N .. N/N cover the fleet once between them. Combine their reports with `fanout report merge`.",
+)
+output_option = click.option(
+    "--output",
+    "outputs",
+    multiple=True,
+    metavar="FILE",
+    help="Also write the report to FILE (repeatable); a .json name gets the JSON form, others --format.",
+)
+report_to_option = click.option(
+    "--report-to",
+    "report_to",
+    multiple=True,
+    metavar="s3://BUCKET/KEY",
+    help="Also store the report in S3 (repeatable; reached like the environment's bucket); .json keys get JSON.",
+)
+
+
+def _format_for(destination: str, fmt: str) -> str:
+    return "json" if destination.endswith(".json") else fmt
+
+
+def _emit(
+    report: RunReport,
+    fmt: str,
+    *,
+    detailed: bool = False,
+    env: Environment | None = None,
+    destinations: tuple[str, ...] = (),
+) -> NoReturn:
     click.echo(render(report, fmt, detailed=detailed, color=sys.stdout.isatty() and fmt == "text"), nl=fmt == "json")
-    sys.exit(exit_code(report, detailed=detailed))
+    code = exit_code(report, detailed=detailed)
+    for destination in destinations:
+        try:
+            where = commands.store_report(
+                render(report, _format_for(destination, fmt), detailed=detailed), destination, env
+            )
+            click.echo(f"report written to {where}", err=True)
+        except FanoutError as e:
+            # The run itself is over; say so, and fail a pipeline that counted on the stored report.
+            click.echo(f"fanout: error: the report was not stored: {redact(str(e))}", err=True)
+            code = code or e.exit_code
+    sys.exit(code)
 
 
 @click.group(epilog=EXIT_CODES_HELP)
@@ -142,6 +192,9 @@ def _configure_logging(verbose: int) -> None:
 @service_option
 @format_option
 @concurrency_option
+@slice_option
+@output_option
+@report_to_option
 @click.option(
     "--detailed-exitcode",
     is_flag=True,
@@ -149,7 +202,14 @@ def _configure_logging(verbose: int) -> None:
 )
 @_guarded
 def plan(
-    env: Environment, services: tuple[str, ...], fmt: str, concurrency: int | None, detailed_exitcode: bool
+    env: Environment,
+    services: tuple[str, ...],
+    fmt: str,
+    concurrency: int | None,
+    slice_: str | None,
+    outputs: tuple[str, ...],
+    report_to: tuple[str, ...],
+    detailed_exitcode: bool,
 ) -> None:
     """Show, per target, the migrations that apply would run. Read-only.
 
@@ -160,10 +220,10 @@ def plan(
     Example:
       fanout plan --env staging --detailed-exitcode || [ $? -eq 10 ]
     """
-    settings = commands.RunSettings(concurrency=concurrency)
+    settings = commands.RunSettings(concurrency=concurrency, slice=slice_)
     with signals_handled(Interrupt()) as interrupt:
         report = commands.plan(env, services, settings=settings, interrupt=interrupt)
-    _emit(report, fmt, detailed=detailed_exitcode)
+    _emit(report, fmt, detailed=detailed_exitcode, env=env, destinations=outputs + report_to)
 
 
 lock_wait_option = click.option(
@@ -200,6 +260,9 @@ lock_wait_option = click.option(
     "[default: unlimited; 0 with --waves].",
 )
 @click.option("--fail-fast", is_flag=True, help="The same as --max-failures 0.")
+@slice_option
+@output_option
+@report_to_option
 @lock_wait_option
 @click.option(
     "--resume",
@@ -223,6 +286,9 @@ def apply(
     waves: str | None,
     max_failures: str | None,
     fail_fast: bool,
+    slice_: str | None,
+    outputs: tuple[str, ...],
+    report_to: tuple[str, ...],
     lock_wait: float | None,
     resume: str | None,
     runs_dir: Path | None,
@@ -246,10 +312,11 @@ def apply(
         waves=waves,
         max_failures=max_failures,
         fail_fast=fail_fast,
+        slice=slice_,
     )
     with signals_handled(Interrupt()) as interrupt:
         report = commands.apply(env, services, settings=settings, interrupt=interrupt, resume=resume, runs_dir=runs_dir)
-    _emit(report, fmt)
+    _emit(report, fmt, env=env, destinations=outputs + report_to)
 
 
 @cli.command()
@@ -297,18 +364,29 @@ def unlock(env: Environment, fmt: str, target_ids: tuple[str, ...], force: bool)
 @service_option
 @format_option
 @concurrency_option
+@slice_option
+@output_option
+@report_to_option
 @_guarded
-def status(env: Environment, services: tuple[str, ...], fmt: str, concurrency: int | None) -> None:
+def status(
+    env: Environment,
+    services: tuple[str, ...],
+    fmt: str,
+    concurrency: int | None,
+    slice_: str | None,
+    outputs: tuple[str, ...],
+    report_to: tuple[str, ...],
+) -> None:
     """Show applied and pending migrations and lock holders per target. Read-only.
 
     \b
     Example:
       fanout status --env staging --format json | jq '.totals'
     """
-    settings = commands.RunSettings(concurrency=concurrency)
+    settings = commands.RunSettings(concurrency=concurrency, slice=slice_)
     with signals_handled(Interrupt()) as interrupt:
         report = commands.status(env, services, settings=settings, interrupt=interrupt)
-    _emit(report, fmt)
+    _emit(report, fmt, env=env, destinations=outputs + report_to)
 
 
 @cli.command()
@@ -399,18 +477,42 @@ def shards(env: Environment, fmt: str) -> None:
 @click.option(
     "--migrations-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("migrations"), show_default=True
 )
+@click.option("--dry-run", is_flag=True, help="Lint and show what would change; write nothing.")
+@click.option(
+    "--force", is_flag=True, help="Overwrite or delete published files whose content differs (needs --reason)."
+)
+@click.option("--reason", default=None, help="Why --force is right; recorded in the manifest.")
 @_guarded
-def publish(env: Environment, services: tuple[str, ...], migrations_dir: Path) -> None:
-    """Upload migrations/<service>/<env>/*.sql to the environment's bucket.
+def publish(
+    env: Environment, services: tuple[str, ...], migrations_dir: Path, dry_run: bool, force: bool, reason: str | None
+) -> None:
+    """Upload migrations/<service>/<env>/*.sql to the environment's bucket, with a manifest.
+
+    Lints the folder first. Published files are immutable: a changed or deleted file is
+    refused (exit 3) unless --force --reason. New files are added; the manifest
+    (<prefix>/<service>/<env>/_manifest.json: each file's sha256, ETag and VersionId)
+    identifies the release, and runs apply exactly those bytes.
 
     \b
     Example:
+      fanout publish --env staging --dry-run
       fanout publish --env staging --service billing
     """
-    keys = commands.publish(env, migrations_dir, services)
-    for key in keys:
-        click.echo(key)
-    click.echo(f"{len(keys)} files published", err=True)
+    if force and not reason:
+        raise click.UsageError("--force needs --reason: it is recorded in the manifest")
+    results = commands.publish(env, migrations_dir, services, dry_run=dry_run, force_reason=reason if force else None)
+    for result in results:
+        plan = result.plan
+        verb = "would publish" if result.manifest is None else "published"
+        click.echo(f"{plan.service}: {verb} {plan.url}")
+        for label, names in (("add", plan.added), ("change", plan.changed), ("delete", plan.removed)):
+            for name in names:
+                click.echo(f"  {label:<7} {name}")
+        click.echo(f"  {len(plan.unchanged)} unchanged")
+        for problem in plan.problems:
+            click.echo(f"  {problem.severity.value}: {problem}", err=True)
+        if result.manifest:
+            click.echo(f"  manifest {result.manifest}")
     sys.exit(EXIT_OK)
 
 
@@ -438,6 +540,151 @@ def demo(ctx: click.Context, migrations_dir: Path) -> None:
 
     steps = commands.demo(migrations_dir, ctx.obj["environments_dir"], show, announce=lambda m: click.echo(m, err=True))
     sys.exit(max(exit_code(s.report) for s in steps))
+
+
+@cli.command()
+@env_option
+@service_option
+@format_option
+@concurrency_option
+@slice_option
+@output_option
+@report_to_option
+@_guarded
+def verify(
+    env: Environment,
+    services: tuple[str, ...],
+    fmt: str,
+    concurrency: int | None,
+    slice_: str | None,
+    outputs: tuple[str, ...],
+    report_to: tuple[str, ...],
+) -> None:
+    """Check every shard against the published set: all applied, each with its checksum. Read-only.
+
+    Verdict per shard and service: up-to-date (verified), pending (behind), drifted (an
+    applied migration's content differs, or it is gone from the set, or came from another
+    environment), or applied without a checksum (run `fanout baseline`). Exit 0 only
+    when every shard is verified; 5 otherwise.
+
+    \b
+    Example:
+      fanout verify --env production --format json --output verify.json
+    """
+    settings = commands.RunSettings(concurrency=concurrency, slice=slice_)
+    with signals_handled(Interrupt()) as interrupt:
+        report = commands.verify(env, services, settings=settings, interrupt=interrupt)
+    _emit(report, fmt, env=env, destinations=outputs + report_to)
+
+
+def _emit_adoptions(results: list[runner.Adoption], fmt: str) -> NoReturn:
+    if fmt == "json":
+        payload = [
+            {"target": r.target, "database": r.database, "recorded": list(r.recorded), "message": r.message,
+             "failed": r.failed}
+            for r in results
+        ]  # fmt: skip
+        click.echo(redact(json.dumps(payload, indent=2)))
+    else:
+        for r in results:
+            ids = f": {', '.join(r.recorded)}" if r.recorded else ""
+            click.echo(redact(f"{r.target:<24} {'failed' if r.failed else 'ok':<7} {r.message}{ids}"))
+    sys.exit(EXIT_TARGETS_FAILED if any(r.failed for r in results) else EXIT_OK)
+
+
+@cli.command()
+@env_option
+@format_option
+@click.option("--migration", "migration_ids", multiple=True, required=True, metavar="ID",
+              help="The migration whose published content to adopt (repeatable).")  # fmt: skip
+@click.option("--target", "target_ids", multiple=True, metavar="ID", help="Only this target (repeatable).")
+@click.option("--reason", required=True, help="Why the new content is right; logged on each shard.")
+@lock_wait_option
+@_guarded
+def accept(
+    env: Environment,
+    fmt: str,
+    migration_ids: tuple[str, ...],
+    target_ids: tuple[str, ...],
+    reason: str,
+    lock_wait: float | None,
+) -> None:
+    """Adopt the published content of a drifted migration, so that apply goes on.
+
+    Records the set's checksum for the migration on each shard (or retires it when the
+    set no longer has it), with who, when and why, in fanout_checksum_log. Runs no SQL
+    of the migration: if the change must reach the shards, ship it as a new migration.
+
+    \b
+    Example:
+      fanout accept --env staging --migration 002-add-address --reason "comment-only edit, PR #812"
+    """
+    results = commands.accept(
+        env, migration_ids, target_ids, reason=reason, settings=commands.RunSettings(lock_wait=lock_wait)
+    )
+    _emit_adoptions(results, fmt)
+
+
+@cli.command()
+@env_option
+@format_option
+@click.option("--target", "target_ids", multiple=True, metavar="ID", help="Only this target (repeatable).")
+@lock_wait_option
+@_guarded
+def baseline(env: Environment, fmt: str, target_ids: tuple[str, ...], lock_wait: float | None) -> None:
+    """Adopt shards migrated before fanout (plain yoyo, yoyo-cloud): record checksums of what is applied.
+
+    Runs nothing; after it, plan, status and verify can tell when an applied migration changes.
+
+    \b
+    Example:
+      fanout baseline --env production
+    """
+    results = commands.baseline(env, target_ids, settings=commands.RunSettings(lock_wait=lock_wait))
+    _emit_adoptions(results, fmt)
+
+
+@cli.group()
+def report() -> None:
+    """Work with stored reports (run records, --output and --report-to files).
+
+    \b
+    Example:
+      fanout report merge reports/slice-*.json
+    """
+
+
+@report.command("merge")
+@click.argument("sources", nargs=-1, required=True, metavar="REPORT...")
+@click.option(
+    "--env",
+    "env",
+    default=None,
+    metavar="ENV",
+    callback=_load_env,
+    help="Reach s3:// sources with this environment's S3 settings (endpoint, region, profile).",
+)
+@format_option
+@output_option
+@report_to_option
+@_guarded
+def merge(
+    sources: tuple[str, ...], env: Environment | None, fmt: str, outputs: tuple[str, ...], report_to: tuple[str, ...]
+) -> None:
+    """Combine the JSON reports of the N slices of one run (`--slice K/N`) into one fleet report.
+
+    REPORT is a file, a folder of *.json, an s3://bucket/key or an s3://bucket/prefix/.
+    Exits like a single run over the whole fleet would (5 when a target failed or was
+    skipped), and 5 too when a slice is missing; 2 when the reports do not belong
+    together (other environment, other slice count, a slice twice, different migrations).
+
+    \b
+    Example:
+      fanout report merge reports/ --format json --output fleet.json
+      fanout report merge --env production s3://acme-releases/r42/
+    """
+    merged = commands.merge_reports(sources, env)
+    _emit(merged, fmt, env=env, destinations=outputs + report_to)
 
 
 def main() -> None:

@@ -8,8 +8,12 @@ shard is a result inside the report, never an exception.
 
 from __future__ import annotations
 
+import getpass
+import json
+import logging
 import os
 import secrets
+import socket
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -17,15 +21,17 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from fanout import runner, runs, source
+from fanout import lint, runner, runs, source
 from fanout.config import Environment, S3Location, interpolate, load_environment
 from fanout.directory import Target, list_targets
-from fanout.errors import ConfigError, DirectoryError
+from fanout.errors import ConfigError, DirectoryError, SourceError
 from fanout.interrupt import Interrupt
-from fanout.report import Mode, RunReport, TargetResult
-from fanout.rollout import FailureBudget, Limits, Waves
+from fanout.report import Mode, RunReport, TargetResult, merge
+from fanout.report import from_dict as report_from_dict
+from fanout.rollout import WHOLE_FLEET, FailureBudget, Limits, Slice, Waves
 
 ResultCallback = Callable[[TargetResult], None]
+log = logging.getLogger(__name__)
 
 
 def new_run_id() -> str:
@@ -48,6 +54,7 @@ class RunSettings:
     waves: str | None = None
     max_failures: str | None = None
     fail_fast: bool = False  # the same as max_failures "0"
+    slice: str | None = None  # "K/N": only the targets of that slice (see rollout.Slice)
 
 
 def plan(
@@ -60,7 +67,9 @@ def plan(
 ) -> RunReport:
     """What apply would run, per target. Read-only: no table, no lock, no write, on any shard."""
     options = _options(env, Mode.PLAN, settings)
-    return _run_on(env, services, "plan", options, None, on_result=on_result, interrupt=interrupt)
+    return _run_on(
+        env, services, "plan", options, None, part=_slice(settings), on_result=on_result, interrupt=interrupt
+    )
 
 
 def status(
@@ -73,7 +82,77 @@ def status(
 ) -> RunReport:
     """Applied and pending migrations and lock holders per target; read-only like plan."""
     options = _options(env, Mode.PLAN, settings)
-    return _run_on(env, services, "status", options, None, on_result=on_result, interrupt=interrupt)
+    return _run_on(
+        env, services, "status", options, None, part=_slice(settings), on_result=on_result, interrupt=interrupt
+    )
+
+
+def verify(
+    env: Environment,
+    services: Sequence[str] = (),
+    *,
+    settings: RunSettings = RunSettings(),
+    on_result: ResultCallback | None = None,
+    interrupt: Interrupt | None = None,
+) -> RunReport:
+    """Check every shard's applied set and checksums against the published set. Read-only.
+
+    Its exit code gates a pipeline: 0 only when every shard has every migration applied,
+    each with the checksum of the set's content, and nothing drifted.
+    """
+    options = _options(env, Mode.PLAN, settings)
+    return _run_on(
+        env, services, "verify", options, None, part=_slice(settings), on_result=on_result, interrupt=interrupt
+    )
+
+
+def accept(
+    env: Environment,
+    migration_ids: Sequence[str],
+    target_ids: Sequence[str] = (),
+    *,
+    reason: str | None = None,
+    settings: RunSettings = RunSettings(),
+) -> list[runner.Adoption]:
+    """Adopt the published content of drifted migrations on the shards (all, or those named), with a logged reason."""
+    if not migration_ids:
+        raise ConfigError("accept: name at least one --migration")
+    return _adopt(env, _named_targets(env, target_ids), settings, migration_ids=migration_ids, reason=reason)
+
+
+def baseline(
+    env: Environment, target_ids: Sequence[str] = (), *, settings: RunSettings = RunSettings()
+) -> list[runner.Adoption]:
+    """Record checksums for what a fleet migrated before fanout has applied; runs no migration."""
+    return _adopt(env, _named_targets(env, target_ids), settings, migration_ids=None, reason="baseline")
+
+
+def _adopt(
+    env: Environment,
+    targets: Sequence[Target],
+    settings: RunSettings,
+    *,
+    migration_ids: Sequence[str] | None,
+    reason: str | None,
+) -> list[runner.Adoption]:
+    options = _options(env, Mode.APPLY, settings)
+    with tempfile.TemporaryDirectory(prefix="fanout-snapshot-") as workdir:
+        snapshot = source.take_snapshot(env, env.select_services(()), Path(workdir))
+        return runner.adopt(
+            snapshot, targets, options, environment=env.name, run_id=new_run_id(),
+            migration_ids=migration_ids, reason=reason,
+        )  # fmt: skip
+
+
+def _named_targets(env: Environment, target_ids: Sequence[str]) -> tuple[Target, ...]:
+    targets = list_targets(env.directory, env.name)
+    if not target_ids:
+        return targets
+    known = {t.id: t for t in targets}
+    unknown = [t for t in target_ids if t not in known]
+    if unknown:
+        raise ConfigError(f"no target {', '.join(map(repr, unknown))} in environment {env.name!r}")
+    return tuple(known[t] for t in target_ids)
 
 
 def apply(
@@ -92,6 +171,7 @@ def apply(
     or were skipped in that run are retried, with the same migration set.
     """
     options = _options(env, Mode.APPLY, settings)
+    part = _slice(settings)
     targets: tuple[Target, ...] | None = None
     expected: dict[str, dict[str, str]] | None = None
     if resume is not None:
@@ -107,6 +187,7 @@ def apply(
         "apply",
         options,
         targets,
+        part=part,
         on_result=on_result,
         interrupt=interrupt,
         expected_sources=expected,
@@ -129,13 +210,7 @@ def _resumable_targets(env: Environment, previous: runs.RunRecord) -> tuple[Targ
 
 def unlock(env: Environment, target_ids: Sequence[str] = (), *, force: bool = False) -> list[runner.UnlockResult]:
     """Remove shard locks by hand (all targets, or those named). Refuses while a holder may be alive, unless forced."""
-    targets = list_targets(env.directory, env.name)
-    if target_ids:
-        known = {t.id: t for t in targets}
-        unknown = [t for t in target_ids if t not in known]
-        if unknown:
-            raise ConfigError(f"no target {', '.join(map(repr, unknown))} in environment {env.name!r}")
-        targets = tuple(known[t] for t in target_ids)
+    targets = _named_targets(env, target_ids)
     return runner.unlock(
         targets, force=force, connect_timeout=env.runner.connect_timeout, concurrency=env.runner.concurrency
     )
@@ -174,11 +249,71 @@ def bootstrap(
     return applied, after
 
 
-def publish(env: Environment, migrations_dir: Path, services: Sequence[str] = ()) -> list[str]:
-    """Upload migrations/<service>/<env>/ to the environment's bucket; returns the keys written."""
+@dataclass(frozen=True, slots=True)
+class Published:
+    plan: source.PublishPlan
+    manifest: str | None  # None: a dry run
+
+
+def publish(
+    env: Environment,
+    migrations_dir: Path,
+    services: Sequence[str] = (),
+    *,
+    dry_run: bool = False,
+    force_reason: str | None = None,
+) -> list[Published]:
+    """Upload migrations/<service>/<env>/ to the environment's bucket, then a manifest of the release.
+
+    Published files are immutable: a file whose content differs from the published one, or
+    that is gone from the folder, is refused (SourceError) unless `force_reason` is given,
+    which the manifest records. Lint errors refuse the whole publish. Every service is
+    checked before anything is written. `dry_run` checks and reports, and writes nothing.
+    """
     if not isinstance(env.source, S3Location):
         raise ConfigError(f"environment {env.name!r} reads migrations from a folder; there is nothing to publish to")
-    return source.publish_folder(env.source, migrations_dir, env.select_services(services), env.name)
+    location = env.source
+    plans = [source.plan_publish(location, migrations_dir, s, env.name) for s in env.select_services(services)]
+    for plan in plans:
+        _refuse_lint_errors(plan.service, plan.problems)
+        if plan.refused and not force_reason:
+            details = [f"{n} (content differs)" for n in plan.changed] + [
+                f"{n} (not in {migrations_dir})" for n in plan.removed
+            ]
+            raise SourceError(
+                f"service {plan.service!r}: refusing to change published migrations: {', '.join(details)}. "
+                "Published migrations are immutable: ship the change as a new migration, or pass "
+                "--force --reason '...' (recorded in the manifest)"
+            )
+    if dry_run:
+        return [Published(plan, None) for plan in plans]
+    who = f"{getpass.getuser()}@{socket.gethostname()}"
+    return [
+        Published(plan, source.execute_publish(location, plan, force_reason=force_reason, who=who)) for plan in plans
+    ]
+
+
+def _refuse_lint_errors(service: str, problems: Sequence[lint.Problem]) -> None:
+    for problem in problems:
+        if problem.severity is lint.Severity.WARNING:
+            log.warning("service %r: %s", service, problem)
+    found = lint.errors(problems)
+    if found:
+        shown = "; ".join(str(p) for p in found[:10]) + (f"; and {len(found) - 10} more" if len(found) > 10 else "")
+        raise SourceError(f"service {service!r}: {len(found)} lint error(s): {shown}")
+
+
+def lint_snapshot(snapshot: source.Snapshot) -> None:
+    """Lint what a run is about to apply, before any shard is touched. Raises SourceError."""
+    for migration_set in snapshot.sets:
+        files = {f.name: (migration_set.folder / f.name).read_bytes() for f in migration_set.files}
+        files.update({name: b"" for name in migration_set.ignored if not name.endswith("/")})
+        folders = [name for name in migration_set.ignored if name.endswith("/")]
+        _refuse_lint_errors(migration_set.service, lint.lint(files, folders=folders))
+
+
+def _slice(settings: RunSettings) -> Slice:
+    return Slice.parse(settings.slice) if settings.slice else WHOLE_FLEET
 
 
 def _options(env: Environment, mode: Mode, settings: RunSettings) -> runner.RunOptions:
@@ -213,6 +348,7 @@ def _run_on(
     options: runner.RunOptions,
     targets: Sequence[Target] | None,
     *,
+    part: Slice = WHOLE_FLEET,
     on_result: ResultCallback | None = None,
     interrupt: Interrupt | None = None,
     expected_sources: dict[str, dict[str, str]] | None = None,
@@ -220,12 +356,15 @@ def _run_on(
 ) -> RunReport:
     """Snapshot the sources and run; `targets` None means every target of the directory."""
     selected = env.select_services(services)
+    options = replace(options, all_services=set(selected) == set(env.services))
     chosen = list_targets(env.directory, env.name) if targets is None else tuple(targets)
+    chosen = tuple(t for t in chosen if part.contains(t.id))
     with tempfile.TemporaryDirectory(prefix="fanout-snapshot-") as workdir:
         snapshot = source.take_snapshot(env, selected, Path(workdir))
+        lint_snapshot(snapshot)
         if expected_sources is not None:
             runs.check_same_sources(expected_sources, snapshot, resumed_from or "")
-        return runner.run(
+        report = runner.run(
             snapshot,
             chosen,
             options,
@@ -236,6 +375,59 @@ def _run_on(
             interrupt=interrupt,
             resumed_from=resumed_from,
         )
+    return replace(report, slice=str(part)) if part.count > 1 else report
+
+
+# ---- stored reports ------------------------------------------------------------------
+
+
+def store_report(text: str, destination: str, env: Environment | None) -> str:
+    """Write a rendered report to a local file or an s3:// URL (reached like the environment's bucket)."""
+    if destination.startswith("s3://"):
+        like = env.source if env is not None and isinstance(env.source, S3Location) else None
+        content_type = "application/json" if destination.endswith(".json") else "text/plain; charset=utf-8"
+        source.put_object(destination, text.encode(), like=like, content_type=content_type)
+        return destination
+    path = Path(destination)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError as e:
+        raise ConfigError(f"cannot write the report to {destination}: {e.strerror or e}") from None
+    return str(path)
+
+
+def merge_reports(locations: Sequence[str], env: Environment | None = None) -> RunReport:
+    """One fleet report from the JSON reports (or run records) of the slices of one release.
+
+    Each location is a file, a folder (its *.json), an s3://bucket/key or an s3://bucket/prefix/.
+    Raises ConfigError when a report cannot be read or the reports do not belong together.
+    """
+    like = env.source if env is not None and isinstance(env.source, S3Location) else None
+    bodies: list[tuple[str, bytes]] = []
+    for location in locations:
+        if location.startswith("s3://"):
+            bodies += source.get_objects(location, like=like, suffix=".json")
+            continue
+        path = Path(location)
+        files = sorted(path.glob("*.json")) if path.is_dir() else [path]
+        if not files:
+            raise ConfigError(f"no *.json report in {location}")
+        for file in files:
+            try:
+                bodies.append((str(file), file.read_bytes()))
+            except OSError as e:
+                raise ConfigError(f"cannot read {file}: {e.strerror or e}") from None
+    reports = []
+    for where, body in bodies:
+        try:
+            reports.append(report_from_dict(json.loads(body)))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{where} is not a fanout report ({type(e).__name__}: {e})") from None
+    try:
+        return merge(reports)
+    except ValueError as e:
+        raise ConfigError(f"cannot merge: {e}") from None
 
 
 # ---- the embedded demo --------------------------------------------------------------
@@ -294,10 +486,9 @@ def demo(
     announce("starting an embedded PostgreSQL and a local S3 endpoint ...")
     with demo_stack():
         env = load_environment("demo", search_dir=environments_dir)
-        keys = publish(env, migrations_dir)
-        announce(
-            f"published {len(keys)} files to s3://fanout-demo/{env.source.prefix if isinstance(env.source, S3Location) else ''}"
-        )
+        published = publish(env, migrations_dir)
+        count = sum(len(p.plan.files) for p in published)
+        announce(f"published {count} files ({len(published)} manifests) to s3://fanout-demo/")
         step("plan: what would run where", plan(env))
         step("apply", apply(env))
         step("apply again: nothing to do", apply(env))

@@ -24,6 +24,7 @@ which only reads and works inside a read-only transaction.
 from __future__ import annotations
 
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -55,8 +56,8 @@ class Owner:
     since: datetime | None = None
 
 
-def create_tables(connection: Any, *, schema: str | None) -> None:
-    """Create the schema (for schema-per-tenant targets) and both lock tables, once, race-free.
+def create_tables(connection: Any, *, schema: str | None, extra: Sequence[str] = ()) -> None:
+    """Create the schema (for schema-per-tenant targets), both lock tables and `extra` ones, once, race-free.
 
     Concurrent runners would otherwise race inside CREATE ... IF NOT EXISTS and one would
     fail on the catalog's unique index; the transaction-scoped advisory lock orders them.
@@ -74,6 +75,7 @@ def create_tables(connection: Any, *, schema: str | None) -> None:
         f'CREATE TABLE IF NOT EXISTS "{OWNER_TABLE}" ('
         '"locked" INT DEFAULT 1 PRIMARY KEY, "pid" INT NOT NULL, "ctime" TIMESTAMP NOT NULL, '
         '"host" TEXT NOT NULL, "run_id" TEXT NOT NULL, "backend_pid" INT NOT NULL)',
+        *extra,
     ]
     _in_one_transaction(connection, setup)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -33,6 +33,7 @@ class Status(StrEnum):
     PENDING = "pending"  # plan: migrations would be applied
     APPLIED = "applied"  # apply: migrations were applied in this run
     FAILED = "failed"
+    DRIFTED = "drifted"  # plan/status/verify: applied migrations whose content differs from the set (see drift)
     # not attempted, or stopped before its end: failure budget, interrupt, an earlier service failed
     SKIPPED = "skipped"
 
@@ -47,6 +48,7 @@ class ErrorKind(StrEnum):
     DATABASE = "database"  # any other database error (permissions, missing schema, ...)
     INTERRUPTED = "interrupted"  # SIGINT/SIGTERM: stopped before or between migrations, rolled back
     NOT_STARTED = "not-started"  # the run stopped scheduling (failure budget, --fail-fast, interrupt)
+    DRIFT = "drift"  # apply refused: applied migrations differ from the set (fanout accept, after review)
     INTERNAL = "internal"
 
 
@@ -93,6 +95,21 @@ class Retry:
         object.__setattr__(self, "reason", redact(self.reason))
 
 
+class DriftKind(StrEnum):
+    CHANGED = "changed"  # applied with other content than the migration set now has
+    MISSING = "missing"  # applied, and no longer in the migration set
+    FOREIGN = "foreign"  # applied from another environment's set
+
+
+@dataclass(frozen=True, slots=True)
+class Drift:
+    migration: str
+    kind: DriftKind
+    recorded: str | None  # sha256 recorded on the shard
+    current: str | None  # sha256 in this run's migration set (None: not in it)
+    detail: str
+
+
 @dataclass(frozen=True, slots=True)
 class AppliedMigration:
     id: str
@@ -119,6 +136,8 @@ class TargetResult:
     retries: tuple[Retry, ...] = ()
     error: TargetError | None = None
     seconds: float = 0.0
+    drift: tuple[Drift, ...] = ()
+    unverified: tuple[str, ...] = ()  # applied, with no checksum recorded (before fanout: `fanout baseline`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +154,8 @@ class SourceSummary:
     service: str
     url: str
     files: tuple[SourceFile, ...]
+    manifest: str | None = None  # the release manifest that pinned the files (fanout publish)
+    release: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +175,16 @@ class Rollout:
 
 
 @dataclass(frozen=True, slots=True)
+class SlicePart:
+    """One slice's run inside a merged report."""
+
+    slice: str
+    run_id: str
+    exit_code: int
+    targets: int
+
+
+@dataclass(frozen=True, slots=True)
 class RunReport:
     run_id: str
     command: str
@@ -170,6 +201,10 @@ class RunReport:
     rollout: Rollout | None = None
     interrupted: bool = False
     resumed_from: str | None = None
+    slice: str | None = None  # "K/N" when the run covered one slice of the fleet
+    # A merged report: the slices it was made of, and those of 1..N that were missing.
+    parts: tuple[SlicePart, ...] = ()
+    missing_slices: tuple[str, ...] = ()
 
     def count(self, status: Status) -> int:
         return sum(1 for r in self.results if r.status is status)
@@ -179,15 +214,21 @@ class RunReport:
         return tuple(r for r in self.results if r.status is Status.FAILED)
 
 
+_NOT_DONE = (Status.FAILED, Status.SKIPPED, Status.DRIFTED)
+
+
 def exit_code(report: RunReport, *, detailed: bool = False) -> int:
-    """0 when every target succeeded; 5 when any failed or was skipped; 130 when interrupted.
+    """0 when every target succeeded; 5 when any failed, drifted or was skipped (or a merged
+    report misses a slice; or, for verify, a shard is behind or unverified); 130 when interrupted.
 
     With `detailed` (plan --detailed-exitcode), 10 tells CI that migrations are pending.
     """
     if report.interrupted:
         return EXIT_INTERRUPTED
-    if any(r.status in (Status.FAILED, Status.SKIPPED) for r in report.results):
+    if report.missing_slices or any(r.status in _NOT_DONE for r in report.results):
         return EXIT_TARGETS_FAILED
+    if report.command == "verify" and any(r.pending or r.unverified for r in report.results):
+        return EXIT_TARGETS_FAILED  # verify gates on the whole published set, applied and checksummed
     if detailed and any(r.pending for r in report.results):
         return EXIT_PENDING
     return EXIT_OK
@@ -211,6 +252,9 @@ def to_dict(report: RunReport, *, detailed: bool = False) -> dict[str, Any]:
         "exit_code": exit_code(report, detailed=detailed),
         "interrupted": report.interrupted,
         "resumed_from": report.resumed_from,
+        "slice": report.slice,
+        "parts": [asdict(part) for part in report.parts],
+        "missing_slices": list(report.missing_slices),
         "rollout": None if report.rollout is None else asdict(report.rollout),
         "totals": {
             "targets": report.target_count,
@@ -226,6 +270,8 @@ def to_dict(report: RunReport, *, detailed: bool = False) -> dict[str, Any]:
                 {
                     "service": s.service,
                     "url": s.url,
+                    "manifest": s.manifest,
+                    "release": s.release,
                     "files": [
                         {
                             "name": f.name,
@@ -273,6 +319,17 @@ def _result_dict(result: TargetResult) -> dict[str, Any]:
             "invalid_indexes": list(result.error.invalid_indexes),
         },
         "seconds": round(result.seconds, 4),
+        "drift": [
+            {
+                "migration": d.migration,
+                "kind": d.kind.value,
+                "recorded": d.recorded,
+                "current": d.current,
+                "detail": d.detail,
+            }
+            for d in result.drift
+        ],
+        "unverified": list(result.unverified),
     }
 
 
@@ -288,6 +345,154 @@ def _holder_dict(holder: LockHolder | None) -> dict[str, Any] | None:
     }
 
 
+def from_dict(data: dict[str, Any]) -> RunReport:
+    """The inverse of `to_dict`: a stored report (a run record, a --format json output) read back.
+
+    Raises ValueError (KeyError, TypeError included) when `data` is not a fanout/report/v1.
+    """
+    if data.get("schema") != SCHEMA:
+        raise ValueError(f"schema is {data.get('schema')!r}, not {SCHEMA!r}")
+    rollout = data.get("rollout")
+    return RunReport(
+        run_id=data["run_id"],
+        command=data["command"],
+        mode=Mode(data["mode"]),
+        environment=data["environment"],
+        services=tuple(data["services"]),
+        started_at=datetime.fromisoformat(data["started_at"]),
+        finished_at=datetime.fromisoformat(data["finished_at"]),
+        results=tuple(_result_from_dict(r) for r in data["results"]),
+        sources=tuple(
+            SourceSummary(
+                s["service"], s["url"], tuple(SourceFile(**f) for f in s["files"]), s.get("manifest"), s.get("release")
+            )
+            for s in data["source"]["sets"]
+        ),
+        s3_list_requests=data["source"]["s3_list_requests"],
+        s3_get_requests=data["source"]["s3_get_requests"],
+        target_count=data["totals"]["targets"],
+        rollout=None if rollout is None else Rollout(**rollout),
+        interrupted=data["interrupted"],
+        resumed_from=data.get("resumed_from"),
+        slice=data.get("slice"),
+        parts=tuple(SlicePart(**p) for p in data.get("parts", ())),
+        missing_slices=tuple(data.get("missing_slices", ())),
+    )
+
+
+def _result_from_dict(data: dict[str, Any]) -> TargetResult:
+    error = data["error"]
+    return TargetResult(
+        target=data["target"],
+        service=data["service"],
+        status=Status(data["status"]),
+        server=data["server"],
+        database=data["database"],
+        schema=data["schema"],
+        tenants=tuple(data["tenants"]),
+        applied_before=tuple(data["applied_before"]),
+        ran=tuple(AppliedMigration(m["id"], m["seconds"]) for m in data["ran"]),
+        pending=tuple(data["pending"]),
+        initialized=data["initialized"],
+        lock_holder=_holder_from_dict(data["lock_holder"]),
+        broken_lock=_holder_from_dict(data["broken_lock"]),
+        retries=tuple(Retry(r["attempt"], r["reason"], r["delay_seconds"], r["migration"]) for r in data["retries"]),
+        error=None
+        if error is None
+        else TargetError(
+            ErrorKind(error["kind"]),
+            error["message"],
+            error["migration"],
+            error["file"],
+            tuple(error["invalid_indexes"]),
+        ),
+        seconds=data["seconds"],
+        drift=tuple(
+            Drift(d["migration"], DriftKind(d["kind"]), d["recorded"], d["current"], d["detail"])
+            for d in data.get("drift", ())
+        ),
+        unverified=tuple(data.get("unverified", ())),
+    )
+
+
+def _holder_from_dict(data: dict[str, Any] | None) -> LockHolder | None:
+    if data is None:
+        return None
+    since = datetime.fromisoformat(data["since"]) if data["since"] else None
+    return LockHolder(data["pid"], since, data["host"], data["run_id"], data["alive"])
+
+
+def merge(reports: Sequence[RunReport]) -> RunReport:
+    """One fleet report from the reports of N slices (`--slice K/N`) of one release.
+
+    Refuses (ValueError) to merge what does not belong together: different environments,
+    commands or slice counts, two reports of one slice, a target in two slices, or slices
+    that ran different migration sets. Missing slices are named in the result, whose
+    exit code is then 5.
+    """
+    if not reports:
+        raise ValueError("nothing to merge")
+    first = reports[0]
+    for field_name in ("environment", "command"):
+        values = sorted({str(getattr(r, field_name)) for r in reports})
+        if len(values) > 1:
+            raise ValueError(f"the reports are of different {field_name}s: {', '.join(values)}")
+    if any(r.slice is None for r in reports):
+        unsliced = next(r for r in reports if r.slice is None)
+        raise ValueError(
+            f"run {unsliced.run_id} covered the whole fleet (no --slice); there is nothing to merge it with"
+        )
+    counts = sorted({_slice_of(r)[1] for r in reports})
+    if len(counts) > 1:
+        raise ValueError(f"the reports split the fleet in different numbers of slices: {counts}")
+    total = counts[0]
+    by_index: dict[int, RunReport] = {}
+    for r in reports:
+        index = _slice_of(r)[0]
+        if index in by_index:
+            raise ValueError(f"slice {r.slice} appears twice (runs {by_index[index].run_id} and {r.run_id})")
+        by_index[index] = r
+    sets = {r.run_id: _source_digest(r) for r in reports}
+    if len(set(sets.values())) > 1:
+        raise ValueError(
+            "the slices applied different migration sets (S3 changed between their runs): "
+            + ", ".join(f"{r.slice} run {r.run_id}" for r in reports)
+        )
+    owner: dict[str, str] = {}
+    for r in reports:
+        for result in r.results:
+            seen = owner.setdefault(result.target, r.slice or "")
+            if seen != r.slice:
+                raise ValueError(f"target {result.target!r} is in slice {seen} and in slice {r.slice}")
+    ordered = [by_index[i] for i in sorted(by_index)]
+    return RunReport(
+        run_id="+".join(r.run_id for r in ordered),
+        command=first.command,
+        mode=first.mode,
+        environment=first.environment,
+        services=tuple(dict.fromkeys(s for r in ordered for s in r.services)),
+        started_at=min(r.started_at for r in ordered),
+        finished_at=max(r.finished_at for r in ordered),
+        results=tuple(result for r in ordered for result in r.results),
+        sources=first.sources,
+        s3_list_requests=sum(r.s3_list_requests for r in ordered),
+        s3_get_requests=sum(r.s3_get_requests for r in ordered),
+        target_count=sum(r.target_count for r in ordered),
+        interrupted=any(r.interrupted for r in ordered),
+        parts=tuple(SlicePart(r.slice or "", r.run_id, exit_code(r), r.target_count) for r in ordered),
+        missing_slices=tuple(f"{i}/{total}" for i in range(1, total + 1) if i not in by_index),
+    )
+
+
+def _slice_of(report: RunReport) -> tuple[int, int]:
+    index, _, count = (report.slice or "1/1").partition("/")
+    return int(index), int(count)
+
+
+def _source_digest(report: RunReport) -> tuple[tuple[str, tuple[tuple[str, str], ...]], ...]:
+    return tuple(sorted((s.service, tuple(sorted((f.name, f.sha256) for f in s.files))) for s in report.sources))
+
+
 def render_json(report: RunReport, *, detailed: bool = False) -> str:
     return redact(json.dumps(to_dict(report, detailed=detailed), indent=2))
 
@@ -300,6 +505,7 @@ _STYLES = {
     Status.APPLIED: "cyan",
     Status.FAILED: "bold red",
     Status.SKIPPED: "magenta",
+    Status.DRIFTED: "bold yellow",
 }
 
 
@@ -310,14 +516,15 @@ def render_text(report: RunReport, *, width: int = 120, color: bool = False) -> 
 
     buffer = StringIO()
     console = Console(file=buffer, width=width, no_color=not color, force_terminal=color, highlight=False)
+    where = f" · slice {report.slice}" if report.slice else ""
     console.print(
-        f"fanout {report.command} · environment {report.environment} · "
+        f"fanout {report.command} · environment {report.environment}{where} · "
         f"services {', '.join(report.services)} · run {report.run_id}"
     )
     rows = list(report.results)
     summarized = len(rows) > TEXT_ROW_LIMIT
     if summarized:
-        rows = [r for r in rows if r.status in (Status.FAILED, Status.SKIPPED)][:TEXT_ROW_LIMIT]
+        rows = [r for r in rows if r.status in _NOT_DONE][:TEXT_ROW_LIMIT]
     if rows:
         table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
         for column in ("target", "service", "status", "applied", "pending", "detail"):
@@ -333,7 +540,7 @@ def render_text(report: RunReport, *, width: int = 120, color: bool = False) -> 
             )
         console.print(table)
     if summarized:
-        console.print(f"({len(report.results)} results; only failed and skipped ones are listed)")
+        console.print(f"({len(report.results)} results; only failed, drifted and skipped ones are listed)")
     console.print(_totals_line(report))
     rollout = report.rollout
     if rollout is not None and rollout.stop_reason:
@@ -341,6 +548,13 @@ def render_text(report: RunReport, *, width: int = 120, color: bool = False) -> 
             f"stopped after wave {rollout.waves_run} of {rollout.waves_planned}: {rollout.stop_reason}; "
             "targets not started are listed as skipped"
         )
+    if report.parts:
+        console.print(
+            f"merged {len(report.parts)} slice(s): "
+            + ", ".join(f"{p.slice} run {p.run_id} exit {p.exit_code}" for p in report.parts)
+        )
+    if report.missing_slices:
+        console.print(f"missing slice(s) {', '.join(report.missing_slices)}: their targets are not in this report")
     if report.interrupted:
         console.print("interrupted: in-flight migrations finished or rolled back, every lock was released")
     return redact(buffer.getvalue())
@@ -354,6 +568,10 @@ def _detail(result: TargetResult, mode: Mode) -> str:
     parts = []
     if not result.initialized and result.status is not Status.SKIPPED:
         parts.append("never migrated")
+    if result.drift:
+        parts.append("drift: " + "; ".join(f"{d.migration} {d.kind.value} ({d.detail})" for d in result.drift))
+    if result.unverified:
+        parts.append(f"{len(result.unverified)} applied without checksum (fanout baseline)")
     if result.ran:
         parts.append("ran " + ", ".join(m.id for m in result.ran))
     if result.pending and mode is Mode.PLAN:

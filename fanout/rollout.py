@@ -1,4 +1,4 @@
-"""Rollout policy: waves, the failure budget, and concurrency caps per server.
+"""Rollout policy: slices, waves, the failure budget, and concurrency caps per server.
 
 Pure scheduling, no database: `schedule()` runs a callable on items under the limits
 and reports which items were never started and why. The runner plugs its per-target
@@ -7,6 +7,7 @@ procedure into it; tests drive it with plain functions.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import threading
@@ -24,6 +25,45 @@ R = TypeVar("R")
 _STEP = re.compile(r"^\s*(\d+(?:\.\d+)?)(%?)\s*$")
 # How often the scheduling loop wakes to notice an interrupt while targets run.
 _TICK_SECONDS = 0.1
+
+
+_SLICE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
+
+
+@dataclass(frozen=True, slots=True)
+class Slice:
+    """Slice K of N (K from 1): the targets whose stable hash of their id falls in bucket K.
+
+    A target stays in its slice across runs, runners and machines (no state, no
+    coordination), so N runners given 1/N..N/N cover the fleet once between them. Waves,
+    budgets and caps then apply within each slice.
+    """
+
+    index: int = 1
+    count: int = 1
+
+    @classmethod
+    def parse(cls, text: str, *, what: str = "--slice") -> Slice:
+        match = _SLICE.match(text)
+        if not match:
+            raise ConfigError(f"{what}: {text.strip()!r} is not K/N (e.g. 2/4)")
+        index, count = int(match.group(1)), int(match.group(2))
+        if not 1 <= index <= count:
+            raise ConfigError(f"{what}: {text.strip()!r}: K must be between 1 and N")
+        return cls(index, count)
+
+    def contains(self, target_id: str) -> bool:
+        if self.count == 1:
+            return True
+        # sha256, not hash(): Python salts str hashes per process.
+        bucket = int.from_bytes(hashlib.sha256(target_id.encode()).digest()[:8], "big") % self.count
+        return bucket == self.index - 1
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+WHOLE_FLEET = Slice()
 
 
 @dataclass(frozen=True, slots=True)

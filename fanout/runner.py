@@ -58,12 +58,14 @@ from yoyo.connections import DatabaseURI
 from yoyo.migrations import Migration, MigrationList, MigrationStep, TransactionWrapper, topological_sort
 from yoyo.utils import change_param_style
 
-from fanout import locking, rollout
+from fanout import checksums, locking, rollout
 from fanout.directory import Target
 from fanout.errors import SourceError, TargetFailed
 from fanout.interrupt import Interrupt
 from fanout.report import (
     AppliedMigration,
+    Drift,
+    DriftKind,
     ErrorKind,
     LockHolder,
     Mode,
@@ -115,6 +117,9 @@ class RunOptions:
     session: SessionSettings = field(default_factory=SessionSettings)
     retries: int = 3
     retry_backoff: float = 0.5  # first delay; doubles each retry, with jitter
+    # Every service of the environment is in the run: a migration yoyo recorded that no
+    # set knows is then drift (with a subset, it may belong to a service left out).
+    all_services: bool = True
 
     @property
     def concurrency(self) -> int:
@@ -129,6 +134,7 @@ class _ServicePlan:
     migrations: tuple[Migration, ...]
     post_apply: tuple[Migration, ...]
     files: dict[str, str]  # migration id -> file name
+    sha256: dict[str, str]  # migration id -> sha256 of the content this run applies
 
 
 def run(
@@ -150,7 +156,7 @@ def run(
     connections = itertools.count()
 
     def work(target: Target) -> list[TargetResult]:
-        results = _migrate_target(target, plans, options, run_id, interrupt, connections)
+        results = _migrate_target(target, plans, options, run_id, environment, interrupt, connections)
         if on_result is not None:
             for result in results:
                 on_result(result)
@@ -227,8 +233,10 @@ def load(sets: Sequence[MigrationSet]) -> tuple[_ServicePlan, ...]:
                     "ids must be unique across an environment's services because they share yoyo's table on each shard"
                 )
             owner[m.id] = migration_set.service
-        files = {f.migration_id: f.name for f in migration_set.files if not f.is_rollback}
-        plans.append(_ServicePlan(migration_set.service, ordered, tuple(migrations.post_apply), files))
+        sources = [f for f in migration_set.files if not f.is_rollback]
+        files = {f.migration_id: f.name for f in sources}
+        sha256 = {f.migration_id: f.sha256 for f in sources}
+        plans.append(_ServicePlan(migration_set.service, ordered, tuple(migrations.post_apply), files, sha256))
     return tuple(plans)
 
 
@@ -298,6 +306,7 @@ def _migrate_target(
     plans: Sequence[_ServicePlan],
     options: RunOptions,
     run_id: str,
+    environment: str,
     interrupt: Interrupt,
     connections: Iterator[int],
 ) -> list[TargetResult]:
@@ -314,11 +323,14 @@ def _migrate_target(
             with session.lock(options.lock_wait) as (holder, broken):
                 context["lock_holder"] = holder
                 context["broken_lock"] = context.get("broken_lock") or broken
-                applied = session.applied_hashes()
+                applied = session.applied()
+                recorded = session.recorded_checksums()
+                unknown = _unknown_to_every_set(applied, plans, recorded) if options.all_services else []
                 for plan in plans:
                     state = progress[plan.service]
                     if state.result is None:
-                        state.result = _migrate_service(session, target, plan, applied, state, options, interrupt)
+                        shard = _ShardState(applied, recorded, environment, unknown if plan is plans[0] else [])
+                        state.result = _migrate_service(session, target, plan, shard, state, options, interrupt)
                     if state.result.status in (Status.FAILED, Status.SKIPPED):
                         break
             break
@@ -376,27 +388,79 @@ def _lock_context(context: dict[str, Any]) -> dict[str, Any]:
     return {"lock_holder": context.get("lock_holder"), "broken_lock": context.get("broken_lock")}
 
 
+@dataclass(frozen=True, slots=True)
+class _Recording:
+    """What fanout records next to yoyo's row when it applies a migration."""
+
+    sha256: str
+    service: str
+    environment: str
+
+
+@dataclass(frozen=True, slots=True)
+class _ShardState:
+    """What a target's shard holds, read once under its lock."""
+
+    applied: dict[str, str]  # yoyo's applied migrations: hash -> id (updated as the run applies)
+    recorded: dict[str, checksums.Recorded]  # fanout's checksums by migration id
+    environment: str
+    unknown: list[Drift]  # applied migrations no set of the run knows (reported on the first service)
+
+
+def _unknown_to_every_set(
+    applied: dict[str, str], plans: Sequence[_ServicePlan], recorded: dict[str, checksums.Recorded]
+) -> list[Drift]:
+    known = {m.hash for p in plans for m in p.migrations}
+    return [
+        Drift(migration_id, DriftKind.MISSING, None, None, "recorded by yoyo, in no service's migration set")
+        for hash_, migration_id in sorted(applied.items(), key=lambda item: item[1])
+        if hash_ not in known and migration_id not in recorded  # recorded ones are checked per service
+    ]
+
+
 def _migrate_service(
     session: _Session,
     target: Target,
     plan: _ServicePlan,
-    applied: set[str],
+    shard: _ShardState,
     state: _Progress,
     options: RunOptions,
     interrupt: Interrupt,
 ) -> TargetResult:
     """Apply one service's pending migrations; raises _Failure only when the connection is lost."""
+    applied = shard.applied
     if state.before is None:
         state.before = tuple(m.id for m in plan.migrations if m.hash in applied)
+    drift, unverified = checksums.compare(
+        shard.recorded,
+        service=plan.service,
+        environment=shard.environment,
+        applied_ids=set(state.before),
+        current=plan.sha256,
+    )
+    drift = shard.unknown + drift
     pending = list(topological_sort(m for m in plan.migrations if m.hash not in applied))
     error: TargetError | None = None
+    if drift and options.mode is Mode.APPLY and not state.ran:
+        listed = ", ".join(f"{d.migration} ({d.kind.value})" for d in drift[:5])
+        error = TargetError(
+            ErrorKind.DRIFT,
+            f"refused: applied migrations differ from the migration set: {listed}; "
+            "review, then `fanout accept --migration ID` to adopt the current content",
+        )
+        pending_for_drift = tuple(m.id for m in pending)
+        return _result(
+            target, plan.service, Status.FAILED, error, applied_before=state.before, pending=pending_for_drift,
+            initialized=session.initialized, drift=tuple(drift), unverified=tuple(unverified),
+        )  # fmt: skip
     ran_now = 0
     for migration in pending:
         if interrupt.stopping.is_set():
             error = TargetError(ErrorKind.INTERRUPTED, f"interrupted before {migration.id}")
             break
+        recording = _Recording(plan.sha256.get(migration.id, ""), plan.service, shard.environment)
         try:
-            seconds = _apply_with_retries(session, migration, state, options, interrupt)
+            seconds = _apply_with_retries(session, migration, recording, state, options, interrupt)
         except _Failure as failure:
             if failure.retryable and failure.error.kind is ErrorKind.UNREACHABLE:
                 raise  # the connection is gone: the target starts over on a new one
@@ -404,7 +468,7 @@ def _migrate_service(
             break
         if seconds is not None:
             ran_now += 1
-            applied.add(migration.hash)
+            applied[migration.hash] = migration.id
             state.ran.append(AppliedMigration(migration.id, seconds))
     if error is None and state.ran:
         for hook in plan.post_apply:
@@ -418,6 +482,8 @@ def _migrate_service(
         status = Status.SKIPPED
     elif error is not None:
         status = Status.FAILED
+    elif options.mode is Mode.PLAN and drift:
+        status = Status.DRIFTED
     elif options.mode is Mode.PLAN:
         status = Status.PENDING if still_pending else Status.UP_TO_DATE
     else:
@@ -431,17 +497,24 @@ def _migrate_service(
         ran=tuple(state.ran),
         pending=still_pending,
         initialized=session.initialized,
+        drift=tuple(drift),
+        unverified=tuple(unverified),
     )
 
 
 def _apply_with_retries(
-    session: _Session, migration: Migration, state: _Progress, options: RunOptions, interrupt: Interrupt
+    session: _Session,
+    migration: Migration,
+    recording: _Recording,
+    state: _Progress,
+    options: RunOptions,
+    interrupt: Interrupt,
 ) -> float | None:
     """Seconds the migration took (None in plan mode); retries what a second try can fix."""
     for attempt in itertools.count():
         started = time.monotonic()
         try:
-            return time.monotonic() - started if session.apply(migration) else None
+            return time.monotonic() - started if session.apply(migration, recording) else None
         except _Failure as failure:
             if interrupt.aborting.is_set():
                 raise _Failure(TargetError(ErrorKind.INTERRUPTED, "cancelled by a second interrupt")) from None
@@ -476,6 +549,8 @@ def _summary(migration_set: MigrationSet) -> SourceSummary:
         service=migration_set.service,
         url=migration_set.url,
         files=tuple(SourceFile(f.name, f.sha256, f.size, f.etag, f.version_id) for f in migration_set.files),
+        manifest=migration_set.manifest,
+        release=migration_set.release,
     )
 
 
@@ -518,6 +593,90 @@ def unlock(targets: Sequence[Target], *, force: bool, connect_timeout: float, co
     return [r for r in outcome.results if r is not None]
 
 
+@dataclass(frozen=True, slots=True)
+class Adoption:
+    """What `accept` or `baseline` recorded on one target."""
+
+    target: str
+    database: str
+    recorded: tuple[str, ...]  # migration ids whose checksum was (re)recorded
+    message: str
+    failed: bool = False
+
+
+def adopt(
+    snapshot: Snapshot,
+    targets: Sequence[Target],
+    options: RunOptions,
+    *,
+    environment: str,
+    run_id: str,
+    migration_ids: Sequence[str] | None,
+    reason: str | None,
+    interrupt: Interrupt | None = None,
+) -> list[Adoption]:
+    """Record checksums without running anything, under each target's lock.
+
+    With `migration_ids` (accept): adopt the set's current content of those migrations
+    where it differs from what was recorded (or retire them when the set no longer has
+    them). Without (baseline): record the current content of every applied migration
+    that has no checksum yet, as for a fleet migrated before fanout.
+    """
+    plans = load(snapshot.sets)
+    current = {m_id: (p.service, sha) for p in plans for m_id, sha in p.sha256.items()}
+    interrupt = interrupt or Interrupt()
+
+    def one(target: Target) -> Adoption:
+        try:
+            session = _YoyoSession(target, options, run_id, interrupt)
+        except _Failure as failure:
+            return Adoption(target.id, target.display, (), failure.error.message, failed=True)
+        try:
+            with session.lock(options.lock_wait):
+                applied = set(session.applied().values())
+                recorded = session.recorded_checksums()
+                wanted = migration_ids if migration_ids is not None else sorted(applied)
+                changes: list[tuple[str, str | None, str, str, checksums.How]] = []
+                for migration_id in wanted:
+                    row = recorded.get(migration_id)
+                    service, sha = current.get(migration_id, ("", ""))
+                    if migration_ids is None:  # baseline: only what has no checksum, and the set knows
+                        if row is None and sha:
+                            changes.append((migration_id, None, sha, service, checksums.How.BASELINED))
+                    elif migration_id not in applied and row is None:
+                        continue
+                    elif not sha:  # gone from the set: retire it, keeping what was recorded
+                        if row is None or row.how != checksums.How.RETIRED:
+                            old = row.sha256 if row else None
+                            changes.append(
+                                (migration_id, old, old or "", row.service if row else "", checksums.How.RETIRED)
+                            )
+                    elif row is None or row.sha256 != sha or row.environment != environment:
+                        changes.append(
+                            (migration_id, row.sha256 if row else None, sha, service, checksums.How.ACCEPTED)
+                        )
+                session.record(
+                    [
+                        statement
+                        for migration_id, old, new, service, how in changes
+                        for statement in session.checksum_statements(
+                            migration_id, old, new, service, environment, how, reason
+                        )
+                    ]
+                )
+        except _Failure as failure:
+            return Adoption(target.id, target.display, (), failure.error.message, failed=True)
+        finally:
+            session.close()
+        ids = tuple(change[0] for change in changes)
+        message = f"recorded {len(ids)} checksum(s)" if ids else "nothing to record"
+        return Adoption(target.id, target.display, ids, message)
+
+    limits = rollout.Limits(concurrency=options.concurrency, per_server=options.limits.per_server)
+    outcome = rollout.schedule(targets, one, server_of=lambda t: t.server, failed=lambda a: a.failed, limits=limits)
+    return [r for r in outcome.results if r is not None]
+
+
 # ---- sessions: the one place the mode makes a difference ----------------------------
 
 
@@ -528,9 +687,13 @@ class _Session(Protocol):
         """A context manager holding the target's migration lock; yields (holder seen, stale lock broken)."""
         ...
 
-    def applied_hashes(self) -> set[str]: ...
+    def applied(self) -> dict[str, str]:
+        """yoyo's applied migrations: hash -> id."""
+        ...
 
-    def apply(self, migration: Migration) -> bool:
+    def recorded_checksums(self) -> dict[str, checksums.Recorded]: ...
+
+    def apply(self, migration: Migration, recording: _Recording) -> bool:
         """True when the migration ran (apply), False when it was only planned."""
         ...
 
@@ -634,12 +797,18 @@ class _ReadOnlySession:
                 if self._schema:
                     cursor.execute(_quote_schema(self._schema))
                 cursor.execute(
-                    "SELECT to_regclass(%s) IS NOT NULL, to_regclass(%s) IS NOT NULL, to_regclass(%s) IS NOT NULL",
-                    (_relation(MIGRATION_TABLE), _relation(VERSION_TABLE), _relation(locking.YOYO_LOCK_TABLE)),
+                    "SELECT to_regclass(%s) IS NOT NULL, to_regclass(%s) IS NOT NULL, to_regclass(%s) IS NOT NULL, "
+                    "to_regclass(%s) IS NOT NULL",
+                    (
+                        _relation(MIGRATION_TABLE),
+                        _relation(VERSION_TABLE),
+                        _relation(locking.YOYO_LOCK_TABLE),
+                        _relation(checksums.TABLE),
+                    ),
                 )
                 row = cursor.fetchone()
             assert row is not None
-            self.initialized, self._has_version_table, self._has_lock_table = row
+            self.initialized, self._has_version_table, self._has_lock_table, self._has_checksums = row
         except psycopg2.Error as e:
             self.close()
             raise _classify_database_error(e) from None
@@ -652,21 +821,27 @@ class _ReadOnlySession:
             raise _classify_database_error(e) from None
         yield holder, None
 
-    def applied_hashes(self) -> set[str]:
+    def applied(self) -> dict[str, str]:
         if not self.initialized:
-            return set()
+            return {}
         try:
             with self._connection.cursor() as cursor:
                 if self._has_version_table:
-                    cursor.execute(f'SELECT "migration_hash" FROM "{MIGRATION_TABLE}"')
-                    return {row[0] for row in cursor.fetchall()}
+                    return _applied(cursor)
                 # yoyo < 6 kept ids, not hashes.
                 cursor.execute(f'SELECT "id" FROM "{MIGRATION_TABLE}"')
-                return {hashlib.sha256(row[0].encode()).hexdigest() for row in cursor.fetchall()}
+                return {hashlib.sha256(row[0].encode()).hexdigest(): row[0] for row in cursor.fetchall()}
         except psycopg2.Error as e:
             raise _classify_database_error(e) from None
 
-    def apply(self, migration: Migration) -> bool:
+    def recorded_checksums(self) -> dict[str, checksums.Recorded]:
+        try:
+            with self._connection.cursor() as cursor:
+                return checksums.read(cursor, exists=self._has_checksums)
+        except psycopg2.Error as e:
+            raise _classify_database_error(e) from None
+
+    def apply(self, migration: Migration, recording: _Recording) -> bool:
         """Plan mode: record nothing, run nothing."""
         return False
 
@@ -679,6 +854,11 @@ class _ReadOnlySession:
             self._connection.close()
         except psycopg2.Error:
             pass
+
+
+def _applied(cursor: Any) -> dict[str, str]:
+    cursor.execute(f'SELECT "migration_hash", "migration_id" FROM "{MIGRATION_TABLE}"')
+    return {row[0]: row[1] for row in cursor.fetchall()}
 
 
 def _plain_sql(migration: Migration) -> list[str] | None:
@@ -738,7 +918,9 @@ class _Backend(PostgresqlBackend):  # type: ignore[misc]
         self.has_transactional_ddl = True
         for attempt in range(3):
             try:
-                locking.create_tables(self.connection, schema=self.schema)
+                locking.create_tables(
+                    self.connection, schema=self.schema, extra=(checksums.CREATE_SQL, checksums.CREATE_LOG_SQL)
+                )
                 return
             except (psycopg2.errors.UniqueViolation, psycopg2.errors.DuplicateObject, psycopg2.errors.DuplicateTable):
                 # A plain yoyo created yoyo_lock at the same instant (fanout runners serialize).
@@ -821,13 +1003,22 @@ class _YoyoSession:
                 # Only reachable when the connection broke; the lock is then recognizably stale.
                 log.warning("could not release the lock on %s; the next run breaks it", self._display)
 
-    def applied_hashes(self) -> set[str]:
+    def applied(self) -> dict[str, str]:
         try:
-            return set(self._backend.get_applied_migration_hashes())
+            self._backend.ensure_internal_schema_updated()  # yoyo creates (or upgrades) its tables here
+            with self._connection.cursor() as cursor:
+                return _applied(cursor)
         except psycopg2.Error as e:
             raise _classify_database_error(e) from None
 
-    def apply(self, migration: Migration) -> bool:
+    def recorded_checksums(self) -> dict[str, checksums.Recorded]:
+        try:
+            with self._connection.cursor() as cursor:
+                return checksums.read(cursor, exists=True)  # created with the lock tables
+        except psycopg2.Error as e:
+            raise _classify_database_error(e) from None
+
+    def apply(self, migration: Migration, recording: _Recording) -> bool:
         backend = self._backend
         invalid_before: set[str] = set()
         try:
@@ -835,19 +1026,21 @@ class _YoyoSession:
                 statements = _plain_sql(migration)
                 if statements is not None:
                     with self._connection.cursor() as cursor:
-                        cursor.execute(self._in_one_round_trip(statements, migration))
+                        cursor.execute(self._in_one_round_trip(statements, migration, recording))
                 elif migration.use_transactions:
                     # One transaction: the migration's steps (as savepoints) and the row recording them.
                     with backend.transaction():
                         migration.process_steps(backend, "apply")
                         backend.log_migration(migration, "apply")
                         backend.mark_one(migration, log=False)
+                        backend.execute(self._record_checksum(migration, recording))
                 else:
                     invalid_before = self._invalid_indexes()
                     migration.process_steps(backend, "apply")
                     with backend.transaction():
                         backend.log_migration(migration, "apply")
                         backend.mark_one(migration, log=False)
+                        backend.execute(self._record_checksum(migration, recording))
         except psycopg2.Error as e:
             self._reset()
             failure = _classify_migration_error(e)
@@ -862,8 +1055,41 @@ class _YoyoSession:
             raise failure from None
         return True
 
-    def _in_one_round_trip(self, statements: Sequence[str], migration: Migration) -> str:
-        """BEGIN, the statements, yoyo's log and migration rows, COMMIT: one simple-query message.
+    def checksum_statements(
+        self,
+        migration_id: str,
+        old: str | None,
+        new: str,
+        service: str,
+        environment: str,
+        how: checksums.How,
+        reason: str | None,
+    ) -> list[str]:
+        with self._connection.cursor() as cursor:
+            return [
+                checksums.record_sql(cursor, migration_id, new, service, environment, how),
+                checksums.log_sql(cursor, migration_id, old, new, how, reason),
+            ]
+
+    def record(self, statements: Sequence[str]) -> None:
+        """Commit `statements` in one transaction (one round trip)."""
+        if not statements:
+            return
+        try:
+            with self._connection.cursor() as cursor:
+                cursor.execute(";\n".join(["BEGIN", *statements, "COMMIT"]))
+        except psycopg2.Error as e:
+            self._reset()
+            raise _classify_database_error(e) from None
+
+    def _record_checksum(self, migration: Migration, recording: _Recording) -> str:
+        with self._connection.cursor() as cursor:
+            return checksums.record_sql(
+                cursor, migration.id, recording.sha256, recording.service, recording.environment, checksums.How.APPLIED
+            )
+
+    def _in_one_round_trip(self, statements: Sequence[str], migration: Migration, recording: _Recording) -> str:
+        """BEGIN, the statements, yoyo's rows and fanout's checksum, COMMIT: one simple-query message.
 
         PostgreSQL stops at the first failing statement and leaves the transaction aborted,
         so either all of it commits or none of it; `_reset` rolls the aborted one back.
@@ -878,6 +1104,7 @@ class _YoyoSession:
             ):
                 query, params = change_param_style(psycopg2.paramstyle, backend.format_sql(template), values)
                 rows.append(cursor.mogrify(query, params).decode())
+        rows.append(self._record_checksum(migration, recording))
         # A newline before each ';': a statement may end in a -- comment.
         return "\n;\n".join(["BEGIN", *statements, *rows, "COMMIT"])
 

@@ -14,17 +14,24 @@ This module knows nothing of databases.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
+import json
+import logging
 import shutil
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fanout import lint
 from fanout.config import Environment, FolderLocation, S3Location
 from fanout.errors import SourceError
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -32,8 +39,8 @@ else:
     S3Client = Any
 
 FETCH_WORKERS = 16
-SQL_SUFFIX = ".sql"
-ROLLBACK_SUFFIX = ".rollback.sql"
+SQL_SUFFIX = lint.SQL_SUFFIX
+ROLLBACK_SUFFIX = lint.ROLLBACK_SUFFIX
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +74,9 @@ class MigrationSet:
     folder: Path
     # Objects under the prefix that are not migrations (wrong extension, nested): never applied.
     ignored: tuple[str, ...] = ()
+    # The release manifest the files were pinned by (fanout publish), if the prefix has one.
+    manifest: str | None = None
+    release: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,20 +117,178 @@ def s3_client(location: S3Location) -> S3Client:
         raise SourceError(f"cannot create an S3 client: {e}") from e
 
 
-def publish_folder(location: S3Location, folder: Path, services: Sequence[str], environment: str) -> list[str]:
-    """Upload `folder/<service>/<environment>/*.sql` to the bucket; returns the keys written."""
+MANIFEST_NAME = "_manifest.json"
+MANIFEST_SCHEMA = "fanout/manifest/v1"
+
+
+@dataclass(frozen=True, slots=True)
+class LocalFile:
+    name: str
+    data: bytes
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class PublishPlan:
+    """What publishing one service's folder would change in the bucket."""
+
+    service: str
+    environment: str
+    url: str
+    added: tuple[str, ...]
+    changed: tuple[str, ...]  # published with other content: refused unless forced
+    removed: tuple[str, ...]  # published, gone from the folder: refused unless forced
+    unchanged: tuple[str, ...]
+    problems: tuple[lint.Problem, ...]
+    files: tuple[LocalFile, ...] = field(repr=False, default=())
+    published_sha256: dict[str, str] = field(repr=False, default_factory=dict)
+
+    @property
+    def refused(self) -> tuple[str, ...]:
+        return self.changed + self.removed
+
+
+def plan_publish(location: S3Location, folder: Path, service: str, environment: str) -> PublishPlan:
+    """Compare `folder/<service>/<environment>/` with what is published; lint it. Writes nothing."""
+    local_folder = folder / service / environment
+    if not local_folder.is_dir():
+        raise SourceError(f"no local migrations for service {service!r} at {local_folder}")
+    files, nested = [], []
+    for path in sorted(local_folder.iterdir()):
+        if path.is_dir():
+            nested.append(path.name + "/")
+        elif path.is_file():
+            data = path.read_bytes()
+            files.append(LocalFile(path.name, data, hashlib.sha256(data).hexdigest()))
     client = s3_client(location)
-    written = []
-    for service in services:
-        local = folder / service / environment
-        if not local.is_dir():
-            raise SourceError(f"no local migrations for service {service!r} at {local}")
-        for path in sorted(local.glob(f"*{SQL_SUFFIX}")):
-            key = location.key_prefix(service, environment) + path.name
-            body = path.read_bytes()
-            _s3_call(location, functools.partial(client.put_object, Bucket=location.bucket, Key=key, Body=body))
-            written.append(key)
-    return written
+    prefix = location.key_prefix(service, environment)
+    published = _published(client, location, prefix)
+    problems = lint.lint(
+        {f.name: f.data for f in files},
+        folders=nested,
+        published=[name[: -len(SQL_SUFFIX)] for name in published if not name.endswith(ROLLBACK_SUFFIX)],
+    )
+    local = {f.name: f for f in files if f.name.endswith(SQL_SUFFIX)}
+    same = {
+        n: _same_content(client, location, prefix + n, etag, local[n]) for n, etag in published.items() if n in local
+    }
+    changed = tuple(n for n in local if n in published and not same[n])
+    removed = tuple(n for n in published if n not in local)
+    return PublishPlan(
+        service=service,
+        environment=environment,
+        url=location.url(service, environment),
+        added=tuple(n for n in local if n not in published),
+        changed=changed,
+        removed=removed,
+        unchanged=tuple(n for n in local if same.get(n)),
+        problems=tuple(problems),
+        files=tuple(local.values()),
+        published_sha256={n: hashlib.sha256(_get(client, location, prefix + n)).hexdigest() for n in changed + removed},
+    )
+
+
+def execute_publish(location: S3Location, plan: PublishPlan, *, force_reason: str | None, who: str) -> str:
+    """Upload what `plan` adds (and, forced, what it changes or removes), then the manifest. Returns its URL."""
+    client = s3_client(location)
+    prefix = location.key_prefix(plan.service, plan.environment)
+    if plan.refused and not force_reason:
+        raise SourceError("refusing to change published migrations without --force")
+    for file in plan.files:
+        if file.name in plan.added or file.name in plan.changed:
+            _s3_call(
+                location,
+                functools.partial(client.put_object, Bucket=location.bucket, Key=prefix + file.name, Body=file.data),
+            )
+    for name in plan.removed:
+        _s3_call(location, functools.partial(client.delete_object, Bucket=location.bucket, Key=prefix + name))
+    versions = _latest_versions(client, location, prefix)
+    manifest = {
+        "schema": MANIFEST_SCHEMA,
+        "release": _release_id(plan),
+        "service": plan.service,
+        "environment": plan.environment,
+        "published_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "published_by": who,
+        "files": [
+            {
+                "name": f.name,
+                "sha256": f.sha256,
+                "size": len(f.data),
+                "etag": versions.get(f.name, (None, None))[0],
+                "version_id": versions.get(f.name, (None, None))[1],
+            }
+            for f in plan.files
+        ],
+        "forced": [
+            {
+                "file": name,
+                "change": "changed" if name in plan.changed else "removed",
+                "old_sha256": plan.published_sha256.get(name),
+                "new_sha256": next((f.sha256 for f in plan.files if f.name == name), None),
+                "reason": force_reason,
+            }
+            for name in plan.refused
+        ],
+    }
+    body = json.dumps(manifest, indent=2).encode()
+    key = prefix + MANIFEST_NAME
+    _s3_call(
+        location,
+        functools.partial(
+            client.put_object, Bucket=location.bucket, Key=key, Body=body, ContentType="application/json"
+        ),
+    )
+    return f"s3://{location.bucket}/{key}"
+
+
+def _release_id(plan: PublishPlan) -> str:
+    """The same files give the same release id, whoever publishes them and when."""
+    digest = hashlib.sha256("\n".join(f"{f.name} {f.sha256}" for f in plan.files).encode()).hexdigest()
+    return digest[:16]
+
+
+def _published(client: S3Client, location: S3Location, prefix: str) -> dict[str, str]:
+    """Published .sql objects directly under `prefix`: name -> ETag."""
+    paginator = client.get_paginator("list_objects_v2")
+    found = {}
+    for page in _s3_iter(location, paginator.paginate(Bucket=location.bucket, Prefix=prefix, Delimiter="/")):
+        for obj in page.get("Contents", []):
+            name = obj["Key"][len(prefix) :]
+            if name.endswith(SQL_SUFFIX):
+                found[name] = obj["ETag"].strip('"')
+    return found
+
+
+def _same_content(client: S3Client, location: S3Location, key: str, etag: str, local: LocalFile) -> bool:
+    # A single-part upload's ETag is the MD5 of its content; only multipart objects need a GET.
+    if "-" not in etag:
+        return hashlib.md5(local.data, usedforsecurity=False).hexdigest() == etag
+    return hashlib.sha256(_get(client, location, key)).hexdigest() == local.sha256
+
+
+def _get(client: S3Client, location: S3Location, key: str) -> bytes:
+    def get() -> bytes:
+        body: bytes = client.get_object(Bucket=location.bucket, Key=key)["Body"].read()
+        return body
+
+    data: bytes = _s3_call(location, get)
+    return data
+
+
+def _latest_versions(client: S3Client, location: S3Location, prefix: str) -> dict[str, tuple[str, str | None]]:
+    """name -> (ETag, VersionId or None when the bucket is not versioned)."""
+    paginator = client.get_paginator("list_object_versions")
+    latest: dict[str, tuple[str, str | None]] = {}
+    for page in _s3_iter(location, paginator.paginate(Bucket=location.bucket, Prefix=prefix, Delimiter="/")):
+        for version in page.get("Versions", []):
+            if version.get("IsLatest"):
+                version_id = version.get("VersionId")
+                latest[version["Key"][len(prefix) :]] = (
+                    version["ETag"].strip('"'),
+                    None if version_id in (None, "null") else version_id,
+                )
+    return latest
 
 
 def _snapshot_folder(location: FolderLocation, environment: str, services: Sequence[str], workdir: Path) -> Snapshot:
@@ -149,7 +317,27 @@ def _snapshot_s3(location: S3Location, environment: str, services: Sequence[str]
     client = s3_client(location)
     listings = {service: _list(client, location, service, environment) for service in services}
     list_requests = sum(pages for _, _, pages in listings.values())
-    wanted = [(service, obj) for service, (objects, _, _) in listings.items() for obj in objects]
+    manifests = {
+        service: _manifest(client, location, location.key_prefix(service, environment))
+        for service, (_, ignored, _) in listings.items()
+        if MANIFEST_NAME in ignored
+    }
+    wanted = []
+    for service, (objects, _, _) in listings.items():
+        manifest = manifests.get(service)
+        if manifest is None:
+            wanted += [(service, obj) for obj in objects]
+            continue
+        listed = {obj["Key"] for obj in objects}
+        prefix = location.key_prefix(service, environment)
+        pinned = [_pinned_object(prefix, entry) for entry in manifest["files"]]
+        unpublished = sorted(listed - {obj["Key"] for obj in pinned})
+        if unpublished:
+            log.warning(
+                "service %r: %s in S3 but not in release %s: uploaded outside fanout publish, not applied",
+                service, ", ".join(k.rsplit("/", 1)[-1] for k in unpublished), manifest["release"],
+            )  # fmt: skip
+        wanted += [(service, obj) for obj in pinned]
     folders = {service: _service_folder(workdir, service) for service in services}
 
     def fetch(item: tuple[str, dict[str, Any]]) -> tuple[str, MigrationFile]:
@@ -163,15 +351,44 @@ def _snapshot_s3(location: S3Location, environment: str, services: Sequence[str]
     for service in services:
         files = [f for s, f in fetched if s == service]
         _, ignored, _ = listings[service]
-        sets.append(
-            _migration_set(service, environment, location.url(service, environment), files, folders[service], ignored)
+        migration_set = _migration_set(
+            service, environment, location.url(service, environment), files, folders[service], ignored
         )
+        manifest = manifests.get(service)
+        if manifest is not None:
+            url = f"s3://{location.bucket}/{location.key_prefix(service, environment)}{MANIFEST_NAME}"
+            migration_set = dataclasses.replace(migration_set, manifest=url, release=manifest["release"])
+        sets.append(migration_set)
     stats = FetchStats(
         list_requests=list_requests,
-        get_requests=len(fetched),
+        get_requests=len(fetched) + len(manifests),
         bytes_fetched=sum(f.size for _, f in fetched),
     )
     return Snapshot(tuple(sets), stats)
+
+
+def _manifest(client: S3Client, location: S3Location, prefix: str) -> dict[str, Any]:
+    key = prefix + MANIFEST_NAME
+    try:
+        manifest: dict[str, Any] = json.loads(_get(client, location, key))
+        if manifest.get("schema") != MANIFEST_SCHEMA:
+            raise ValueError(f"schema {manifest.get('schema')!r}")
+        for entry in manifest["files"]:
+            entry["name"], entry["sha256"]
+        manifest["release"] = str(manifest["release"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise SourceError(f"s3://{location.bucket}/{key} is not a fanout manifest ({type(e).__name__}: {e})") from None
+    return manifest
+
+
+def _pinned_object(prefix: str, entry: dict[str, Any]) -> dict[str, Any]:
+    """A manifest entry in the shape of a listing entry, carrying what pins it."""
+    return {
+        "Key": prefix + entry["name"],
+        "ETag": entry.get("etag") or "",
+        "VersionId": entry.get("version_id"),
+        "sha256": entry["sha256"],
+    }
 
 
 def _list(
@@ -203,19 +420,28 @@ def _list(
 def _fetch(client: S3Client, location: S3Location, obj: dict[str, Any], folder: Path) -> MigrationFile:
     key: str = obj["Key"]
     etag: str = obj["ETag"]
-    # IfMatch pins the object to the listing: an overwrite between LIST and GET fails loudly.
-    response = _s3_call(location, lambda: client.get_object(Bucket=location.bucket, Key=key, IfMatch=etag))
+    version_id: str | None = obj.get("VersionId")
+    if version_id:
+        # The exact version the release was published as, whatever was uploaded since.
+        pin: dict[str, str] = {"VersionId": version_id}
+    else:
+        # IfMatch pins the object to the listing (or manifest): an overwrite fails loudly.
+        pin = {"IfMatch": etag if etag.startswith('"') else f'"{etag}"'}
+    response = _s3_call(location, lambda: client.get_object(Bucket=location.bucket, Key=key, **pin))  # type: ignore[arg-type]
     data: bytes = response["Body"].read()
     plain_etag = etag.strip('"')
-    if "-" not in plain_etag and hashlib.md5(data, usedforsecurity=False).hexdigest() != plain_etag:
+    if plain_etag and "-" not in plain_etag and hashlib.md5(data, usedforsecurity=False).hexdigest() != plain_etag:
         raise SourceError(f"s3://{location.bucket}/{key}: content does not match its ETag (corrupted download)")
+    sha256 = hashlib.sha256(data).hexdigest()
+    if obj.get("sha256") and obj["sha256"] != sha256:
+        raise SourceError(f"s3://{location.bucket}/{key}: content differs from its release manifest")
     name = key.rsplit("/", 1)[-1]
     (folder / name).write_bytes(data)
     return MigrationFile(
         name=name,
         key=key,
         size=len(data),
-        sha256=hashlib.sha256(data).hexdigest(),
+        sha256=sha256,
         etag=plain_etag,
         version_id=response.get("VersionId"),
     )
@@ -270,10 +496,12 @@ def _s3_call(location: S3Location, call: Callable[[], Any]) -> Any:
         code = e.response.get("Error", {}).get("Code", "Unknown")
         messages = {
             "NoSuchBucket": f"bucket {location.bucket!r} does not exist",
+            "NoSuchKey": f"no such object in {where}",
             "AccessDenied": f"access denied to {where}",
             "InvalidAccessKeyId": f"the AWS access key is not valid for {where}",
             "SignatureDoesNotMatch": f"the AWS secret key is not valid for {where}",
-            "PreconditionFailed": f"an object under {where} changed while it was being read; run again",
+            "PreconditionFailed": f"an object under {where} changed since it was listed or published "
+            "(overwritten outside fanout publish?)",
         }
         raise SourceError(messages.get(code, f"S3 error {code} on {where}")) from None
     except NoCredentialsError:
@@ -326,3 +554,55 @@ def load_run_record(location: S3Location, environment: str, run_id: str) -> byte
 
     result: bytes | None = _s3_call(location, get)
     return result
+
+
+# ---- reports stored anywhere in S3 (--report-to, report merge) -------------------------
+
+
+def _split_s3_url(url: str) -> tuple[str, str]:
+    bucket, _, key = url.removeprefix("s3://").partition("/")
+    if not url.startswith("s3://") or not bucket:
+        raise SourceError(f"{url!r} is not an s3://bucket/key URL")
+    return bucket, key
+
+
+def _located(url: str, like: S3Location | None) -> tuple[S3Location, str]:
+    """The bucket of `url`, reached with the endpoint, region and profile of `like` (the environment's)."""
+    bucket, key = _split_s3_url(url)
+    location = dataclasses.replace(like, bucket=bucket) if like else S3Location(bucket=bucket)
+    return location, key
+
+
+def put_object(url: str, body: bytes, *, like: S3Location | None, content_type: str) -> None:
+    location, key = _located(url, like)
+    if not key or key.endswith("/"):
+        raise SourceError(f"{url!r} names a folder; give the object's full key")
+    client = s3_client(location)
+    _s3_call(
+        location,
+        functools.partial(client.put_object, Bucket=location.bucket, Key=key, Body=body, ContentType=content_type),
+    )
+
+
+def get_objects(url: str, *, like: S3Location | None, suffix: str) -> list[tuple[str, bytes]]:
+    """One object (s3://bucket/key) or every object under a prefix ending in / with `suffix`, as (url, body)."""
+    location, key = _located(url, like)
+    client = s3_client(location)
+    if key and not key.endswith("/"):
+        keys = [key]
+    else:
+        paginator = client.get_paginator("list_objects_v2")
+        keys = [
+            obj["Key"]
+            for page in _s3_iter(location, paginator.paginate(Bucket=location.bucket, Prefix=key))
+            for obj in page.get("Contents", ())
+            if obj["Key"].endswith(suffix)
+        ]
+        if not keys:
+            raise SourceError(f"no {suffix} object under {url}")
+
+    def get(one: str) -> bytes:
+        body: bytes = client.get_object(Bucket=location.bucket, Key=one)["Body"].read()
+        return body
+
+    return [(f"s3://{location.bucket}/{one}", _s3_call(location, functools.partial(get, one))) for one in keys]

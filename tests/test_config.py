@@ -105,7 +105,7 @@ def test_broken_migration_set_stops_the_run_before_any_shard_is_touched(fleet: F
     fleet.write_env()
     result = fleet.cli("apply", "--env", "test")
     assert result.exit_code == EXIT_SOURCE
-    _assert_one_line_error(result.stderr, "bad migration", "002-b.sql")
+    _assert_one_line_error(result.stderr, "lint error", "002-b.sql", "000-missing")
     assert fleet.tables(name) == set()
 
 

@@ -12,6 +12,7 @@ from conftest import MIGRATIONS, Fleet
 from yoyo import get_backend
 
 from fanout.errors import EXIT_OK, EXIT_TARGETS_FAILED
+from fanout.report import from_dict, to_dict
 
 SLOW = {
     "001-create-person.sql": "CREATE TABLE person (id SERIAL PRIMARY KEY, name TEXT NOT NULL);",
@@ -80,7 +81,9 @@ def test_a_live_fanout_lock_is_never_broken_and_its_owner_is_shown(fleet: Fleet)
     (row,) = json.loads(blocked.stdout)["results"]
     assert row["error"]["kind"] == "locked"
     assert run_id in row["error"]["message"]
-    (seen,) = json.loads(status.stdout)["results"]
+    status_report = json.loads(status.stdout)
+    assert to_dict(from_dict(status_report)) == status_report  # a lock holder reads back as written
+    (seen,) = status_report["results"]
     assert seen["lock_holder"] == {
         "pid": pid,
         "since": seen["lock_holder"]["since"],

@@ -7,6 +7,7 @@ import json
 from conftest import MIGRATIONS, Fleet
 
 from fanout.errors import EXIT_OK, EXIT_PENDING
+from fanout.report import from_dict, to_dict
 
 
 def _catalog(fleet: Fleet, database: str) -> list[tuple[object, ...]]:
@@ -112,17 +113,22 @@ def test_json_report_shape_is_pinned(fleet: Fleet) -> None:
     assert report["schema"] == "fanout/report/v1"
     assert set(report) == {
         "schema", "run_id", "command", "mode", "environment", "services", "started_at", "finished_at",
-        "duration_seconds", "exit_code", "interrupted", "resumed_from", "rollout", "totals", "source", "results",
+        "duration_seconds", "exit_code", "interrupted", "resumed_from", "slice", "parts", "missing_slices",
+        "rollout", "totals", "source", "results",
     }  # fmt: skip
     assert set(report["rollout"]) == {
         "concurrency", "per_server", "waves", "max_failures", "waves_run", "waves_planned", "stop_reason",
         "peak_in_flight", "peak_per_server", "connections_opened",
     }  # fmt: skip
     assert set(report["totals"]) == {"targets", "results", "by_status", "migrations_applied", "migrations_pending"}
-    assert set(report["totals"]["by_status"]) == {"up-to-date", "pending", "applied", "failed", "skipped"}
+    assert set(report["totals"]["by_status"]) == {"up-to-date", "pending", "applied", "failed", "drifted", "skipped"}
     assert set(report["results"][0]) == {
         "target", "service", "status", "server", "database", "schema", "tenants", "initialized",
         "applied_before", "ran", "pending", "lock_holder", "broken_lock", "retries", "error", "seconds",
+        "drift", "unverified",
     }  # fmt: skip
+    assert set(report["source"]["sets"][0]) == {"service", "url", "manifest", "release", "files"}
     assert set(report["source"]["sets"][0]["files"][0]) == {"name", "sha256", "size", "etag", "version_id"}
     assert report["exit_code"] == 0
+    # A stored report reads back into the same model (report merge relies on it).
+    assert to_dict(from_dict(report)) == report

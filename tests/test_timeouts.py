@@ -10,6 +10,7 @@ import psycopg2
 from conftest import MIGRATIONS, Fleet
 
 from fanout.errors import EXIT_OK, EXIT_TARGETS_FAILED
+from fanout.report import from_dict, to_dict
 
 ALTER_PERSON = {
     "004-rename.sql": "-- depends: 003-create-order\nALTER TABLE person ADD COLUMN nickname TEXT;",
@@ -40,7 +41,9 @@ def test_a_migration_behind_a_long_transaction_fails_fast_after_visible_retries(
         blocker.close()
 
     assert result.exit_code == EXIT_TARGETS_FAILED
-    (row,) = json.loads(result.stdout)["results"]
+    report = json.loads(result.stdout)
+    assert to_dict(from_dict(report)) == report  # errors and retries read back as they were written
+    (row,) = report["results"]
     assert row["error"]["kind"] == "lock-timeout"
     assert row["error"]["migration"] == "004-rename"
     assert "lock timeout" in row["error"]["message"]

@@ -1,0 +1,130 @@
+"""Content checksums per shard: what exactly was applied, so an edited migration cannot hide.
+
+yoyo identifies a migration by a hash of its id, not of its content: a file edited after
+it was applied goes unnoticed. fanout records the sha256 of every migration it applies
+in `fanout_checksums`, next to yoyo's tables and in the same transaction as yoyo's own
+record, together with the service and environment it came from. Comparing those rows
+with the migration set of a run finds drift:
+
+- changed: applied with other content than the set now has;
+- missing: fanout applied it for this service and environment, and the set no longer has it;
+- foreign: applied from another environment's set.
+
+`accept` adopts the current content of a drifted migration (logged in
+`fanout_checksum_log` with who and why); `baseline` adopts a fleet migrated before
+fanout by recording the current content of what is applied, without running anything.
+Every function takes a psycopg2 connection or cursor; this module knows nothing of yoyo.
+"""
+
+from __future__ import annotations
+
+import getpass
+import socket
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from fanout.report import Drift, DriftKind
+
+TABLE = "fanout_checksums"
+LOG_TABLE = "fanout_checksum_log"
+
+CREATE_SQL = (
+    f'CREATE TABLE IF NOT EXISTS "{TABLE}" ('
+    '"migration_id" TEXT PRIMARY KEY, "sha256" TEXT NOT NULL, "service" TEXT NOT NULL, '
+    '"environment" TEXT NOT NULL, "recorded_at" TIMESTAMP NOT NULL, "how" TEXT NOT NULL)'
+)
+CREATE_LOG_SQL = (
+    f'CREATE TABLE IF NOT EXISTS "{LOG_TABLE}" ('
+    '"id" BIGSERIAL PRIMARY KEY, "migration_id" TEXT NOT NULL, "old_sha256" TEXT, "new_sha256" TEXT NOT NULL, '
+    '"action" TEXT NOT NULL, "reason" TEXT, "by" TEXT NOT NULL, "at" TIMESTAMP NOT NULL)'
+)
+WHO = f"{getpass.getuser()}@{socket.gethostname()}"
+
+
+class How(StrEnum):
+    APPLIED = "applied"  # fanout ran it
+    ACCEPTED = "accepted"  # an operator adopted new content for it (fanout accept)
+    BASELINED = "baselined"  # applied before fanout, adopted as it is now (fanout baseline)
+    RETIRED = "retired"  # accepted although no longer in the set: never reported as missing again
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    migration_id: str
+    sha256: str
+    service: str
+    environment: str
+    how: str
+
+
+def read(cursor: Any, *, exists: bool | None = None) -> dict[str, Recorded]:
+    """Every recorded checksum of the shard; empty when the table does not exist (yet)."""
+    if exists is None:
+        cursor.execute("SELECT to_regclass(%s) IS NOT NULL", (f'"{TABLE}"',))
+        exists = bool(cursor.fetchone()[0])
+    if not exists:
+        return {}
+    cursor.execute(f'SELECT "migration_id", "sha256", "service", "environment", "how" FROM "{TABLE}"')
+    return {row[0]: Recorded(*row) for row in cursor.fetchall()}
+
+
+def record_sql(cursor: Any, migration_id: str, sha256: str, service: str, environment: str, how: How) -> str:
+    """The statement that records (or replaces) a checksum, for inclusion in a larger transaction."""
+    sql: bytes = cursor.mogrify(
+        f'INSERT INTO "{TABLE}" ("migration_id", "sha256", "service", "environment", "recorded_at", "how") '
+        'VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT ("migration_id") DO UPDATE SET '
+        '"sha256" = EXCLUDED."sha256", "service" = EXCLUDED."service", "environment" = EXCLUDED."environment", '
+        '"recorded_at" = EXCLUDED."recorded_at", "how" = EXCLUDED."how"',
+        (migration_id, sha256, service, environment, _now(), how.value),
+    )
+    return sql.decode()
+
+
+def log_sql(cursor: Any, migration_id: str, old: str | None, new: str, action: How, reason: str | None) -> str:
+    sql: bytes = cursor.mogrify(
+        f'INSERT INTO "{LOG_TABLE}" ("migration_id", "old_sha256", "new_sha256", "action", "reason", "by", "at") '
+        "VALUES (%s, %s, %s, %s, %s, %s, %s)",
+        (migration_id, old, new, action.value, reason, WHO, _now()),
+    )
+    return sql.decode()
+
+
+def compare(
+    recorded: dict[str, Recorded],
+    *,
+    service: str,
+    environment: str,
+    applied_ids: set[str],
+    current: dict[str, str],
+) -> tuple[list[Drift], list[str]]:
+    """Drift of one service on one shard, and the applied migrations with no checksum (unverified).
+
+    `current` maps the set's migration ids to their sha256; `applied_ids` are those of them
+    yoyo has recorded as applied on the shard.
+    """
+    findings: list[Drift] = []
+    for row in recorded.values():
+        if row.service != service or row.how == How.RETIRED:
+            continue
+        if row.environment != environment:
+            findings.append(
+                Drift(row.migration_id, DriftKind.FOREIGN, row.sha256, current.get(row.migration_id),
+                        f"applied from environment {row.environment!r}")
+            )  # fmt: skip
+        elif row.migration_id not in current:
+            findings.append(
+                Drift(row.migration_id, DriftKind.MISSING, row.sha256, None, "applied, no longer in the migration set")
+            )
+        elif row.migration_id in applied_ids and row.sha256 != current[row.migration_id]:
+            findings.append(
+                Drift(row.migration_id, DriftKind.CHANGED, row.sha256, current[row.migration_id],
+                        f"applied as {row.sha256[:12]}, the set now has {current[row.migration_id][:12]}")
+            )  # fmt: skip
+    unverified = sorted(m for m in applied_ids if m not in recorded)
+    return findings, unverified
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
