@@ -122,6 +122,32 @@ report_to_option = click.option(
 )
 
 
+def read_only_options(command: F) -> F:
+    """The options plan, status and verify share."""
+    for option in reversed(
+        (env_option, service_option, format_option, concurrency_option, slice_option, output_option, report_to_option)
+    ):
+        command = option(command)
+    return command
+
+
+def _read_only(
+    verb: Callable[..., RunReport],
+    env: Environment,
+    services: tuple[str, ...],
+    fmt: str,
+    concurrency: int | None,
+    slice_: str | None,
+    destinations: tuple[str, ...],
+    *,
+    detailed: bool = False,
+) -> NoReturn:
+    settings = commands.RunSettings(concurrency=concurrency, slice=slice_)
+    with signals_handled(Interrupt()) as interrupt:
+        report = verb(env, services, settings=settings, interrupt=interrupt)
+    _emit(report, fmt, detailed=detailed, env=env, destinations=destinations)
+
+
 def _format_for(destination: str, fmt: str) -> str:
     return "json" if destination.endswith(".json") else fmt
 
@@ -188,13 +214,7 @@ def _configure_logging(verbose: int) -> None:
 
 
 @cli.command()
-@env_option
-@service_option
-@format_option
-@concurrency_option
-@slice_option
-@output_option
-@report_to_option
+@read_only_options
 @click.option(
     "--detailed-exitcode",
     is_flag=True,
@@ -220,10 +240,7 @@ def plan(
     Example:
       fanout plan --env staging --detailed-exitcode || [ $? -eq 10 ]
     """
-    settings = commands.RunSettings(concurrency=concurrency, slice=slice_)
-    with signals_handled(Interrupt()) as interrupt:
-        report = commands.plan(env, services, settings=settings, interrupt=interrupt)
-    _emit(report, fmt, detailed=detailed_exitcode, env=env, destinations=outputs + report_to)
+    _read_only(commands.plan, env, services, fmt, concurrency, slice_, outputs + report_to, detailed=detailed_exitcode)
 
 
 lock_wait_option = click.option(
@@ -360,13 +377,7 @@ def unlock(env: Environment, fmt: str, target_ids: tuple[str, ...], force: bool)
 
 
 @cli.command()
-@env_option
-@service_option
-@format_option
-@concurrency_option
-@slice_option
-@output_option
-@report_to_option
+@read_only_options
 @_guarded
 def status(
     env: Environment,
@@ -383,10 +394,7 @@ def status(
     Example:
       fanout status --env staging --format json | jq '.totals'
     """
-    settings = commands.RunSettings(concurrency=concurrency, slice=slice_)
-    with signals_handled(Interrupt()) as interrupt:
-        report = commands.status(env, services, settings=settings, interrupt=interrupt)
-    _emit(report, fmt, env=env, destinations=outputs + report_to)
+    _read_only(commands.status, env, services, fmt, concurrency, slice_, outputs + report_to)
 
 
 @cli.command()
@@ -543,13 +551,7 @@ def demo(ctx: click.Context, migrations_dir: Path) -> None:
 
 
 @cli.command()
-@env_option
-@service_option
-@format_option
-@concurrency_option
-@slice_option
-@output_option
-@report_to_option
+@read_only_options
 @_guarded
 def verify(
     env: Environment,
@@ -571,10 +573,7 @@ def verify(
     Example:
       fanout verify --env production --format json --output verify.json
     """
-    settings = commands.RunSettings(concurrency=concurrency, slice=slice_)
-    with signals_handled(Interrupt()) as interrupt:
-        report = commands.verify(env, services, settings=settings, interrupt=interrupt)
-    _emit(report, fmt, env=env, destinations=outputs + report_to)
+    _read_only(commands.verify, env, services, fmt, concurrency, slice_, outputs + report_to)
 
 
 def _emit_adoptions(results: list[runner.Adoption], fmt: str) -> NoReturn:

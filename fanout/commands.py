@@ -66,10 +66,7 @@ def plan(
     interrupt: Interrupt | None = None,
 ) -> RunReport:
     """What apply would run, per target. Read-only: no table, no lock, no write, on any shard."""
-    options = _options(env, Mode.PLAN, settings)
-    return _run_on(
-        env, services, "plan", options, None, part=_slice(settings), on_result=on_result, interrupt=interrupt
-    )
+    return _read_only(env, services, "plan", settings, on_result, interrupt)
 
 
 def status(
@@ -81,10 +78,7 @@ def status(
     interrupt: Interrupt | None = None,
 ) -> RunReport:
     """Applied and pending migrations and lock holders per target; read-only like plan."""
-    options = _options(env, Mode.PLAN, settings)
-    return _run_on(
-        env, services, "status", options, None, part=_slice(settings), on_result=on_result, interrupt=interrupt
-    )
+    return _read_only(env, services, "status", settings, on_result, interrupt)
 
 
 def verify(
@@ -100,9 +94,20 @@ def verify(
     Its exit code gates a pipeline: 0 only when every shard has every migration applied,
     each with the checksum of the set's content, and nothing drifted.
     """
+    return _read_only(env, services, "verify", settings, on_result, interrupt)
+
+
+def _read_only(
+    env: Environment,
+    services: Sequence[str],
+    command: str,
+    settings: RunSettings,
+    on_result: ResultCallback | None,
+    interrupt: Interrupt | None,
+) -> RunReport:
     options = _options(env, Mode.PLAN, settings)
     return _run_on(
-        env, services, "verify", options, None, part=_slice(settings), on_result=on_result, interrupt=interrupt
+        env, services, command, options, None, part=_slice(settings), on_result=on_result, interrupt=interrupt
     )
 
 

@@ -1033,14 +1033,14 @@ class _YoyoSession:
                         migration.process_steps(backend, "apply")
                         backend.log_migration(migration, "apply")
                         backend.mark_one(migration, log=False)
-                        backend.execute(self._record_checksum(migration, recording))
+                        self._execute(self._record_checksum(migration, recording))
                 else:
                     invalid_before = self._invalid_indexes()
                     migration.process_steps(backend, "apply")
                     with backend.transaction():
                         backend.log_migration(migration, "apply")
                         backend.mark_one(migration, log=False)
-                        backend.execute(self._record_checksum(migration, recording))
+                        self._execute(self._record_checksum(migration, recording))
         except psycopg2.Error as e:
             self._reset()
             failure = _classify_migration_error(e)
@@ -1081,6 +1081,11 @@ class _YoyoSession:
         except psycopg2.Error as e:
             self._reset()
             raise _classify_database_error(e) from None
+
+    def _execute(self, statement: str) -> None:
+        # Not backend.execute(): it passes {} as parameters, and psycopg2 would then read % in the text.
+        with self._connection.cursor() as cursor:
+            cursor.execute(statement)
 
     def _record_checksum(self, migration: Migration, recording: _Recording) -> str:
         with self._connection.cursor() as cursor:

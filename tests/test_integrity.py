@@ -204,3 +204,23 @@ def test_an_object_overwritten_in_s3_during_an_apply_does_not_reach_the_later_sh
         assert checksum_rows(fleet, name)["003-create-order"][0] == original
     # The next run sees the overwrite as what it is: drift.
     assert report_of(fleet, "plan", "--env", "test")[0] == EXIT_TARGETS_FAILED
+
+
+def test_checksums_are_recorded_on_both_apply_paths_whatever_the_text_holds(fleet: Fleet) -> None:
+    """The one-round-trip path and yoyo's step path (non-transactional) both record; % is only text."""
+    (name,) = fleet.add_databases(1)
+    files = {
+        **MIGRATIONS,
+        "004-seed-50%.sql": "-- depends: 003-create-order\nINSERT INTO person (name) VALUES ('100%'), ('%(x)s');",
+        "005-index-%s.sql": "-- depends: 004-seed-50%\n-- transactional: false\n"
+        "CREATE INDEX CONCURRENTLY person_name_idx ON person (name);",
+    }
+    fleet.publish(files)
+    fleet.write_env()
+    result = fleet.cli("apply", "--env", "test")
+    assert result.exit_code == EXIT_OK, result.output
+    rows = checksum_rows(fleet, name)
+    assert rows["004-seed-50%"][0] == sha(files["004-seed-50%.sql"])
+    assert rows["005-index-%s"][0] == sha(files["005-index-%s.sql"])
+    assert fleet.query(name, "SELECT name FROM person ORDER BY name") == [("%(x)s",), ("100%",)]
+    assert fleet.cli("verify", "--env", "test").exit_code == EXIT_OK
