@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,12 +17,15 @@ from fanout import commands, runner
 from fanout.config import Environment, load_environment
 from fanout.config import environments_dir as default_environments_dir
 from fanout.errors import EXIT_INTERNAL, EXIT_OK, EXIT_TARGETS_FAILED, FanoutError
+from fanout.formats import FORMATS, format_for, render
 from fanout.interrupt import Interrupt, signals_handled
 from fanout.locking import UnlockOutcome
-from fanout.report import RunReport, exit_code, render, to_dict
+from fanout.progress import Progress, shown
+from fanout.report import RunReport, exit_code, to_dict
 from fanout.secret import RedactingFilter, redact
 
 F = TypeVar("F", bound=Callable[..., Any])
+STEP_SUMMARY_VARIABLE = "GITHUB_STEP_SUMMARY"
 
 EXIT_CODES_HELP = """\b
 Exit codes:
@@ -88,7 +92,13 @@ service_option = click.option(
     help="Only this service (repeatable). Default: every service of the environment, in its order.",
 )
 format_option = click.option(
-    "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True, help="Report format."
+    "--format",
+    "fmt",
+    type=click.Choice(FORMATS),
+    default="text",
+    show_default=True,
+    help="Report format on stdout: text, json, markdown (PR comments), junit (CI test reports), "
+    "html (the fleet view: shards by migrations).",
 )
 concurrency_option = click.option(
     "--concurrency",
@@ -143,13 +153,17 @@ def _read_only(
     detailed: bool = False,
 ) -> NoReturn:
     settings = commands.RunSettings(concurrency=concurrency, slice=slice_)
-    with signals_handled(Interrupt()) as interrupt:
-        report = verb(env, services, settings=settings, interrupt=interrupt)
+    with signals_handled(Interrupt()) as interrupt, shown(_progress()) as progress:
+        report = verb(env, services, settings=settings, interrupt=interrupt, **_callbacks(progress))
     _emit(report, fmt, detailed=detailed, env=env, destinations=destinations)
 
 
-def _format_for(destination: str, fmt: str) -> str:
-    return "json" if destination.endswith(".json") else fmt
+def _progress() -> Progress:
+    return Progress(log_format=click.get_current_context().obj.get("log_format", "text"))
+
+
+def _callbacks(progress: Progress | None) -> dict[str, Any]:
+    return {} if progress is None else {"on_start": progress.start, "on_result": progress.result}
 
 
 def _emit(
@@ -162,11 +176,19 @@ def _emit(
 ) -> NoReturn:
     click.echo(render(report, fmt, detailed=detailed, color=sys.stdout.isatty() and fmt == "text"), nl=fmt == "json")
     code = exit_code(report, detailed=detailed)
+    summary = os.environ.get(STEP_SUMMARY_VARIABLE)
+    if summary:
+        # On GitHub Actions the job page shows the markdown report without a step of its own.
+        destinations = (*destinations, summary)
     for destination in destinations:
         try:
-            where = commands.store_report(
-                render(report, _format_for(destination, fmt), detailed=detailed), destination, env
-            )
+            chosen = "markdown" if destination == summary else format_for(destination, fmt)
+            text = render(report, chosen, detailed=detailed)
+            if destination == summary:
+                with open(summary, "a", encoding="utf-8") as handle:
+                    handle.write(text + "\n")
+                continue
+            where = commands.store_report(text, destination, env)
             click.echo(f"report written to {where}", err=True)
         except FanoutError as e:
             # The run itself is over; say so, and fail a pipeline that counted on the stored report.
@@ -183,9 +205,16 @@ def _emit(
     help="Where ENV.toml files live [default: $FANOUT_ENVIRONMENTS_DIR, else ./environments].",
 )
 @click.option("-v", "--verbose", count=True, help="More logging on stderr (-vv for debug).")
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="stderr as text (a live progress bar on a terminal, lines otherwise) or JSON lines (events and logs).",
+)
 @click.version_option(package_name="fanout")
 @click.pass_context
-def cli(ctx: click.Context, environments_dir: Path | None, verbose: int) -> None:
+def cli(ctx: click.Context, environments_dir: Path | None, verbose: int, log_format: str) -> None:
     """Apply SQL migrations stored in S3 to every shard of a fleet, under a lock, many at once.
 
     \b
@@ -195,13 +224,25 @@ def cli(ctx: click.Context, environments_dir: Path | None, verbose: int) -> None
     """
     ctx.ensure_object(dict)
     ctx.obj["environments_dir"] = environments_dir or default_environments_dir()
-    _configure_logging(verbose)
+    ctx.obj["log_format"] = log_format
+    _configure_logging(verbose, log_format)
 
 
-def _configure_logging(verbose: int) -> None:
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps(
+            {"event": "log", "time": round(record.created, 3), "level": record.levelname.lower(),
+             "logger": record.name, "message": record.getMessage()}
+        )  # fmt: skip
+
+
+def _configure_logging(verbose: int, log_format: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(RedactingFilter())
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if log_format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -331,8 +372,11 @@ def apply(
         fail_fast=fail_fast,
         slice=slice_,
     )
-    with signals_handled(Interrupt()) as interrupt:
-        report = commands.apply(env, services, settings=settings, interrupt=interrupt, resume=resume, runs_dir=runs_dir)
+    with signals_handled(Interrupt()) as interrupt, shown(_progress()) as progress:
+        report = commands.apply(
+            env, services, settings=settings, interrupt=interrupt, resume=resume, runs_dir=runs_dir,
+            **_callbacks(progress),
+        )  # fmt: skip
     _emit(report, fmt, env=env, destinations=outputs + report_to)
 
 

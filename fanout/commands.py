@@ -31,6 +31,7 @@ from fanout.report import from_dict as report_from_dict
 from fanout.rollout import WHOLE_FLEET, FailureBudget, Limits, Slice, Waves
 
 ResultCallback = Callable[[TargetResult], None]
+StartCallback = Callable[[int, list[int]], None]  # (targets, wave sizes)
 log = logging.getLogger(__name__)
 
 
@@ -63,10 +64,11 @@ def plan(
     *,
     settings: RunSettings = RunSettings(),
     on_result: ResultCallback | None = None,
+    on_start: StartCallback | None = None,
     interrupt: Interrupt | None = None,
 ) -> RunReport:
     """What apply would run, per target. Read-only: no table, no lock, no write, on any shard."""
-    return _read_only(env, services, "plan", settings, on_result, interrupt)
+    return _read_only(env, services, "plan", settings, on_result, on_start, interrupt)
 
 
 def status(
@@ -75,10 +77,11 @@ def status(
     *,
     settings: RunSettings = RunSettings(),
     on_result: ResultCallback | None = None,
+    on_start: StartCallback | None = None,
     interrupt: Interrupt | None = None,
 ) -> RunReport:
     """Applied and pending migrations and lock holders per target; read-only like plan."""
-    return _read_only(env, services, "status", settings, on_result, interrupt)
+    return _read_only(env, services, "status", settings, on_result, on_start, interrupt)
 
 
 def verify(
@@ -87,6 +90,7 @@ def verify(
     *,
     settings: RunSettings = RunSettings(),
     on_result: ResultCallback | None = None,
+    on_start: StartCallback | None = None,
     interrupt: Interrupt | None = None,
 ) -> RunReport:
     """Check every shard's applied set and checksums against the published set. Read-only.
@@ -94,7 +98,7 @@ def verify(
     Its exit code gates a pipeline: 0 only when every shard has every migration applied,
     each with the checksum of the set's content, and nothing drifted.
     """
-    return _read_only(env, services, "verify", settings, on_result, interrupt)
+    return _read_only(env, services, "verify", settings, on_result, on_start, interrupt)
 
 
 def _read_only(
@@ -103,12 +107,14 @@ def _read_only(
     command: str,
     settings: RunSettings,
     on_result: ResultCallback | None,
+    on_start: StartCallback | None,
     interrupt: Interrupt | None,
 ) -> RunReport:
     options = _options(env, Mode.PLAN, settings)
     return _run_on(
-        env, services, command, options, None, part=_slice(settings), on_result=on_result, interrupt=interrupt
-    )
+        env, services, command, options, None, part=_slice(settings), on_result=on_result, on_start=on_start,
+        interrupt=interrupt,
+    )  # fmt: skip
 
 
 def accept(
@@ -166,6 +172,7 @@ def apply(
     *,
     settings: RunSettings = RunSettings(),
     on_result: ResultCallback | None = None,
+    on_start: StartCallback | None = None,
     interrupt: Interrupt | None = None,
     resume: str | None = None,
     runs_dir: Path | None = None,
@@ -194,6 +201,7 @@ def apply(
         targets,
         part=part,
         on_result=on_result,
+        on_start=on_start,
         interrupt=interrupt,
         expected_sources=expected,
         resumed_from=resume,
@@ -355,6 +363,7 @@ def _run_on(
     *,
     part: Slice = WHOLE_FLEET,
     on_result: ResultCallback | None = None,
+    on_start: StartCallback | None = None,
     interrupt: Interrupt | None = None,
     expected_sources: dict[str, dict[str, str]] | None = None,
     resumed_from: str | None = None,
@@ -377,6 +386,7 @@ def _run_on(
             environment=env.name,
             command=command,
             on_result=on_result,
+            on_start=on_start,
             interrupt=interrupt,
             resumed_from=resumed_from,
         )

@@ -146,12 +146,19 @@ def run(
     environment: str,
     command: str,
     on_result: Callable[[TargetResult], None] | None = None,
+    on_start: Callable[[int, list[int]], None] | None = None,
     interrupt: Interrupt | None = None,
     resumed_from: str | None = None,
 ) -> RunReport:
-    """Run `options.mode` on every target; a target's failure is a result, never an exception."""
+    """Run `options.mode` on every target; a target's failure is a result, never an exception.
+
+    `on_start(targets, wave sizes)` and `on_result(result)` report progress; `on_result` is
+    called from worker threads.
+    """
     started_at = datetime.now(UTC)
     plans = load(snapshot.sets)
+    if on_start is not None:
+        on_start(len(targets), options.limits.waves.sizes(len(targets)))
     interrupt = interrupt or Interrupt()
     connections = itertools.count()
 
