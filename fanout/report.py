@@ -524,7 +524,7 @@ def render_text(report: RunReport, *, width: int = 120, color: bool = False) -> 
     rows = list(report.results)
     summarized = len(rows) > TEXT_ROW_LIMIT
     if summarized:
-        rows = [r for r in rows if r.status in _NOT_DONE][:TEXT_ROW_LIMIT]
+        rows = [r for r in rows if r.status in _NOT_DONE]  # every one of them, however many
     if rows:
         table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
         for column in ("target", "service", "status", "applied", "pending", "detail"):

@@ -199,3 +199,26 @@ def test_a_progress_bar_on_a_terminal_is_erased_before_the_report() -> None:
     drawn = stream.getvalue()
     assert "2/2" in drawn and "wave 2/2" in drawn  # targets done/total and the current wave
     assert drawn.endswith("\x1b[2K")  # transient: the last thing written erases the bar
+
+
+def test_text_summarizes_a_large_fleet_but_lists_every_failure() -> None:
+    from datetime import UTC, datetime
+
+    from fanout.formats import render
+    from fanout.report import ErrorKind, Mode, RunReport, Status, TargetError, TargetResult
+
+    results = [
+        TargetResult(target=f"ok-{n}", service="app", status=Status.UP_TO_DATE, server="s", database="d")
+        for n in range(100)
+    ] + [
+        TargetResult(target=f"bad-{n}", service="app", status=Status.FAILED, server="s", database="d",
+                     error=TargetError(ErrorKind.UNREACHABLE, f"connection refused {n}"))
+        for n in range(45)
+    ]  # fmt: skip
+    now = datetime.now(UTC)
+    report = RunReport(run_id="r", command="apply", mode=Mode.APPLY, environment="prod", services=("app",),
+                       started_at=now, finished_at=now, results=tuple(results), target_count=145)  # fmt: skip
+    text = render(report, "text")
+    assert "(145 results; only failed, drifted and skipped ones are listed)" in text
+    assert all(f"connection refused {n}" in text for n in range(45))  # more than the 40-row limit, all there
+    assert "ok-1 " not in text
