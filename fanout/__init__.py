@@ -3,7 +3,7 @@
 The library is the product; `fanout.cli` is a thin layer over these functions.
 """
 
-from fanout.commands import apply, plan, publish, shards, status
+from fanout.commands import accept, apply, baseline, merge_reports, plan, publish, shards, status, verify
 from fanout.config import Environment, load_environment
 from fanout.directory import Target
 from fanout.errors import ConfigError, DirectoryError, FanoutError, SourceError
@@ -20,11 +20,15 @@ __all__ = [
     "Status",
     "Target",
     "TargetResult",
+    "accept",
     "apply",
+    "baseline",
     "exit_code",
     "load_environment",
+    "merge_reports",
     "plan",
     "publish",
     "shards",
     "status",
+    "verify",
 ]
