@@ -176,24 +176,20 @@ def _emit(
 ) -> NoReturn:
     click.echo(render(report, fmt, detailed=detailed, color=sys.stdout.isatty() and fmt == "text"), nl=fmt == "json")
     code = exit_code(report, detailed=detailed)
-    summary = os.environ.get(STEP_SUMMARY_VARIABLE)
-    if summary:
-        # On GitHub Actions the job page shows the markdown report without a step of its own.
-        destinations = (*destinations, summary)
     for destination in destinations:
         try:
-            chosen = "markdown" if destination == summary else format_for(destination, fmt)
-            text = render(report, chosen, detailed=detailed)
-            if destination == summary:
-                with open(summary, "a", encoding="utf-8") as handle:
-                    handle.write(text + "\n")
-                continue
+            text = render(report, format_for(destination, fmt), detailed=detailed)
             where = commands.store_report(text, destination, env)
             click.echo(f"report written to {where}", err=True)
         except FanoutError as e:
             # The run itself is over; say so, and fail a pipeline that counted on the stored report.
             click.echo(f"fanout: error: the report was not stored: {redact(str(e))}", err=True)
             code = code or e.exit_code
+    summary = os.environ.get(STEP_SUMMARY_VARIABLE)
+    if summary:
+        # On GitHub Actions the job page shows the markdown report without a step of its own.
+        with open(summary, "a", encoding="utf-8") as handle:
+            handle.write(render(report, "markdown", detailed=detailed) + "\n")
     sys.exit(code)
 
 

@@ -399,7 +399,7 @@ def _run_on(
 def store_report(text: str, destination: str, env: Environment | None) -> str:
     """Write a rendered report to a local file or an s3:// URL (reached like the environment's bucket)."""
     if destination.startswith("s3://"):
-        like = env.source if env is not None and isinstance(env.source, S3Location) else None
+        like = _s3_settings(env)
         content_type = "application/json" if destination.endswith(".json") else "text/plain; charset=utf-8"
         source.put_object(destination, text.encode(), like=like, content_type=content_type)
         return destination
@@ -412,13 +412,18 @@ def store_report(text: str, destination: str, env: Environment | None) -> str:
     return str(path)
 
 
+def _s3_settings(env: Environment | None) -> S3Location | None:
+    """The environment's S3 settings (endpoint, region, profile), to reach any bucket the same way."""
+    return env.source if env is not None and isinstance(env.source, S3Location) else None
+
+
 def merge_reports(locations: Sequence[str], env: Environment | None = None) -> RunReport:
     """One fleet report from the JSON reports (or run records) of the slices of one release.
 
     Each location is a file, a folder (its *.json), an s3://bucket/key or an s3://bucket/prefix/.
     Raises ConfigError when a report cannot be read or the reports do not belong together.
     """
-    like = env.source if env is not None and isinstance(env.source, S3Location) else None
+    like = _s3_settings(env)
     bodies: list[tuple[str, bytes]] = []
     for location in locations:
         if location.startswith("s3://"):

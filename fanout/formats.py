@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from fanout.report import (
+    Mode,
     RunReport,
     Status,
     TargetResult,
+    describe,
     exit_code,
     render_json,
     render_text,
@@ -218,45 +220,27 @@ def render_markdown(report: RunReport, *, detailed: bool = False) -> str:
     if problems:
         out += [f"**Needs attention ({len(problems)})**", "", "| target | service | status | detail |",
                 "|---|---|---|---|"]  # fmt: skip
-        out += [_md_row(r) for r in problems]
+        out += [_md_row(r, report.mode) for r in problems]
         out.append("")
     rows = [r for r in report.results if r not in problems]
     if rows:
         shown = rows[:MARKDOWN_ROW_LIMIT]
         out += [f"<details><summary>{len(rows)} other result(s)</summary>", "",
                 "| target | service | status | detail |", "|---|---|---|---|"]  # fmt: skip
-        out += [_md_row(r) for r in shown]
+        out += [_md_row(r, report.mode) for r in shown]
         if len(rows) > len(shown):
             out.append(f"| … | | | {len(rows) - len(shown)} more in the JSON report |")
         out += ["", "</details>", ""]
     return redact("\n".join(out))
 
 
-def _md_row(result: TargetResult) -> str:
+def _md_row(result: TargetResult, mode: Mode) -> str:
     return (f"| {_md(result.target)} | {_md(result.service)} | {_ICONS[result.status]} {result.status.value} | "
-            f"{_md(_detail(result))} |")  # fmt: skip
+            f"{_md(describe(result, mode))} |")  # fmt: skip
 
 
 def _md(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
-
-
-def _detail(result: TargetResult) -> str:
-    parts = []
-    if result.error is not None:
-        where = f"{result.error.file}: " if result.error.file else ""
-        parts.append(f"{result.error.kind.value}: {where}{result.error.message}")
-    if result.drift:
-        parts.append("drift: " + ", ".join(f"{d.migration} ({d.kind.value})" for d in result.drift))
-    if result.ran:
-        parts.append("ran " + ", ".join(m.id for m in result.ran))
-    if result.pending:
-        parts.append(f"{len(result.pending)} pending")
-    if result.lock_holder is not None:
-        parts.append(f"locked by {result.lock_holder.describe()}")
-    if result.unverified:
-        parts.append(f"{len(result.unverified)} unverified")
-    return "; ".join(parts)
 
 
 # ---- JUnit XML ---------------------------------------------------------------------------
@@ -276,15 +260,15 @@ def render_junit(report: RunReport) -> str:
                 time=f"{result.seconds:.3f}",
             )  # fmt: skip
             counts["tests"] += 1
+            output = describe(result, report.mode)
             if result.status in (Status.FAILED, Status.DRIFTED):
                 counts["failures"] += 1
                 kind = result.error.kind.value if result.error else "drift"
-                failure = ET.SubElement(case, "failure", type=kind, message=_detail(result)[:500])
-                failure.text = _detail(result)
+                failure = ET.SubElement(case, "failure", type=kind, message=output[:500])
+                failure.text = output
             elif result.status is Status.SKIPPED:
                 counts["skipped"] += 1
-                ET.SubElement(case, "skipped", message=_detail(result)[:500] or "not attempted")
-            output = _detail(result)
+                ET.SubElement(case, "skipped", message=output[:500] or "not attempted")
             if output:
                 ET.SubElement(case, "system-out").text = output
         for key in ("tests", "failures", "skipped"):

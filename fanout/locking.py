@@ -77,7 +77,7 @@ def create_tables(connection: Any, *, schema: str | None, extra: Sequence[str] =
         '"host" TEXT NOT NULL, "run_id" TEXT NOT NULL, "backend_pid" INT NOT NULL)',
         *extra,
     ]
-    _in_one_transaction(connection, setup)
+    in_one_transaction(connection, setup)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +138,7 @@ def release(connection: Any, me: Owner) -> None:
                 f'DELETE FROM "{OWNER_TABLE}" WHERE "pid" = %s AND "run_id" = %s', (me.pid, me.run_id)
             ).decode(),
         ]
-    _in_one_transaction(connection, statements, then=f"SELECT pg_advisory_unlock({_HELD}, {_SCHEMA_KEY})")
+    in_one_transaction(connection, statements, then=f"SELECT pg_advisory_unlock({_HELD}, {_SCHEMA_KEY})")
 
 
 def read_holder(connection: Any) -> LockHolder | None:
@@ -245,14 +245,17 @@ def _unlock_advisory(cursor: Any) -> None:
     cursor.execute(f"SELECT pg_advisory_unlock(%s, {_SCHEMA_KEY})", (_HELD,))
 
 
-def _in_one_transaction(connection: Any, statements: list[str], *, then: str | None = None) -> None:
-    """BEGIN; statements; COMMIT (and `then`, after the commit) as one simple-query message.
+def in_one_transaction(connection: Any, statements: Sequence[str], *, then: str | None = None) -> None:
+    """BEGIN; statements; COMMIT (and `then`, after the commit) as one simple-query message: one round trip.
 
-    The server stops at the first error and leaves the transaction aborted; roll it back.
+    The server stops at the first error and leaves the transaction aborted; it is rolled
+    back here before the error propagates, so either all of it commits or none of it.
     """
+    # A newline before each ';': a statement may end in a -- comment.
+    message = "\n;\n".join(["BEGIN", *statements, "COMMIT", *([then] if then else [])])
     with connection.cursor() as cursor:
         try:
-            cursor.execute(";\n".join(["BEGIN", *statements, "COMMIT", *([then] if then else [])]))
+            cursor.execute(message)
         except BaseException:
             _rollback_quietly(connection)
             raise

@@ -536,7 +536,7 @@ def render_text(report: RunReport, *, width: int = 120, color: bool = False) -> 
                 f"[{_STYLES[r.status]}]{r.status.value}[/]",
                 str(len(r.applied_before) + len(r.ran)),
                 str(len(r.pending)),
-                _detail(r, report.mode),
+                describe(r, report.mode),
             )
         console.print(table)
     if summarized:
@@ -560,7 +560,8 @@ def render_text(report: RunReport, *, width: int = 120, color: bool = False) -> 
     return redact(buffer.getvalue())
 
 
-def _detail(result: TargetResult, mode: Mode) -> str:
+def describe(result: TargetResult, mode: Mode) -> str:
+    """One line on what happened to a result: its error, else drift, runs, pending, locks, retries."""
     if result.error is not None:
         where = f"{result.error.file}: " if result.error.file else ""
         retried = f" (after {len(result.retries)} retries)" if result.retries else ""

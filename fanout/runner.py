@@ -1032,8 +1032,8 @@ class _YoyoSession:
             with self._interrupt.cancellable(self._connection):
                 statements = _plain_sql(migration)
                 if statements is not None:
-                    with self._connection.cursor() as cursor:
-                        cursor.execute(self._in_one_round_trip(statements, migration, recording))
+                    # The statements and the rows recording them, in one transaction and one round trip.
+                    locking.in_one_transaction(self._connection, [*statements, *self._records(migration, recording)])
                 elif migration.use_transactions:
                     # One transaction: the migration's steps (as savepoints) and the row recording them.
                     with backend.transaction():
@@ -1083,10 +1083,8 @@ class _YoyoSession:
         if not statements:
             return
         try:
-            with self._connection.cursor() as cursor:
-                cursor.execute(";\n".join(["BEGIN", *statements, "COMMIT"]))
+            locking.in_one_transaction(self._connection, statements)
         except psycopg2.Error as e:
-            self._reset()
             raise _classify_database_error(e) from None
 
     def _execute(self, statement: str) -> None:
@@ -1100,12 +1098,8 @@ class _YoyoSession:
                 cursor, migration.id, recording.sha256, recording.service, recording.environment, checksums.How.APPLIED
             )
 
-    def _in_one_round_trip(self, statements: Sequence[str], migration: Migration, recording: _Recording) -> str:
-        """BEGIN, the statements, yoyo's rows and fanout's checksum, COMMIT: one simple-query message.
-
-        PostgreSQL stops at the first failing statement and leaves the transaction aborted,
-        so either all of it commits or none of it; `_reset` rolls the aborted one back.
-        """
+    def _records(self, migration: Migration, recording: _Recording) -> list[str]:
+        """yoyo's `_yoyo_log` and `_yoyo_migration` rows and fanout's checksum row, as statements."""
         backend = self._backend
         marked = {"migration_hash": migration.hash, "migration_id": migration.id, "when": _utc_now()}
         rows = []
@@ -1117,8 +1111,7 @@ class _YoyoSession:
                 query, params = change_param_style(psycopg2.paramstyle, backend.format_sql(template), values)
                 rows.append(cursor.mogrify(query, params).decode())
         rows.append(self._record_checksum(migration, recording))
-        # A newline before each ';': a statement may end in a -- comment.
-        return "\n;\n".join(["BEGIN", *statements, *rows, "COMMIT"])
+        return rows
 
     def _invalid_indexes(self) -> set[str]:
         """Indexes a failed CREATE INDEX CONCURRENTLY leaves behind, marked INVALID."""
@@ -1143,9 +1136,6 @@ class _YoyoSession:
         try:
             if self._backend._in_transaction:
                 self._backend.rollback()
-            elif self._connection.info.transaction_status != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
-                with self._connection.cursor() as cursor:  # aborted inside a one-round-trip migration
-                    cursor.execute("ROLLBACK")
         except psycopg2.Error:
             pass
 

@@ -600,9 +600,4 @@ def get_objects(url: str, *, like: S3Location | None, suffix: str) -> list[tuple
         ]
         if not keys:
             raise SourceError(f"no {suffix} object under {url}")
-
-    def get(one: str) -> bytes:
-        body: bytes = client.get_object(Bucket=location.bucket, Key=one)["Body"].read()
-        return body
-
-    return [(f"s3://{location.bucket}/{one}", _s3_call(location, functools.partial(get, one))) for one in keys]
+    return [(f"s3://{location.bucket}/{one}", _get(client, location, one)) for one in keys]
