@@ -23,7 +23,9 @@ which only reads and works inside a read-only transaction.
 
 from __future__ import annotations
 
+import os
 import socket
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -44,6 +46,10 @@ _HELD = 1717661295  # "fano"
 _SETUP = 1717661296
 _SCHEMA_KEY = "hashtext(coalesce(current_schema(), ''))"
 HOSTNAME = socket.gethostname()
+# Test-only: seconds to sleep before each message of the lock's acquisition and release, so a
+# test can prove that no interleaving with a plain yoyo lets both believe they hold the lock.
+PAUSE_VARIABLE = "FANOUT_TEST_LOCK_PAUSE"
+_PAUSE = float(os.environ.get(PAUSE_VARIABLE) or 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,22 +96,37 @@ class Attempt:
 
 
 def try_acquire(connection: Any, me: Owner) -> Attempt:
-    """Take the shard lock if it is free or provably stale; never waits."""
+    """Take the shard lock if it is free or provably stale; never waits.
+
+    Nothing is deleted that was not read under this transaction's row lock: a free lock is
+    taken by a bare INSERT, so a plain yoyo that inserts its row after our read makes the
+    INSERT fail on the primary key (or wait for yoyo's commit, then fail) instead of losing
+    its row to an unconditional DELETE while both believe they hold the lock.
+    """
     with connection.cursor() as cursor:
-        cursor.execute(f"SELECT pg_try_advisory_lock(%s, {_SCHEMA_KEY})", (_HELD,))
+        _send(cursor, f"SELECT pg_try_advisory_lock(%s, {_SCHEMA_KEY})", (_HELD,))
         row = cursor.fetchone()
         if not row or not row[0]:
             return Attempt(False, holder=_current_holder(cursor, alive=True))
         try:
             holder = _current_holder(cursor, alive=False, for_update=True, after="BEGIN")
             if holder is not None and holder.run_id is None:
-                cursor.execute("ROLLBACK")
+                _send(cursor, "ROLLBACK")
                 _unlock_advisory(cursor)
                 return Attempt(False, holder=holder)  # plain yoyo: alive or not, nothing proves it
             # Either free, or held by a fanout session that has ended (we hold its advisory lock).
             since = me.since or datetime.now(UTC).replace(tzinfo=None)
-            take = [
-                f'DELETE FROM "{YOYO_LOCK_TABLE}"',
+            take = []
+            if holder is not None:
+                # Exactly the row read FOR UPDATE above (it cannot have changed since).
+                take.append(
+                    cursor.mogrify(
+                        f'DELETE FROM "{YOYO_LOCK_TABLE}" WHERE "pid" = %s AND "ctime" IS NOT DISTINCT FROM %s',
+                        (holder.pid, holder.since),
+                    ).decode()
+                )
+            take += [
+                # Owner rows are written only under the advisory lock we now hold: any left is stale.
                 f'DELETE FROM "{OWNER_TABLE}"',
                 cursor.mogrify(
                     f'INSERT INTO "{YOYO_LOCK_TABLE}" ("locked", "ctime", "pid") VALUES (1, %s, %s)', (since, me.pid)
@@ -117,9 +138,9 @@ def try_acquire(connection: Any, me: Owner) -> Attempt:
                 ).decode(),
                 "COMMIT",
             ]
-            cursor.execute(";\n".join(take))
+            _send(cursor, ";\n".join(take))
         except psycopg2.errors.UniqueViolation:
-            # A plain yoyo inserted its row between our read and our insert.
+            # A plain yoyo inserted its row between our read and our insert: it holds the lock.
             cursor.execute("ROLLBACK")
             _unlock_advisory(cursor)
             return Attempt(False, holder=None)
@@ -138,6 +159,7 @@ def release(connection: Any, me: Owner) -> None:
                 f'DELETE FROM "{OWNER_TABLE}" WHERE "pid" = %s AND "run_id" = %s', (me.pid, me.run_id)
             ).decode(),
         ]
+    _pause()
     in_one_transaction(connection, statements, then=f"SELECT pg_advisory_unlock({_HELD}, {_SCHEMA_KEY})")
 
 
@@ -205,16 +227,17 @@ def _current_holder(
     `after` is a statement sent in the same round trip, before the first read (a BEGIN).
     """
     query = f'SELECT "pid", "ctime" FROM "{YOYO_LOCK_TABLE}"' + (" FOR UPDATE" if for_update else "")
-    cursor.execute(f"{after};\n{query}" if after else query)
+    _send(cursor, f"{after};\n{query}" if after else query)
     row = cursor.fetchone()
     if row is None:
         return None
     pid, since = row
-    cursor.execute("SELECT to_regclass(%s) IS NOT NULL", (f'"{OWNER_TABLE}"',))
+    _send(cursor, "SELECT to_regclass(%s) IS NOT NULL", (f'"{OWNER_TABLE}"',))
     has_owner_table = bool(cursor.fetchone()[0])
     owner = None
     if has_owner_table:
-        cursor.execute(
+        _send(
+            cursor,
             f'SELECT "host", "run_id", "backend_pid" FROM "{OWNER_TABLE}" WHERE "pid" = %s AND "ctime" = %s',
             (pid, since),
         )
@@ -242,7 +265,18 @@ def _other_sessions(cursor: Any) -> int:
 
 
 def _unlock_advisory(cursor: Any) -> None:
-    cursor.execute(f"SELECT pg_advisory_unlock(%s, {_SCHEMA_KEY})", (_HELD,))
+    _send(cursor, f"SELECT pg_advisory_unlock(%s, {_SCHEMA_KEY})", (_HELD,))
+
+
+def _pause() -> None:
+    if _PAUSE:
+        time.sleep(_PAUSE)
+
+
+def _send(cursor: Any, query: str, params: Sequence[Any] | None = None) -> None:
+    """One message of the lock protocol (after the test-only pause)."""
+    _pause()
+    cursor.execute(query, params)
 
 
 def in_one_transaction(connection: Any, statements: Sequence[str], *, then: str | None = None) -> None:

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import MIGRATIONS, Fleet
 from yoyo import get_backend
 
 from fanout.errors import EXIT_OK, EXIT_TARGETS_FAILED
+from fanout.locking import PAUSE_VARIABLE
 from fanout.report import from_dict, to_dict
 
 SLOW = {
@@ -201,3 +207,79 @@ def test_owner_liveness_is_read_right_for_a_schema_whose_hash_is_negative(fleet:
     assert row["schema"] == schema
     assert row["lock_holder"]["alive"] is True
     assert holder.returncode == EXIT_OK
+
+
+RACE_ROUNDS = int(os.environ.get("FANOUT_LOCK_RACE_ROUNDS", "10"))
+# A real yoyo taking and releasing its lock in a loop. Inside its lock it opens a witness row, looks
+# for a fanout lock row (there must be none), and closes the witness; fanout's migration looks for an
+# open witness (there must be none). Either sighting means both held the lock at once.
+YOYO_LOOP = """\
+import os, random, sys, time
+import psycopg2
+from yoyo import get_backend
+
+dsn, stop = sys.argv[1], sys.argv[2]
+backend = get_backend(dsn)
+witness = psycopg2.connect(dsn)
+witness.autocommit = True
+cursor = witness.cursor()
+rng = random.Random(os.getpid())
+while not os.path.exists(stop):
+    with backend.lock(timeout=120):
+        cursor.execute("INSERT INTO witness (saw_fanout) VALUES ((SELECT count(*) > 0 FROM fanout_lock)) RETURNING id")
+        (row,) = cursor.fetchone()
+        time.sleep(rng.uniform(0, 0.08))
+        cursor.execute(
+            "UPDATE witness SET saw_fanout = saw_fanout OR (SELECT count(*) > 0 FROM fanout_lock), ended = true "
+            "WHERE id = %s", (row,))
+    time.sleep(rng.uniform(0, 0.3))
+"""
+
+
+def test_fanout_and_a_real_yoyo_never_both_hold_the_lock_with_a_pause_between_every_message(
+    fleet: Fleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every message of fanout's acquisition and release is delayed, so a looping yoyo lands in every gap."""
+    (name,) = fleet.add_databases(1)
+    fleet.publish(MIGRATIONS)
+    fleet.write_env()
+    assert fleet.cli("apply", "--env", "test").exit_code == EXIT_OK
+    fleet.query(name, "CREATE TABLE witness (id SERIAL PRIMARY KEY, saw_fanout BOOLEAN NOT NULL, ended BOOLEAN)")
+    script, stop = tmp_path / "yoyo_loop.py", tmp_path / "stop"
+    script.write_text(YOYO_LOOP)
+    dsn = fleet.dsn(name, password=fleet.postgres.password.reveal())
+    yoyo = subprocess.Popen([sys.executable, str(script), dsn, str(stop)], stderr=subprocess.PIPE, text=True)
+    monkeypatch.setenv(PAUSE_VARIABLE, "0.1")
+    outcomes: dict[str, int] = {"applied": 0, "locked": 0}
+    previous = "003-create-order"
+    try:
+        wait_for(lambda: fleet.query(name, "SELECT 1 FROM witness"))
+        for round_number in range(RACE_ROUNDS):
+            migration = f"{round_number + 100:03d}-round"
+            check = "DO $$ BEGIN IF EXISTS (SELECT 1 FROM witness WHERE ended IS NULL) THEN " \
+                    "RAISE EXCEPTION 'a plain yoyo holds the lock too'; END IF; END $$;"  # fmt: skip
+            fleet.publish({f"{migration}.sql": f"-- depends: {previous}\n{check}\nSELECT pg_sleep(0.1);\n{check}"})
+            process = fleet.spawn("apply", "--env", "test", "--lock-wait", "15", "--format", "json")
+            stdout, stderr = process.communicate(timeout=120)
+            (row,) = json.loads(stdout)["results"]
+            assert row["status"] in ("applied", "failed"), stderr
+            if row["status"] == "failed":
+                assert row["error"]["kind"] == "locked", row["error"]
+                outcomes["locked"] += 1
+                fleet.s3.client().delete_object(
+                    Bucket=fleet.bucket, Key=f"migrations/app/test/{migration}.sql"
+                )  # fanout never got in: take the next round without it
+            else:
+                outcomes["applied"] += 1
+                previous = migration
+    finally:
+        stop.touch()
+        yoyo.communicate(timeout=180)
+
+    assert yoyo.returncode == 0
+    witnessed = fleet.query(name, "SELECT count(*), count(*) FILTER (WHERE saw_fanout) FROM witness")
+    (yoyo_holds, both) = witnessed[0]
+    print(f"\n{RACE_ROUNDS} rounds against a looping yoyo: fanout {outcomes}, yoyo held the lock {yoyo_holds} times")
+    assert both == 0, "yoyo saw fanout's lock row while it held its own"
+    assert outcomes["applied"] > 0 and yoyo_holds > RACE_ROUNDS
+    assert fleet.query(name, "SELECT count(*) FROM yoyo_lock") == [(0,)]
