@@ -71,9 +71,15 @@ def _load_env(ctx: click.Context, _param: click.Parameter, value: str | None) ->
     if value is None:
         return None
     try:
-        return load_environment(value, search_dir=ctx.obj["environments_dir"])
+        env = load_environment(value, search_dir=ctx.obj["environments_dir"])
     except FanoutError as e:
         _fail(e)
+    if env.named_after_file:
+        # The name picks the S3 prefix and the run records: say where it came from.
+        click.echo(
+            f'fanout: environment {env.name!r}, from the file name of {env.path} (set name = "..." in it)', err=True
+        )
+    return env
 
 
 env_option = click.option(

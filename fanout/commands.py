@@ -423,11 +423,11 @@ def merge_reports(locations: Sequence[str], env: Environment | None = None) -> R
     Each location is a file, a folder (its *.json), an s3://bucket/key or an s3://bucket/prefix/.
     Raises ConfigError when a report cannot be read or the reports do not belong together.
     """
-    like = _s3_settings(env)
     bodies: list[tuple[str, bytes]] = []
     for location in locations:
         if location.startswith("s3://"):
-            bodies += source.get_objects(location, like=like, suffix=".json")
+            # Read the environment's source only here: merging local files needs none of its variables.
+            bodies += source.get_objects(location, like=_s3_settings(env), suffix=".json")
             continue
         path = Path(location)
         files = sorted(path.glob("*.json")) if path.is_dir() else [path]

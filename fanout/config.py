@@ -1,7 +1,9 @@
 """Environment files: `environments/<env>.toml` -> a validated, frozen `Environment`.
 
-Strings may reference environment variables as `${NAME}` (`$${` writes a literal `${`);
-they are resolved when the file is loaded, so secrets never live in the repository.
+Strings may reference environment variables as `${NAME}` (`$${` writes a literal `${`),
+so secrets never live in the repository. They are resolved when the file is loaded; a
+variable of the `[source]` or `[directory]` table that is not set is an error only when
+a command reads that table, so `publish` (source only) does not need shard passwords.
 Values that carry credentials (DSNs, tokens) become `Secret`s at once.
 """
 
@@ -12,7 +14,7 @@ import re
 import tomllib
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -28,6 +30,10 @@ DEFAULT_ENVIRONMENTS_DIR = Path("environments")
 
 _VARIABLE = re.compile(r"\$(\$)?\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _SERVICE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+# An environment's name is part of S3 keys and of local paths (.fanout/runs/<env>/).
+_ENVIRONMENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+# Tables resolved only when a command reads them: a missing variable there is deferred.
+_DEFERRED_TABLES = ("source", "directory")
 
 
 # ---- the public, frozen model -------------------------------------------------------
@@ -146,13 +152,41 @@ class RunnerSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class Unresolved:
+    """A table of the file that names an environment variable that is not set."""
+
+    path: Path
+    where: str
+    variable: str
+
+    def error(self) -> ConfigError:
+        return ConfigError(f"{self.path}: {self.where}: environment variable {self.variable} is not set")
+
+
+@dataclass(frozen=True, slots=True)
 class Environment:
     name: str
     path: Path
     services: tuple[str, ...]
-    source: S3Location | FolderLocation
-    directory: DirectoryConfig
+    source_table: S3Location | FolderLocation | Unresolved = field(repr=False)
+    directory_table: DirectoryConfig | Unresolved = field(repr=False)
     runner: RunnerSettings
+    # True when nothing in the file named the environment and its file name was taken.
+    named_after_file: bool = False
+
+    @property
+    def source(self) -> S3Location | FolderLocation:
+        """Where migrations live. Raises ConfigError when the table names a variable that is not set."""
+        if isinstance(self.source_table, Unresolved):
+            raise self.source_table.error()
+        return self.source_table
+
+    @property
+    def directory(self) -> DirectoryConfig:
+        """How to list the shards. Raises ConfigError when the table names a variable that is not set."""
+        if isinstance(self.directory_table, Unresolved):
+            raise self.directory_table.error()
+        return self.directory_table
 
     def select_services(self, requested: Sequence[str] = ()) -> tuple[str, ...]:
         """The requested services in the environment's order (all of them when none is asked for)."""
@@ -252,10 +286,18 @@ class _Runner(_Strict):
 
 
 class _EnvironmentFile(_Strict):
+    name: str | None = None
     services: Annotated[tuple[Annotated[str, Field(pattern=_SERVICE_NAME)], ...], Field(min_length=1)]
-    source: _Source
-    directory: _Directory
+    # Validated on their own (below), so that one with an unset variable can wait for a command that reads it.
+    source: dict[str, Any]
+    directory: dict[str, Any]
     runner: _Runner = _Runner()
+
+
+_SOURCE = pydantic.TypeAdapter(_Source)
+_DIRECTORY: pydantic.TypeAdapter[_StaticDirectory | _HttpDirectory | _SqlDirectory | _PgCatDirectory] = (
+    pydantic.TypeAdapter(_Directory)
+)
 
 
 # ---- loading ------------------------------------------------------------------------
@@ -265,9 +307,13 @@ def environments_dir() -> Path:
     return Path(os.environ.get(ENVIRONMENTS_DIR_VARIABLE, DEFAULT_ENVIRONMENTS_DIR))
 
 
+def _is_path(name_or_path: str) -> bool:
+    return name_or_path.endswith(".toml") or os.sep in name_or_path
+
+
 def resolve_environment_path(name_or_path: str, search_dir: Path | None = None) -> Path:
     """`demo` -> environments/demo.toml; a path ending in .toml is taken as it is."""
-    if name_or_path.endswith(".toml") or os.sep in name_or_path:
+    if _is_path(name_or_path):
         path = Path(name_or_path)
         if not path.is_file():
             raise ConfigError(f"environment file {path} does not exist")
@@ -287,7 +333,13 @@ def load_environment(
     search_dir: Path | None = None,
     variables: Mapping[str, str] | None = None,
 ) -> Environment:
-    """Read, interpolate and validate an environment file. Raises ConfigError, touching nothing."""
+    """Read, interpolate and validate an environment file. Raises ConfigError, touching nothing.
+
+    The environment's name is the file's `name` key, else the file's name without `.toml`;
+    a file asked for by name (`--env staging`) must not name itself otherwise. A `[source]`
+    or `[directory]` table that uses an unset variable is checked when a command reads it
+    (`Environment.source`, `Environment.directory` raise the ConfigError then).
+    """
     path = resolve_environment_path(name_or_path, search_dir)
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -295,12 +347,59 @@ def load_environment(
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read: {e}") from None
-    resolved = _interpolate(raw, os.environ if variables is None else variables, path, ())
+    values = os.environ if variables is None else variables
+    resolved: dict[str, Any] = {}
+    unresolved: dict[str, Unresolved] = {}
+    for key, value in raw.items():
+        missing: list[tuple[tuple[str | int, ...], str]] = []
+        resolved[key] = _interpolate(value, values, path, (key,), missing)
+        if missing:
+            where, variable = missing[0]
+            if key not in _DEFERRED_TABLES or not isinstance(value, dict):
+                raise Unresolved(path, _location(where), variable).error()
+            unresolved[key] = Unresolved(path, _location(where), variable)
     try:
         parsed = _EnvironmentFile.model_validate(resolved)
     except pydantic.ValidationError as e:
         raise ConfigError(f"{path}: {_describe(e)}") from None
-    return _build(parsed, path)
+    name = _name(parsed.name, path, name_or_path)
+    services = _services(parsed.services, path)
+    location = unresolved.get("source") or _build_source(_validated(_SOURCE, parsed.source, "source", path), path)
+    directory = unresolved.get("directory") or _build_directory(
+        _validated(_DIRECTORY, parsed.directory, "directory", path), path
+    )
+    return Environment(
+        name=name,
+        path=path,
+        services=services,
+        source_table=location,
+        directory_table=directory,
+        runner=_build_runner(parsed.runner, path),
+        named_after_file=parsed.name is None and _is_path(name_or_path),
+    )
+
+
+def _name(key: str | None, path: Path, asked: str) -> str:
+    if key is not None and not _ENVIRONMENT_NAME.match(key):
+        raise ConfigError(
+            f"{path}: name: {key!r} is not a valid environment name "
+            "(letters, digits, '_', '.', '-', starting with a letter or digit; at most 63)"
+        )
+    if key is None and not _ENVIRONMENT_NAME.match(path.stem):
+        raise ConfigError(
+            f"{path}: the file name {path.stem!r} is not a valid environment name; "
+            'name the environment in the file (name = "...")'
+        )
+    if key is not None and not _is_path(asked) and key != asked:
+        raise ConfigError(f"{path}: name: the file names environment {key!r}, not {asked!r}")
+    return key or path.stem
+
+
+def _validated(adapter: pydantic.TypeAdapter[Any], value: dict[str, Any], table: str, path: Path) -> Any:
+    try:
+        return adapter.validate_python(value)
+    except pydantic.ValidationError as e:
+        raise ConfigError(f"{path}: {_describe(e, prefix=(table,))}") from None
 
 
 def interpolate(text: str, *, what: str, variables: Mapping[str, str] | None = None) -> str:
@@ -308,11 +407,18 @@ def interpolate(text: str, *, what: str, variables: Mapping[str, str] | None = N
     return str(_interpolate(text, os.environ if variables is None else variables, Path(what), ()))
 
 
-def _interpolate(value: Any, variables: Mapping[str, str], path: Path, where: tuple[str | int, ...]) -> Any:
+def _interpolate(
+    value: Any,
+    variables: Mapping[str, str],
+    path: Path,
+    where: tuple[str | int, ...],
+    missing: list[tuple[tuple[str | int, ...], str]] | None = None,
+) -> Any:
+    """Resolve ${NAME}s; an unset one raises ConfigError, or is noted in `missing` when it is given."""
     if isinstance(value, dict):
-        return {k: _interpolate(v, variables, path, (*where, k)) for k, v in value.items()}
+        return {k: _interpolate(v, variables, path, (*where, k), missing) for k, v in value.items()}
     if isinstance(value, list):
-        return [_interpolate(v, variables, path, (*where, i)) for i, v in enumerate(value)]
+        return [_interpolate(v, variables, path, (*where, i), missing) for i, v in enumerate(value)]
     if not isinstance(value, str):
         return value
 
@@ -321,7 +427,10 @@ def _interpolate(value: Any, variables: Mapping[str, str], path: Path, where: tu
         if escaped:
             return "${" + name + "}"
         if name not in variables:
-            raise ConfigError(f"{path}: {_location(where)}: environment variable {name} is not set")
+            if missing is None:
+                raise ConfigError(f"{path}: {_location(where)}: environment variable {name} is not set")
+            missing.append((where, name))
+            return ""
         return variables[name]
 
     return _VARIABLE.sub(substitute, value)
@@ -334,11 +443,11 @@ def _location(where: Sequence[str | int]) -> str:
     return text or "(top level)"
 
 
-def _describe(error: pydantic.ValidationError) -> str:
+def _describe(error: pydantic.ValidationError, prefix: tuple[str, ...] = ()) -> str:
     # Built from loc and msg only: pydantic's own str() echoes input values, which may be secrets.
     problems = []
     for item in error.errors(include_input=False, include_url=False):
-        parts = [p if isinstance(p, int) else str(p) for p in item["loc"]]
+        parts = [*prefix, *(p if isinstance(p, int) else str(p) for p in item["loc"])]
         if parts[:1] == ["directory"] and parts[1:2] and parts[1] in _DIRECTORY_KINDS:
             parts.pop(1)  # pydantic names the union member; the file has no such level
         loc = _location(parts)
@@ -351,42 +460,38 @@ def _describe(error: pydantic.ValidationError) -> str:
     return "; ".join(problems)
 
 
-def _build(parsed: _EnvironmentFile, path: Path) -> Environment:
-    source = parsed.source
+def _build_source(source: _Source, path: Path) -> S3Location | FolderLocation:
     if (source.bucket is None) == (source.folder is None):
         raise ConfigError(f"{path}: source: set exactly one of 'bucket' (S3) or 'folder' (local)")
-    location: S3Location | FolderLocation
     if source.folder is not None:
         extras = [k for k in ("region", "endpoint_url", "profile") if getattr(source, k)]
         if extras or source.prefix:
             raise ConfigError(f"{path}: source: {', '.join(extras or ['prefix'])} only apply to an S3 source")
         folder = Path(source.folder)
-        location = FolderLocation(folder if folder.is_absolute() else (path.parent / folder).resolve())
-    else:
-        assert source.bucket is not None
-        location = S3Location(
-            bucket=source.bucket,
-            prefix=source.prefix.strip("/"),
-            region=source.region,
-            endpoint_url=source.endpoint_url or None,
-            profile=source.profile,
-        )
-    if len(set(parsed.services)) != len(parsed.services):
+        return FolderLocation(folder if folder.is_absolute() else (path.parent / folder).resolve())
+    assert source.bucket is not None
+    return S3Location(
+        bucket=source.bucket,
+        prefix=source.prefix.strip("/"),
+        region=source.region,
+        endpoint_url=source.endpoint_url or None,
+        profile=source.profile,
+    )
+
+
+def _services(services: tuple[str, ...], path: Path) -> tuple[str, ...]:
+    if len(set(services)) != len(services):
         raise ConfigError(f"{path}: services: a service is listed twice")
-    directory = _build_directory(parsed.directory, path)
-    runner = RunnerSettings(**parsed.runner.model_dump())
+    return services
+
+
+def _build_runner(parsed: _Runner, path: Path) -> RunnerSettings:
+    runner = RunnerSettings(**parsed.model_dump())
     if runner.waves is not None:
         Waves.parse(runner.waves, what=f"{path}: [runner] waves")
     if runner.max_failures is not None:
         FailureBudget.parse(runner.max_failures, what=f"{path}: [runner] max_failures")
-    return Environment(
-        name=path.stem,
-        path=path,
-        services=parsed.services,
-        source=location,
-        directory=directory,
-        runner=runner,
-    )
+    return runner
 
 
 def _secret(value: str | None) -> Secret | None:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import textwrap
+from pathlib import Path
+
 import pytest
 from conftest import MIGRATIONS, Fleet
 
@@ -131,8 +135,14 @@ def test_variables_are_interpolated_and_dollar_dollar_escapes(tmp_path) -> None:
     assert env.source.prefix == "p${LITERAL}"  # type: ignore[union-attr]
     assert env.name == "x"
     assert "s3cret-pw" not in repr(env)
-    with pytest.raises(ConfigError, match="PORT is not set"):
-        load_environment(str(path), variables={"SUFFIX": "x", "PW": "y"})
+    # An unset variable of [directory] is an error when the directory is read, not before.
+    partial = load_environment(str(path), variables={"SUFFIX": "x", "PW": "y"})
+    assert partial.source.bucket == "b-x"  # type: ignore[union-attr]
+    with pytest.raises(ConfigError, match=r"directory\.targets\[0\]\.dsn: environment variable PORT is not set"):
+        partial.directory  # noqa: B018
+    with pytest.raises(ConfigError, match=r"services\[0\]: environment variable NOPE is not set"):
+        path.write_text(path.read_text().replace('["s"]', '["${NOPE}"]'))
+        load_environment(str(path), variables={"SUFFIX": "x", "PW": "y", "PORT": "1"})
 
 
 def test_an_environment_without_targets_is_refused(fleet: Fleet) -> None:
@@ -169,3 +179,87 @@ def test_every_example_environment_file_is_valid() -> None:
         ("sharded_db/shard-0", "shard-0.internal", "shard0", "migrator"),
         ("sharded_db/shard-1", "shard-1.internal", "shard1", "migrator"),
     ]
+
+
+def test_publish_and_report_merge_need_only_the_variables_of_the_source(
+    fleet: Fleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    names = fleet.add_databases(2)
+    fleet.publish(MIGRATIONS)
+    monkeypatch.setenv("FANOUT_TEST_SHARD_SECRET", fleet.postgres.password.reveal())
+    fleet.write_env([{"id": n, "dsn": fleet.dsn(n, password="${FANOUT_TEST_SHARD_SECRET}")} for n in names])
+    reports = f"s3://{fleet.bucket}/reports/"
+    for k in (1, 2):
+        sliced = fleet.cli("plan", "--env", "test", "--slice", f"{k}/2", "--report-to", f"{reports}{k}.json")
+        assert sliced.exit_code == 10 or sliced.exit_code == 0, sliced.output
+    monkeypatch.delenv("FANOUT_TEST_SHARD_SECRET")
+    folder = tmp_path / "local" / "app" / "test"
+    folder.mkdir(parents=True)
+    for name, body in MIGRATIONS.items():
+        (folder / name).write_text(textwrap.dedent(body))
+
+    published = fleet.cli("publish", "--env", "test", "--migrations-dir", str(tmp_path / "local"))
+    merged = fleet.cli("report", "merge", "--env", "test", reports, "--format", "json")
+    planned = fleet.cli("plan", "--env", "test")
+
+    assert published.exit_code == 0, published.output
+    assert "_manifest.json" in published.stdout
+    assert merged.exit_code == 0, merged.output
+    assert json.loads(merged.stdout)["totals"]["targets"] == 2
+    # A command that reads the shard directory still needs the variable, and says which.
+    assert planned.exit_code == EXIT_CONFIG
+    _assert_one_line_error(
+        planned.stderr, "directory.targets[0].dsn", "environment variable FANOUT_TEST_SHARD_SECRET is not set"
+    )
+    assert all(fleet.tables(n) == set() for n in names)
+
+
+def test_listing_shards_needs_no_variable_of_the_source(fleet: Fleet) -> None:
+    fleet.add_databases(1)
+    path = fleet.write_env()
+    path.write_text(path.read_text().replace(fleet.s3.endpoint_url, "${FANOUT_TEST_UNSET_ENDPOINT}"))
+
+    listed = fleet.cli("shards", "--env", "test")
+    published = fleet.cli("publish", "--env", "test", "--dry-run")
+
+    assert listed.exit_code == 0, listed.output
+    assert "1 targets" in listed.stdout
+    assert published.exit_code == EXIT_CONFIG
+    _assert_one_line_error(published.stderr, "source.endpoint_url", "FANOUT_TEST_UNSET_ENDPOINT is not set")
+
+
+def test_a_file_names_its_environment_and_a_bare_path_says_which_name_it_took(fleet: Fleet, tmp_path: Path) -> None:
+    fleet.add_databases(1)
+    text = fleet.write_env().read_text()
+    unnamed = tmp_path / "x.toml"
+    unnamed.write_text(text)
+    named = tmp_path / "y.toml"
+    named.write_text('name = "production"\n' + text)
+
+    from_file_name = fleet.cli("shards", "--env", str(unnamed))
+    from_key = fleet.cli("shards", "--env", str(named))
+
+    assert from_file_name.exit_code == 0, from_file_name.output
+    assert from_file_name.stderr.splitlines() == [
+        f"fanout: environment 'x', from the file name of {unnamed} (set name = \"...\" in it)"
+    ]
+    assert from_key.exit_code == 0 and from_key.stderr == ""
+    assert load_environment(str(named)).name == "production"
+    assert load_environment(str(unnamed)).name == "x"
+
+
+@pytest.mark.parametrize(
+    ("name", "asked", "fragment"),
+    [
+        ("production", "test", "the file names environment 'production', not 'test'"),
+        ("prod/eu", "test", "'prod/eu' is not a valid environment name"),
+        ("", "test", "'' is not a valid environment name"),
+    ],
+    ids=["differs-from-the-name-asked", "slash", "empty"],
+)
+def test_a_bad_or_contradicting_environment_name_is_refused(fleet: Fleet, name: str, asked: str, fragment: str) -> None:
+    path = fleet.write_env([{"id": "x", "dsn": "postgresql://u@h/db"}])
+    path.write_text(f"name = {json.dumps(name)}\n" + path.read_text())
+    result = fleet.cli("shards", "--env", asked)
+    assert result.exit_code == EXIT_CONFIG
+    _assert_one_line_error(result.stderr, fragment)
