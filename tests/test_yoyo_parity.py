@@ -30,7 +30,7 @@ from fanout.errors import EXIT_OK
 YOYO = Path(sys.executable).parent / "yoyo"
 LIMITED_ROLE = "fanout_parity_limited"
 # Tables of yoyo and fanout: bookkeeping, compared row by row below instead of dumped.
-BOOKKEEPING = ("_yoyo_*", "yoyo_lock", "fanout_*")
+BOOKKEEPING = ("*._yoyo_*", "*.yoyo_lock", "*.fanout_*")
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ class Case:
     name: str
     files: dict[str, str]
     env_extra: str = ""
+    schema: str | None = None  # a schema-per-tenant target (yoyo: `?schema=`), created beforehand on both twins
     xfail: str | None = None  # why fanout still differs; strict, so a fix turns it red until removed
 
 
@@ -241,6 +242,15 @@ CASES = [
         },
     ),
     Case(
+        "schema-per-tenant",
+        {
+            "0001-person.sql": "CREATE TABLE person (id SERIAL PRIMARY KEY, name TEXT);\n",
+            "0002-index.sql": "-- depends: 0001-person\nCREATE INDEX person_name_idx ON person (name);\n",
+            "0003-seed.sql": "-- depends: 0002-index\nINSERT INTO person (name) VALUES ('first; tenant');\n",
+        },
+        schema="tenant_7",  # yoyo interpolates the name unquoted: "Tenant-7" breaks yoyo, not fanout
+    ),
+    Case(
         "post-apply-hook",
         {
             "0001-t.sql": "CREATE TABLE t (id INT);\n",
@@ -275,7 +285,10 @@ def _dump(fleet: Fleet, database: str, *what: str) -> list[str]:
     ]
 
 
-def _bookkeeping(fleet: Fleet, database: str) -> dict[str, list[tuple[object, ...]]]:
+def _bookkeeping(fleet: Fleet, database: str, schema: str | None) -> dict[str, list[tuple[object, ...]]]:
+    def table(name: str) -> str:
+        return f'"{schema}"."{name}"' if schema else name
+
     where = fleet.query(
         database,
         "SELECT table_schema, table_name FROM information_schema.tables "
@@ -284,15 +297,16 @@ def _bookkeeping(fleet: Fleet, database: str) -> dict[str, list[tuple[object, ..
     return {
         "tables": where,
         "_yoyo_migration": fleet.query(
-            database, "SELECT migration_hash, migration_id FROM _yoyo_migration ORDER BY applied_at_utc, migration_id"
+            database,
+            f"SELECT migration_hash, migration_id FROM {table('_yoyo_migration')} ORDER BY applied_at_utc, migration_id",
         ),
         "_yoyo_log": fleet.query(
             database,
             "SELECT migration_hash, migration_id, operation, username, hostname, comment "
-            "FROM _yoyo_log ORDER BY created_at_utc",
+            f"FROM {table('_yoyo_log')} ORDER BY created_at_utc",
         ),
-        "_yoyo_version": fleet.query(database, "SELECT version FROM _yoyo_version ORDER BY version"),
-        "yoyo_lock": fleet.query(database, "SELECT count(*) FROM yoyo_lock"),
+        "_yoyo_version": fleet.query(database, f"SELECT version FROM {table('_yoyo_version')} ORDER BY version"),
+        "yoyo_lock": fleet.query(database, f"SELECT count(*) FROM {table('yoyo_lock')}"),
     }
 
 
@@ -321,6 +335,12 @@ def test_fanout_builds_what_yoyo_builds(fleet: Fleet, tmp_path: Path, case: Case
         (folder / name).write_text(body)
     password = quote(fleet.postgres.password.reveal(), safe="")
     url = f"postgresql://postgres:{password}@{fleet.postgres.host}:{fleet.postgres.port}/{by_yoyo}"
+    target: dict[str, str] = {"id": "twin", "dsn": fleet.dsn(by_fanout)}
+    if case.schema:
+        for database in (by_yoyo, by_fanout):
+            fleet.query(database, f'CREATE SCHEMA "{case.schema}"')
+        url += f"?schema={quote(case.schema)}"
+        target["schema"] = case.schema
     yoyo = subprocess.run(
         [str(YOYO), "apply", "--batch", "--no-config-file", "--database", url, str(folder)],
         capture_output=True, text=True, timeout=120,
@@ -328,17 +348,17 @@ def test_fanout_builds_what_yoyo_builds(fleet: Fleet, tmp_path: Path, case: Case
     assert yoyo.returncode == 0, f"the oracle itself failed: {yoyo.stderr[-2000:]}"
 
     fleet.publish(files)
-    fleet.write_env(targets=[{"id": "twin", "dsn": fleet.dsn(by_fanout)}], extra=case.env_extra)
+    fleet.write_env(targets=[target], extra=case.env_extra)
     applied = fleet.cli("apply", "--env", "test")
     assert applied.exit_code == EXIT_OK, applied.output
 
     assert _dump(fleet, by_fanout, "--schema-only") == _dump(fleet, by_yoyo, "--schema-only")
     assert _dump(fleet, by_fanout, "--data-only") == _dump(fleet, by_yoyo, "--data-only")
-    theirs, ours = _bookkeeping(fleet, by_yoyo), _bookkeeping(fleet, by_fanout)
+    theirs, ours = _bookkeeping(fleet, by_yoyo, case.schema), _bookkeeping(fleet, by_fanout, case.schema)
     for table in theirs:
         assert ours[table] == theirs[table], table
     assert theirs["_yoyo_migration"], "the oracle applied nothing: the row tests nothing"
 
     again = fleet.cli("apply", "--env", "test")
     assert again.exit_code == EXIT_OK, again.output
-    assert _bookkeeping(fleet, by_fanout)["_yoyo_migration"] == theirs["_yoyo_migration"]
+    assert _bookkeeping(fleet, by_fanout, case.schema)["_yoyo_migration"] == theirs["_yoyo_migration"]
