@@ -3,7 +3,7 @@
 The library is the product; `fanout.cli` is a thin layer over these functions.
 """
 
-from fanout.commands import accept, apply, baseline, merge_reports, plan, publish, shards, status, verify
+from fanout.commands import accept, apply, baseline, inspect, merge_reports, plan, publish, shards, status, verify
 from fanout.config import Environment, load_environment
 from fanout.directory import Target
 from fanout.errors import ConfigError, DirectoryError, FanoutError, SourceError
@@ -24,6 +24,7 @@ __all__ = [
     "apply",
     "baseline",
     "exit_code",
+    "inspect",
     "load_environment",
     "merge_reports",
     "plan",

@@ -35,7 +35,8 @@ Exit codes:
       nothing was touched
   4   shard directory error; nothing was touched
   5   one or more targets failed, drifted or were skipped; the others are done
-      (verify: also behind or unverified; report merge: also a missing slice)
+      (verify: also behind or unverified; report merge: also a missing slice;
+      inspect, verify --schema: a shard's schema differs from its reference)
   10  plan --detailed-exitcode: migrations are pending
   130 interrupted (SIGINT/SIGTERM): in-flight work finished or rolled back,
       locks released, report written; `apply --resume RUN_ID` continues
@@ -598,6 +599,10 @@ def demo(ctx: click.Context, migrations_dir: Path) -> None:
 
 @cli.command()
 @read_only_options
+@click.option(
+    "--schema", "with_schema", is_flag=True,
+    help="Also inspect every shard's live schema (as `fanout inspect`); fail on a difference.",
+)  # fmt: skip
 @_guarded
 def verify(
     env: Environment,
@@ -607,6 +612,7 @@ def verify(
     slice_: str | None,
     outputs: tuple[str, ...],
     report_to: tuple[str, ...],
+    with_schema: bool,
 ) -> None:
     """Check every shard against the published set: all applied, each with its checksum. Read-only.
 
@@ -618,8 +624,59 @@ def verify(
     \b
     Example:
       fanout verify --env production --format json --output verify.json
+      fanout verify --env production --schema
     """
-    _read_only(commands.verify, env, services, fmt, concurrency, slice_, outputs + report_to)
+    verb = functools.partial(commands.verify, schema=with_schema)
+    _read_only(verb, env, services, fmt, concurrency, slice_, outputs + report_to)
+
+
+@cli.command()
+@env_option
+@service_option
+@format_option
+@concurrency_option
+@click.option(
+    "--reference",
+    default="largest",
+    show_default=True,
+    metavar="largest|build|TARGET",
+    help="What each version's shards are compared with: its largest group; `build`, the schema the "
+    "migration set builds in a scratch database (or schema) dropped afterwards (needs CREATEDB); "
+    "or the group of the shard TARGET.",
+)
+@output_option
+@report_to_option
+@_guarded
+def inspect(
+    env: Environment,
+    services: tuple[str, ...],
+    fmt: str,
+    concurrency: int | None,
+    reference: str,
+    outputs: tuple[str, ...],
+    report_to: tuple[str, ...],
+) -> None:
+    """Compare the live schemas of every shard: group them, list the ones that differ. Read-only.
+
+    Describes each shard's schema (tables, columns, indexes and their validity, constraints,
+    views, sequences, functions, triggers, enum types; fanout's and yoyo's tables left out),
+    groups shards by (applied version, schema fingerprint), and lists every shard that
+    differs from its version's reference, object by object. Shards at another version are
+    grouped apart, never flagged for that alone. Exit 5 when a schema differs, 0 otherwise.
+    Reads like plan (no table, no lock, no write; a SELECT-only role is enough), except
+    --reference build, which writes only to the scratch it drops.
+
+    \b
+    Example:
+      fanout inspect --env production
+      fanout inspect --env staging --reference build --format html --output schema.html
+    """
+    settings = commands.RunSettings(concurrency=concurrency)
+    with signals_handled(Interrupt()) as interrupt, shown(_progress()) as progress:
+        report = commands.inspect(
+            env, services, reference=reference, settings=settings, interrupt=interrupt, **_callbacks(progress)
+        )
+    _emit(report, fmt, env=env, destinations=outputs + report_to)
 
 
 def _emit_adoptions(results: list[runner.Adoption], fmt: str) -> NoReturn:

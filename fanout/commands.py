@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from fanout import lint, runner, runs, source
+from fanout import inspection, lint, runner, runs, schema, source
 from fanout.config import Environment, S3Location, interpolate, load_environment
 from fanout.directory import Target, list_targets
 from fanout.errors import ConfigError, DirectoryError, SourceError
@@ -92,13 +92,51 @@ def verify(
     on_result: ResultCallback | None = None,
     on_start: StartCallback | None = None,
     interrupt: Interrupt | None = None,
+    schema: bool = False,
 ) -> RunReport:
     """Check every shard's applied set and checksums against the published set. Read-only.
 
     Its exit code gates a pipeline: 0 only when every shard has every migration applied,
-    each with the checksum of the set's content, and nothing drifted.
+    each with the checksum of the set's content, and nothing drifted; with `schema`, also
+    when every shard's live schema is its version's reference (see `inspect`).
     """
-    return _read_only(env, services, "verify", settings, on_result, on_start, interrupt)
+    report = _read_only(env, services, "verify", settings, on_result, on_start, interrupt)
+    if schema and not report.interrupted:
+        inspected = inspect(env, services, settings=settings, interrupt=interrupt)
+        report = replace(report, inspection=inspected.inspection, interrupted=inspected.interrupted)
+    return report
+
+
+def inspect(
+    env: Environment,
+    services: Sequence[str] = (),
+    *,
+    reference: str = "largest",
+    settings: RunSettings = RunSettings(),
+    on_result: ResultCallback | None = None,
+    on_start: StartCallback | None = None,
+    interrupt: Interrupt | None = None,
+) -> RunReport:
+    """Every shard's live schema, grouped by (applied version, fingerprint) and compared with a reference.
+
+    Read-only like plan. `reference`: "largest" (each version's largest group), a target id,
+    or "build": the schema the migration set builds, applied to a scratch database (or, for
+    schema-per-tenant targets, a scratch schema) that is dropped afterwards; the only case
+    that writes, and it needs CREATEDB (or CREATE on the database).
+    """
+    options = _options(env, Mode.PLAN, settings)
+    part = _slice(settings)
+    targets = tuple(t for t in list_targets(env.directory, env.name) if part.contains(t.id))
+    if reference not in (schema.LARGEST, schema.BUILD) and reference not in {t.id for t in targets}:
+        raise ConfigError(f"--reference {reference!r}: no such target in environment {env.name!r} (or its slice)")
+    with tempfile.TemporaryDirectory(prefix="fanout-snapshot-") as workdir:
+        snapshot = source.take_snapshot(env, env.select_services(services), Path(workdir))
+        lint_snapshot(snapshot)
+        report = inspection.inspect(
+            snapshot, targets, options, run_id=new_run_id(), environment=env.name, reference=reference,
+            on_result=on_result, on_start=on_start, interrupt=interrupt,
+        )  # fmt: skip
+    return replace(report, slice=str(part)) if part.count > 1 else report
 
 
 def _read_only(

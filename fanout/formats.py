@@ -14,6 +14,7 @@ from collections import Counter
 from dataclasses import dataclass
 from enum import StrEnum
 
+from fanout import schema_report
 from fanout.report import (
     Mode,
     RunReport,
@@ -53,6 +54,8 @@ def render(report: RunReport, fmt: str, *, detailed: bool = False, color: bool =
     text = render_text(report, color=color)
     if report.command in ("status", "verify"):
         text += render_skew(report)
+    if report.inspection is not None:
+        text += redact(schema_report.render_text(report.inspection))
     return text
 
 
@@ -216,6 +219,8 @@ def render_markdown(report: RunReport, *, detailed: bool = False) -> str:
             state = "current" if level.behind == 0 else f"behind by {level.behind}"
             out.append(f"| {level.service} | `{level.migration or '(none)'}` | {len(level.targets)} | {state} |")
         out.append("")
+    if report.inspection is not None:
+        out += schema_report.render_markdown(report.inspection)
     problems = [r for r in report.results if r.status in (Status.FAILED, Status.DRIFTED, Status.SKIPPED)]
     if problems:
         out += [f"**Needs attention ({len(problems)})**", "", "| target | service | status | detail |",
@@ -275,6 +280,11 @@ def render_junit(report: RunReport) -> str:
             suite.set(key, str(counts[key]))
             total[key] += counts[key]
         suite.set("errors", "0")
+    if report.inspection is not None:
+        schema_suite = schema_report.junit_suite(report.inspection, report.environment)
+        suites.append(schema_suite)
+        for key in ("tests", "failures", "skipped"):
+            total[key] += int(schema_suite.get(key, "0"))
     for key in ("tests", "failures", "skipped"):
         suites.set(key, str(total[key]))
     suites.set("errors", "0")
@@ -339,7 +349,7 @@ def render_html(report: RunReport, *, detailed: bool = False) -> str:
     parts = [
         "<!doctype html><html lang=en><head><meta charset=utf-8>",
         f"<meta name=viewport content='width=device-width,initial-scale=1'><title>{e(title)}</title>",
-        f"<style>{_CSS}</style></head><body>",
+        f"<style>{_CSS}{schema_report.CSS if report.inspection is not None else ''}</style></head><body>",
         f"<header><h1>fanout {e(report.command)} · {e(report.environment)}"
         + (f" · slice {e(report.slice)}" if report.slice else "")
         + "</h1>",
@@ -353,6 +363,8 @@ def render_html(report: RunReport, *, detailed: bool = False) -> str:
         if counts[status]:
             parts.append(f"<div class='card {status.value}'><b>{counts[status]}</b>{status.value}</div>")
     parts.append("</div></header>")
+    if report.inspection is not None:
+        parts.append(schema_report.render_html(report.inspection))
     parts.append("<div class=tools><input id=q type=search placeholder='filter by shard, tenant or server'>")
     for status in _WORST:
         parts.append(f"<label><input type=checkbox value={status.value} checked> {status.value}</label>")

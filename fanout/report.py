@@ -15,6 +15,7 @@ from enum import StrEnum
 from io import StringIO
 from typing import Any
 
+from fanout import schema
 from fanout.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PENDING, EXIT_TARGETS_FAILED
 from fanout.secret import redact
 
@@ -205,6 +206,8 @@ class RunReport:
     # A merged report: the slices it was made of, and those of 1..N that were missing.
     parts: tuple[SlicePart, ...] = ()
     missing_slices: tuple[str, ...] = ()
+    # inspect and verify --schema: the shards' live schemas, grouped and compared (fanout.schema).
+    inspection: schema.Inspection | None = None
 
     def count(self, status: Status) -> int:
         return sum(1 for r in self.results if r.status is status)
@@ -219,7 +222,8 @@ _NOT_DONE = (Status.FAILED, Status.SKIPPED, Status.DRIFTED)
 
 def exit_code(report: RunReport, *, detailed: bool = False) -> int:
     """0 when every target succeeded; 5 when any failed, drifted or was skipped (or a merged
-    report misses a slice; or, for verify, a shard is behind or unverified); 130 when interrupted.
+    report misses a slice; or, for verify, a shard is behind or unverified; or an inspected
+    shard's schema differs from its reference); 130 when interrupted.
 
     With `detailed` (plan --detailed-exitcode), 10 tells CI that migrations are pending.
     """
@@ -229,6 +233,8 @@ def exit_code(report: RunReport, *, detailed: bool = False) -> int:
         return EXIT_TARGETS_FAILED
     if report.command == "verify" and any(r.pending or r.unverified for r in report.results):
         return EXIT_TARGETS_FAILED  # verify gates on the whole published set, applied and checksummed
+    if report.inspection is not None and report.inspection.differs:
+        return EXIT_TARGETS_FAILED  # a shard's live schema differs from its version's reference
     if detailed and any(r.pending for r in report.results):
         return EXIT_PENDING
     return EXIT_OK
@@ -287,6 +293,7 @@ def to_dict(report: RunReport, *, detailed: bool = False) -> dict[str, Any]:
             ],
         },
         "results": [_result_dict(r) for r in report.results],
+        "inspection": None if report.inspection is None else schema.to_dict(report.inspection),
     }
 
 
@@ -377,6 +384,7 @@ def from_dict(data: dict[str, Any]) -> RunReport:
         slice=data.get("slice"),
         parts=tuple(SlicePart(**p) for p in data.get("parts", ())),
         missing_slices=tuple(data.get("missing_slices", ())),
+        inspection=schema.from_dict(data["inspection"]) if data.get("inspection") else None,
     )
 
 
