@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -37,6 +40,8 @@ Exit codes:
   5   one or more targets failed, drifted or were skipped; the others are done
       (verify: also behind or unverified; report merge: also a missing slice;
       inspect, verify --schema: a shard's schema differs from its reference)
+  6   the work is done, but its run record or a requested report (--output,
+      --report-to, $GITHUB_STEP_SUMMARY) could not be stored
   10  plan --detailed-exitcode: migrations are pending
   130 interrupted (SIGINT/SIGTERM): in-flight work finished or rolled back,
       locks released, report written; `apply --resume RUN_ID` continues
@@ -44,13 +49,54 @@ Exit codes:
 """
 
 
+def _json_errors(args: list[str] | None = None) -> bool:
+    """Whether errors go out as JSON lines (`--log-format json`), even before options are parsed."""
+    context = click.get_current_context(silent=True)
+    if context is not None and isinstance(context.find_root().obj, dict) and "log_format" in context.find_root().obj:
+        return bool(context.find_root().obj["log_format"] == "json")
+    words = list(sys.argv[1:] if args is None else args)
+    return "--log-format=json" in words or any(
+        a == "--log-format" and b == "json" for a, b in itertools.pairwise(words)
+    )
+
+
+def _say_error(message: str, code: int, *, kind: str = "error", args: list[str] | None = None) -> NoReturn:
+    """The one line a failed command leaves on stderr: text, or a JSON event with --log-format json."""
+    message = redact(" ".join(message.split()))
+    if _json_errors(args):
+        event = {"event": "error", "time": round(time.time(), 3), "level": "error", "kind": kind,
+                 "message": message, "exit_code": code}  # fmt: skip
+        click.echo(json.dumps(event), err=True)
+    else:
+        click.echo(f"fanout: {'internal error' if kind == 'internal' else 'error'}: {message}", err=True)
+    sys.exit(code)
+
+
 def _fail(error: BaseException) -> NoReturn:
     if isinstance(error, FanoutError):
-        click.echo(f"fanout: error: {redact(str(error))}", err=True)
-        sys.exit(error.exit_code)
+        _say_error(str(error), error.exit_code)
     logging.getLogger("fanout").debug("internal error", exc_info=error)
-    click.echo(f"fanout: internal error: {redact(f'{type(error).__name__}: {error}')}", err=True)
-    sys.exit(EXIT_INTERNAL)
+    _say_error(f"{type(error).__name__}: {error}", EXIT_INTERNAL, kind="internal")
+
+
+class _Cli(click.Group):
+    """Usage errors speak like every other error: one line, as JSON with --log-format json."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:  # fmt: skip
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        words = list(args) if args is not None else None
+        try:
+            returned = super().main(words, prog_name, complete_var, False, **extra)
+        except click.ClickException as e:
+            if not _json_errors(words):
+                e.show()
+                sys.exit(e.exit_code)
+            _say_error(e.format_message(), e.exit_code, kind="usage", args=words)
+        except click.Abort:
+            _say_error("aborted", EXIT_INTERNAL, kind="usage", args=words)
+        sys.exit(returned if isinstance(returned, int) else EXIT_OK)
 
 
 def _guarded(func: F) -> F:
@@ -106,6 +152,15 @@ format_option = click.option(
     show_default=True,
     help="Report format on stdout: text, json, markdown (PR comments), junit (CI test reports), "
     "html (the fleet view: shards by migrations).",
+)
+# Commands whose output is a list, not a run report, have no markdown, JUnit or HTML form.
+plain_format_option = click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="Output format on stdout: text or json.",
 )
 concurrency_option = click.option(
     "--concurrency",
@@ -181,26 +236,37 @@ def _emit(
     env: Environment | None = None,
     destinations: tuple[str, ...] = (),
 ) -> NoReturn:
-    click.echo(render(report, fmt, detailed=detailed, color=sys.stdout.isatty() and fmt == "text"), nl=fmt == "json")
-    code = exit_code(report, detailed=detailed)
+    # Stored copies first, so that stdout's report and the exit code both say what was not stored.
+    not_stored = list(report.not_stored)
     for destination in destinations:
         try:
             text = render(report, format_for(destination, fmt), detailed=detailed)
             where = commands.store_report(text, destination, env)
             click.echo(f"report written to {where}", err=True)
         except FanoutError as e:
-            # The run itself is over; say so, and fail a pipeline that counted on the stored report.
             click.echo(f"fanout: error: the report was not stored: {redact(str(e))}", err=True)
-            code = code or e.exit_code
+            not_stored.append(destination)
     summary = os.environ.get(STEP_SUMMARY_VARIABLE)
     if summary:
         # On GitHub Actions the job page shows the markdown report without a step of its own.
-        with open(summary, "a", encoding="utf-8") as handle:
-            handle.write(render(report, "markdown", detailed=detailed) + "\n")
-    sys.exit(code)
+        try:
+            with open(summary, "a", encoding="utf-8") as handle:
+                handle.write(render(report, "markdown", detailed=detailed) + "\n")
+        except OSError as e:
+            click.echo(f"fanout: error: the step summary was not written to {summary}: {e.strerror or e}", err=True)
+            not_stored.append(f"${STEP_SUMMARY_VARIABLE}")
+    if "run record" in not_stored:
+        click.echo(
+            f"fanout: error: the work is done, but no copy of the run record was written: "
+            f"`apply --resume {report.run_id}` will not find it",
+            err=True,
+        )
+    report = replace(report, not_stored=tuple(not_stored))
+    click.echo(render(report, fmt, detailed=detailed, color=sys.stdout.isatty() and fmt == "text"), nl=fmt == "json")
+    sys.exit(exit_code(report, detailed=detailed))
 
 
-@click.group(epilog=EXIT_CODES_HELP)
+@click.group(cls=_Cli, epilog=EXIT_CODES_HELP)
 @click.option(
     "--environments-dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -385,7 +451,7 @@ def apply(
 
 @cli.command()
 @env_option
-@format_option
+@plain_format_option
 @click.option("--target", "target_ids", multiple=True, metavar="ID", help="Only this target (repeatable).")
 @click.option("--force", is_flag=True, help="Remove the lock even when its holder may be alive.")
 @_guarded
@@ -485,7 +551,7 @@ def bootstrap(
         )
     color = sys.stdout.isatty() and fmt == "text"
     if fmt == "json":
-        click.echo(json.dumps({"bootstrap": to_dict(applied), "status": to_dict(after)}, indent=2))
+        click.echo(redact(json.dumps({"bootstrap": to_dict(applied), "status": to_dict(after)}, indent=2)))
     else:
         click.echo(render(applied, fmt, color=color))
         click.echo(render(after, fmt, color=color))
@@ -494,7 +560,7 @@ def bootstrap(
 
 @cli.command()
 @env_option
-@format_option
+@plain_format_option
 @_guarded
 def shards(env: Environment, fmt: str) -> None:
     """List the targets of an environment's shard directory (never passwords).
@@ -696,7 +762,7 @@ def _emit_adoptions(results: list[runner.Adoption], fmt: str) -> NoReturn:
 
 @cli.command()
 @env_option
-@format_option
+@plain_format_option
 @click.option("--migration", "migration_ids", multiple=True, required=True, metavar="ID",
               help="The migration whose published content to adopt (repeatable).")  # fmt: skip
 @click.option("--target", "target_ids", multiple=True, metavar="ID", help="Only this target (repeatable).")
@@ -729,7 +795,7 @@ def accept(
 
 @cli.command()
 @env_option
-@format_option
+@plain_format_option
 @click.option("--target", "target_ids", multiple=True, metavar="ID", help="Only this target (repeatable).")
 @lock_wait_option
 @_guarded

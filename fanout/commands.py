@@ -217,7 +217,8 @@ def apply(
 ) -> RunReport:
     """Apply outstanding migrations on every target, each under its lock, many targets at once.
 
-    Every run is recorded (see `runs.save`). With `resume`, only the targets that failed
+    Every run is recorded (see `runs.save`); when no copy of the record could be written,
+    the report's `not_stored` says so (exit 6). With `resume`, only the targets that failed
     or were skipped in that run are retried, with the same migration set.
     """
     options = _options(env, Mode.APPLY, settings)
@@ -244,7 +245,9 @@ def apply(
         expected_sources=expected,
         resumed_from=resume,
     )
-    runs.save(env, report, runs_dir)
+    if not runs.save(env, report, runs_dir):
+        # Neither copy was written: the work is done, but resume cannot find this run.
+        report = replace(report, not_stored=("run record",))
     return report
 
 
@@ -369,6 +372,8 @@ def _slice(settings: RunSettings) -> Slice:
 
 def _options(env: Environment, mode: Mode, settings: RunSettings) -> runner.RunOptions:
     defaults = env.runner
+    if settings.fail_fast and settings.max_failures is not None:
+        raise ConfigError("--fail-fast is --max-failures 0: give one or the other, not both")
     waves_text = settings.waves or defaults.waves
     budget_text = "0" if settings.fail_fast else settings.max_failures or defaults.max_failures
     waves = Waves.parse(waves_text) if waves_text else Waves()

@@ -13,6 +13,8 @@ EXIT_CONFIG = 2
 EXIT_SOURCE = 3
 EXIT_DIRECTORY = 4
 EXIT_TARGETS_FAILED = 5
+# The work is done, but its run record or a requested report could not be stored.
+EXIT_NOT_STORED = 6
 EXIT_PENDING = 10
 EXIT_INTERRUPTED = 130
 

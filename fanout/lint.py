@@ -85,7 +85,46 @@ def lint(
     for migration_id, text in migrations.items():
         problems += _directives(f"{migration_id}.sql", text, known)
     problems += _identity(migrations, published)
+    problems += _cycles(migrations)
     return problems
+
+
+def _depends(text: str) -> list[str]:
+    found: list[str] = []
+    for line in text.splitlines():
+        match = _DIRECTIVE.match(line)
+        if match is None:
+            if _COMMENT_OR_BLANK.match(line):
+                continue
+            break
+        if match.group(1).lower() == "depends":
+            found += match.group(2).split()
+    return found
+
+
+def _cycles(migrations: Mapping[str, str]) -> list[Problem]:
+    """A `-- depends:` cycle has no order to apply in: name the first one found."""
+    graph = {m: [d for d in _depends(text) if d in migrations] for m, text in migrations.items()}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = 1
+        for nxt in graph[node]:
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt) :], nxt] if nxt in path else [node, nxt]
+            if nxt not in state:
+                found = visit(nxt, [*path, nxt])
+                if found:
+                    return found
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state:
+            cycle = visit(start, [start])
+            if cycle:
+                return [Problem(f"{cycle[0]}.sql", f"'-- depends:' lines form a cycle: {' -> '.join(cycle)}")]
+    return []
 
 
 def errors(problems: Collection[Problem]) -> list[Problem]:

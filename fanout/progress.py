@@ -34,7 +34,10 @@ class Progress:
         self._total = 0
         self._waves: list[int] = []
         self._done: set[str] = set()
+        # Separate counts: a target skipped by the failure budget or an interrupt did not fail.
         self._failed: set[str] = set()
+        self._skipped: set[str] = set()
+        self._drifted: set[str] = set()
         self._started = time.monotonic()
         self._next_line = 0.1
         self._bar: Any = None
@@ -62,14 +65,15 @@ class Progress:
         with self._lock:
             first = result.target not in self._done
             self._done.add(result.target)
-            if result.status in _TROUBLE:
-                self._failed.add(result.target)
+            {Status.FAILED: self._failed, Status.SKIPPED: self._skipped, Status.DRIFTED: self._drifted}.get(
+                result.status, set()
+            ).add(result.target)
             if self._json:
                 self._event(
                     {"event": "result", "target": result.target, "service": result.service,
                      "status": result.status.value, "ran": [m.id for m in result.ran], "pending": len(result.pending),
                      "error": result.error.message if result.error else None, "done": len(self._done),
-                     "total": self._total, "failed": len(self._failed)}
+                     "total": self._total, **self._counts()}
                 )  # fmt: skip
             elif self._bar is not None:
                 if first:
@@ -86,10 +90,18 @@ class Progress:
         with self._lock:
             if self._json:
                 self._event({"event": "finish", "done": len(self._done), "total": self._total,
-                             "failed": len(self._failed), "seconds": round(time.monotonic() - self._started, 3)})  # fmt: skip
+                             **self._counts(), "seconds": round(time.monotonic() - self._started, 3)})  # fmt: skip
             elif self._bar is not None:
                 self._bar.stop()
                 self._bar = None
+
+    def _counts(self) -> dict[str, int]:
+        """Targets per kind of trouble; a target that failed one service and skipped the next counts as failed."""
+        return {
+            "failed": len(self._failed),
+            "skipped": len(self._skipped - self._failed),
+            "drifted": len(self._drifted - self._failed - self._skipped),
+        }
 
     def _wave(self) -> str:
         if len(self._waves) <= 1:
@@ -106,7 +118,8 @@ class Progress:
         elapsed = time.monotonic() - self._started
         done = len(self._done)
         eta = elapsed / done * (self._total - done) if done else 0.0
-        return (f"progress: {done}/{self._total} targets, {len(self._failed)} failed, wave {self._wave()}, "
+        counts = ", ".join(f"{n} {kind}" for kind, n in self._counts().items() if n or kind == "failed")
+        return (f"progress: {done}/{self._total} targets, {counts}, wave {self._wave()}, "
                 f"{elapsed:.0f}s elapsed, ~{eta:.0f}s left")  # fmt: skip
 
     def _line(self, text: str) -> None:

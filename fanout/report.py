@@ -16,7 +16,7 @@ from io import StringIO
 from typing import Any
 
 from fanout import schema
-from fanout.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PENDING, EXIT_TARGETS_FAILED
+from fanout.errors import EXIT_INTERRUPTED, EXIT_NOT_STORED, EXIT_OK, EXIT_PENDING, EXIT_TARGETS_FAILED
 from fanout.secret import redact
 
 SCHEMA = "fanout/report/v1"
@@ -42,6 +42,10 @@ class Status(StrEnum):
 class ErrorKind(StrEnum):
     UNREACHABLE = "unreachable"
     AUTHENTICATION = "authentication"
+    # The connection's own settings are wrong (unknown option, bad sslmode value): never retried.
+    CONFIGURATION = "configuration"
+    # The server's or the role's connection limit is reached: lower --concurrency or --per-server.
+    CONNECTION_LIMIT = "connection-limit"
     LOCKED = "locked"  # the shard's migration lock stayed taken for the whole --lock-wait
     LOCK_TIMEOUT = "lock-timeout"  # a migration waited longer than lock_timeout for a table lock
     STATEMENT_TIMEOUT = "statement-timeout"
@@ -208,6 +212,9 @@ class RunReport:
     missing_slices: tuple[str, ...] = ()
     # inspect and verify --schema: the shards' live schemas, grouped and compared (fanout.schema).
     inspection: schema.Inspection | None = None
+    # What of this run could not be stored: "run record", a --output/--report-to destination,
+    # "$GITHUB_STEP_SUMMARY". The work itself is done; exit 6 says the record is not.
+    not_stored: tuple[str, ...] = ()
 
     def count(self, status: Status) -> int:
         return sum(1 for r in self.results if r.status is status)
@@ -226,6 +233,7 @@ def exit_code(report: RunReport, *, detailed: bool = False) -> int:
     shard's schema differs from its reference); 130 when interrupted.
 
     With `detailed` (plan --detailed-exitcode), 10 tells CI that migrations are pending.
+    6 when the run's record or a requested report could not be stored and nothing worse happened.
     """
     if report.interrupted:
         return EXIT_INTERRUPTED
@@ -235,6 +243,8 @@ def exit_code(report: RunReport, *, detailed: bool = False) -> int:
         return EXIT_TARGETS_FAILED  # verify gates on the whole published set, applied and checksummed
     if report.inspection is not None and report.inspection.differs:
         return EXIT_TARGETS_FAILED  # a shard's live schema differs from its version's reference
+    if report.not_stored:
+        return EXIT_NOT_STORED
     if detailed and any(r.pending for r in report.results):
         return EXIT_PENDING
     return EXIT_OK
@@ -261,6 +271,7 @@ def to_dict(report: RunReport, *, detailed: bool = False) -> dict[str, Any]:
         "slice": report.slice,
         "parts": [asdict(part) for part in report.parts],
         "missing_slices": list(report.missing_slices),
+        "not_stored": list(report.not_stored),
         "rollout": None if report.rollout is None else asdict(report.rollout),
         "totals": {
             "targets": report.target_count,
@@ -385,6 +396,7 @@ def from_dict(data: dict[str, Any]) -> RunReport:
         parts=tuple(SlicePart(**p) for p in data.get("parts", ())),
         missing_slices=tuple(data.get("missing_slices", ())),
         inspection=schema.from_dict(data["inspection"]) if data.get("inspection") else None,
+        not_stored=tuple(data.get("not_stored", ())),
     )
 
 
@@ -565,6 +577,8 @@ def render_text(report: RunReport, *, width: int = 120, color: bool = False) -> 
         console.print(f"missing slice(s) {', '.join(report.missing_slices)}: their targets are not in this report")
     if report.interrupted:
         console.print("interrupted: in-flight migrations finished or rolled back, every lock was released")
+    if report.not_stored:
+        console.print(f"the work is done, but not stored: {', '.join(report.not_stored)}")
     return redact(buffer.getvalue())
 
 

@@ -77,7 +77,7 @@ class Waves:
 
     @classmethod
     def parse(cls, text: str, *, what: str = "--waves") -> Waves:
-        steps = []
+        steps: list[tuple[float, bool]] = []
         for part in text.split(","):
             match = _STEP.match(part)
             if not match or float(match.group(1)) <= 0:
@@ -87,6 +87,13 @@ class Waves:
                 raise ConfigError(f"{what}: {part.strip()!r} is more than 100%")
             if not percent and not value.is_integer():
                 raise ConfigError(f"{what}: {part.strip()!r}: a count must be a whole number")
+            earlier = [v for v, p in steps if p == percent]
+            if earlier and value <= max(earlier):
+                # Cumulative boundaries: a smaller one would silently start no wave at all.
+                raise ConfigError(
+                    f"{what}: {part.strip()!r} is not more than an earlier wave ({max(earlier):g}{'%' if percent else ''}); "
+                    "waves are cumulative, e.g. 1,10%,50%,100%"
+                )
             steps.append((value, percent))
         return cls(tuple(steps))
 

@@ -56,6 +56,7 @@ from yoyo import read_migrations
 from yoyo.backends import PostgresqlBackend
 from yoyo.connections import DatabaseURI
 from yoyo.migrations import Migration, MigrationList, MigrationStep, TransactionWrapper, topological_sort
+from yoyo.topologicalsort import CycleError
 from yoyo.utils import change_param_style
 
 from fanout import checksums, locking, rollout
@@ -233,6 +234,12 @@ def load(sets: Sequence[MigrationSet]) -> tuple[_ServicePlan, ...]:
                 raise SourceError(f"service {migration_set.service!r}: bad migration: {_bad_migration(e)}") from None
             except UnicodeDecodeError as e:
                 raise SourceError(f"service {migration_set.service!r}: a migration is not UTF-8 text: {e}") from None
+            except CycleError as e:
+                cycle = " -> ".join(str(getattr(m, "id", m)) for m in (e.args[1] if len(e.args) > 1 else ()))
+                raise SourceError(
+                    f"service {migration_set.service!r}: '-- depends:' lines form a cycle"
+                    + (f": {cycle}" if cycle else "")
+                ) from None
         for m in ordered:
             if m.id in owner:
                 raise SourceError(
@@ -643,6 +650,15 @@ def adopt(
                 applied = set(session.applied().values())
                 recorded = session.recorded_checksums()
                 wanted = migration_ids if migration_ids is not None else sorted(applied)
+                unknown = [m for m in wanted if m not in current and m not in applied and m not in recorded]
+                if migration_ids is not None and unknown:
+                    # A misspelt id must not read as "nothing to record": record nothing, say why.
+                    return Adoption(
+                        target.id, target.display, (),
+                        f"no migration {', '.join(map(repr, unknown))} in the published set or applied here; "
+                        "nothing recorded",
+                        failed=True,
+                    )  # fmt: skip
                 changes: list[tuple[str, str | None, str, str, checksums.How]] = []
                 for migration_id in wanted:
                     row = recorded.get(migration_id)
@@ -727,12 +743,27 @@ def _lost(error: psycopg2.Error) -> bool:
     return isinstance(error, (psycopg2.OperationalError, psycopg2.InterfaceError)) and error.pgcode is None
 
 
+# libpq's words for a connection string it cannot use; retrying would fail the same way.
+_CONFIGURATION_MESSAGES = ("invalid connection option", "invalid sslmode value", "invalid dsn", "invalid value for",
+                           "invalid integer value", "invalid port number")  # fmt: skip
+
+
 def _classify_connect_error(error: psycopg2.Error, target: Target) -> _Failure:
     message = error_line(error)
     lowered = message.lower()
     missing = "does not exist" in lowered
-    if "authentication" in lowered or "no pg_hba.conf entry" in lowered or ("role" in lowered and missing):
+    no_password = "no password supplied" in lowered or "password is required" in lowered
+    if (
+        "authentication" in lowered
+        or "no pg_hba.conf entry" in lowered
+        or ("role" in lowered and missing)
+        or no_password
+    ):
         kind = ErrorKind.AUTHENTICATION
+    elif any(m in lowered for m in _CONFIGURATION_MESSAGES) or isinstance(error, psycopg2.ProgrammingError):
+        kind = ErrorKind.CONFIGURATION
+    elif "too many clients" in lowered or "too many connections" in lowered or error.pgcode == "53300":
+        kind = ErrorKind.CONNECTION_LIMIT
     elif "database" in lowered and missing:
         kind = ErrorKind.DATABASE
     else:

@@ -403,6 +403,7 @@ def _list(
     iterator = paginator.paginate(Bucket=location.bucket, Prefix=prefix, Delimiter="/")
     for page in _s3_iter(location, iterator):
         pages += 1
+        _require_s3_answer(location, page)
         for obj in page.get("Contents", []):
             name = obj["Key"][len(prefix) :]
             if name.endswith(SQL_SUFFIX) and name != SQL_SUFFIX:
@@ -415,6 +416,17 @@ def _list(
             f"no migrations for service {service!r} in environment {environment!r} at {location.url(service, environment)}"
         )
     return objects, ignored, pages
+
+
+def _require_s3_answer(location: S3Location, page: dict[str, Any]) -> None:
+    """A web server at the endpoint answers 200 with a page that botocore reads as an empty listing."""
+    headers = page.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+    content_type = str(headers.get("content-type", ""))
+    if "html" in content_type.lower() or not page.get("Name"):
+        raise SourceError(
+            f"the S3 endpoint {location.endpoint_url or 'of the region'} did not answer like S3 "
+            f"(a {content_type or 'response'} without a bucket listing): check [source] endpoint_url"
+        )
 
 
 def _fetch(client: S3Client, location: S3Location, obj: dict[str, Any], folder: Path) -> MigrationFile:

@@ -20,7 +20,7 @@ from fanout.rollout import FailureBudget, Limits, Waves, schedule
         ("1,10%,100%", 50, [1, 4, 45]),
         ("1,10%", 50, [1, 4, 45]),  # the final 100% is implied
         ("1,10%,100%", 5, [1, 4]),  # 10% of 5 rounds up to 1: an empty wave is dropped
-        ("2,2,100%", 10, [2, 8]),
+        ("2,5,100%", 10, [2, 3, 5]),
         ("100%", 3, [3]),
         ("25%,50%,75%", 8, [2, 2, 2, 2]),
         ("10", 4, [4]),
@@ -30,7 +30,7 @@ def test_waves_are_cumulative_boundaries(text: str, total: int, sizes: list[int]
     assert Waves.parse(text).sizes(total) == sizes
 
 
-@pytest.mark.parametrize("text", ["0", "1,x", "150%", "1.5", "-1", ""])
+@pytest.mark.parametrize("text", ["0", "1,x", "150%", "1.5", "-1", "", "50%,10%", "10,5", "2,2,100%"])
 def test_bad_waves_are_refused_with_the_step_named(text: str) -> None:
     with pytest.raises(ConfigError, match="--waves"):
         Waves.parse(text)

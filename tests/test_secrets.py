@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import socket
+from urllib.parse import quote
 
+import pytest
 from conftest import MIGRATIONS, Fleet
 
 from fanout.config import load_environment
-from fanout.directory import Target
+from fanout.directory import Target, masked_dsn
+from fanout.errors import EXIT_OK, ConfigError
 from fanout.secret import Secret, redact
 
 PASSWORD = "Sup3r-Secret-Pa55"
@@ -59,3 +62,84 @@ def test_secret_reveals_only_on_request() -> None:
 def test_redact_masks_url_passwords_even_when_unregistered() -> None:
     text = "could not connect to postgresql://app:never-registered@db.internal:5432/x"
     assert redact(text) == "could not connect to postgresql://app:***@db.internal:5432/x"
+
+
+SPECIAL = "p%zz/1@2:3?4#5=6-é€-Sekr3t"  # every character that breaks a DSN, unencoded
+
+
+def test_sql_directory_dsn_with_a_stray_percent_is_refused_with_its_password_masked(fleet: Fleet) -> None:
+    (catalog,) = fleet.add_databases(1)
+    fleet.environments_dir.mkdir(exist_ok=True)
+    (fleet.environments_dir / "test.toml").write_text(
+        f'services = ["app"]\n[source]\nbucket = "{fleet.bucket}"\nendpoint_url = "{fleet.s3.endpoint_url}"\n'
+        f'[directory]\nkind = "sql"\nquery = "SELECT 1"\n'
+        f'dsn = "postgresql://reader:ab%zzSekr3tPass@{fleet.postgres.host}:{fleet.postgres.port}/{catalog}"\n'
+    )
+
+    for fmt in ("text", "json"):
+        result = fleet.cli("--log-format", fmt, "shards", "--env", "test")
+        assert result.exit_code == 2, result.output
+        assert "Sekr3tPass" not in result.output and "zzSekr" not in result.output
+        assert "'%' that does not start a %XX escape" in result.stderr
+        assert "postgresql://reader:***@" in result.stderr
+
+
+def test_bootstrap_target_with_an_unencoded_slash_is_refused_and_never_printed(fleet: Fleet) -> None:
+    (shard,) = fleet.add_databases(1)
+    fleet.publish(MIGRATIONS)
+    fleet.write_env()
+    dsn = f"postgresql://postgres:Pa/Sekr3t@{fleet.postgres.host}:{fleet.postgres.port}/{shard}"
+
+    for fmt in ("text", "json", "markdown"):
+        result = fleet.cli("bootstrap", "--env", "test", "--target", dsn, "--format", fmt)
+        assert result.exit_code == 2, result.output
+        assert "Sekr3t" not in result.output
+        assert "must be percent-encoded" in result.stderr
+    assert fleet.applied(shard) == []
+
+
+def test_a_password_with_every_special_character_connects_when_percent_encoded(fleet: Fleet) -> None:
+    (shard,) = fleet.add_databases(1)
+    fleet.query(shard, "CREATE ROLE special_chars LOGIN SUPERUSER PASSWORD %s", (SPECIAL,))
+    fleet.publish(MIGRATIONS)
+    try:
+        fleet.write_env([{"id": "s", "dsn": fleet.dsn(shard, user="special_chars", password=quote(SPECIAL, safe=""))}])
+        outputs = [fleet.cli("apply", "--env", "test", "--format", fmt) for fmt in ("text", "json")]
+        assert outputs[0].exit_code == EXIT_OK, outputs[0].output
+        assert fleet.applied(shard) == ["001-create-person", "002-add-address", "003-create-order"]
+        combined = "".join(r.output for r in outputs)
+        assert "Sekr3t" not in combined and quote(SPECIAL, safe="") not in combined
+    finally:
+        fleet.query(shard, "DROP OWNED BY special_chars; DROP ROLE special_chars")
+
+
+@pytest.mark.parametrize(
+    ("dsn", "problem"),
+    [
+        ("postgresql://u:ab/Sekr3t@h/db", "must be percent-encoded"),
+        ("postgresql://u:ab?Sekr3t@h/db", "must be percent-encoded"),
+        ("postgresql://u:ab#Sekr3t@h/db", "must be percent-encoded"),
+        ("postgresql://u:ab%zSekr3t@h/db", "does not start a %XX escape"),
+        ("postgresql://u:ab%ffSekr3t@h/db", "not UTF-8"),
+        ("postgresql://u:Sekr3t@[::1/db", "malformed host"),
+        ("postgresql://u:Sekr3t@h:5x32/db", "invalid port"),
+        ("postgresql://u:Sekr3t@[fe80::zz]/db", "malformed"),
+        ("postgresql://u:Sekr3t@h:99999/db", "invalid port"),
+        ("postgresql://u:Sekr3t@h/db?sslmode=bogus", "sslmode 'bogus'"),
+        ("postgresql://u:Sekr3t@h/db?sslmdoe=require", "unknown connection option 'sslmdoe'"),
+        ("postgresql://u@h/db?password=Sekr3t", "put the password in the DSN's user:password@ part"),
+    ],
+)
+def test_a_dsn_that_cannot_be_parsed_is_refused_with_its_password_masked(dsn: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Target.from_dsn("t", dsn)
+    assert problem in str(caught.value)
+    assert "Sekr3t" not in str(caught.value)
+    assert "Sekr3t" not in redact(dsn)  # and registered: an echo elsewhere is masked too
+
+
+def test_masked_dsn_hides_everything_that_may_be_the_password() -> None:
+    assert masked_dsn("postgresql://u:a/b?c@d@host:5432/db") == "postgresql://u:***@host:5432/db"
+    assert masked_dsn("postgresql://u@host/db?password=x&sslmode=require") == (
+        "postgresql://u@host/db?password=***&sslmode=require"
+    )

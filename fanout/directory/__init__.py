@@ -8,6 +8,7 @@ migrate it: they only enumerate.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -15,10 +16,55 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from fanout.config import DirectoryConfig, HttpDirectoryConfig, PgCatDirectoryConfig, SqlDirectoryConfig
 from fanout.errors import ConfigError, DirectoryError
-from fanout.secret import Secret
+from fanout.secret import MASK, Secret, register
 
 DEFAULT_PORT = 5432
 _SCHEMES = ("postgresql", "postgres")
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+# What libpq accepts in a DSN's query (PostgreSQL 17's list), so a typo is a configuration
+# error before the run, not an `unreachable` shard; host, port, dbname, user and password
+# belong in the DSN's other parts.
+LIBPQ_OPTIONS = frozenset(
+    {
+        "passfile",
+        "channel_binding",
+        "connect_timeout",
+        "client_encoding",
+        "options",
+        "application_name",
+        "fallback_application_name",
+        "keepalives",
+        "keepalives_idle",
+        "keepalives_interval",
+        "keepalives_count",
+        "tcp_user_timeout",
+        "replication",
+        "gssencmode",
+        "sslmode",
+        "requiressl",
+        "sslnegotiation",
+        "sslcompression",
+        "sslcert",
+        "sslkey",
+        "sslcertmode",
+        "sslpassword",
+        "sslrootcert",
+        "sslcrl",
+        "sslcrldir",
+        "sslsni",
+        "requirepeer",
+        "require_auth",
+        "ssl_min_protocol_version",
+        "ssl_max_protocol_version",
+        "krbsrvname",
+        "gsslib",
+        "gssdelegation",
+        "service",
+        "target_session_attrs",
+        "load_balance_hosts",
+        "hostaddr",
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,31 +92,71 @@ class Target:
         *,
         schema: str | None = None,
         tenants: Iterable[str] = (),
+        what: str | None = None,
     ) -> Target:
-        """Parse `postgresql://user:password@host:port/dbname?sslmode=require&schema=s`."""
-        parts = urlsplit(dsn)
-        if parts.scheme not in _SCHEMES:
+        """Parse `postgresql://user:password@host:port/dbname?sslmode=require&schema=s`.
+
+        Strict where a lenient parse would misplace a credential: a user or password must
+        percent-encode `/ ? # @ %`, every `%` must start a valid UTF-8 escape, and every
+        refusal shows the DSN with its password masked (`masked_dsn`). `what` names the DSN
+        in messages (default: the target).
+        """
+        what = what or f"target {target_id!r}"
+        scheme, separator, _ = dsn.partition("://")
+        if not separator or scheme not in _SCHEMES:
             raise ConfigError(
-                f"target {target_id!r}: DSN must start with postgresql:// (got {parts.scheme or 'no'} scheme)"
+                f"{what}: DSN must start with postgresql:// (got {scheme + ' scheme' if separator else 'no scheme'})"
             )
+
+        def refuse(problem: str) -> ConfigError:
+            _register_credentials(dsn)
+            return ConfigError(f"{what}: {problem}: {masked_dsn(dsn)}")
+
+        try:
+            parts = urlsplit(dsn)
+        except ValueError:
+            raise refuse(
+                "malformed host in DSN (an IPv6 address goes in brackets, [::1]; "
+                "a '[' or ']' in the user or password must be percent-encoded)"
+            ) from None
+        if "@" in parts.path + parts.query + parts.fragment:
+            raise refuse("the DSN's user or password holds a character that must be percent-encoded (/ ? # @ %)")
         try:
             port = parts.port or DEFAULT_PORT
         except ValueError as e:
-            raise ConfigError(f"target {target_id!r}: invalid port in DSN") from e
-        dbname = unquote(parts.path.lstrip("/"))
+            # urllib's own message may quote a piece of the DSN; say what is wrong in our words.
+            raise refuse(
+                "malformed IPv6 host in DSN (an IPv6 address goes in brackets, [::1])"
+                if "IPv6" in str(e)
+                else "invalid port in DSN"
+            ) from None
+        try:
+            dbname = _decoded(parts.path.lstrip("/"))
+            user = _decoded(parts.username) if parts.username else None
+            password = _decoded(parts.password) if parts.password is not None else None
+            options = dict(parse_qsl(parts.query, errors="strict"))
+        except UnicodeDecodeError:
+            raise refuse("DSN has a %XX escape that is not UTF-8") from None
+        except ValueError as e:
+            raise refuse(f"DSN is not valid ({e})") from None
         if not parts.hostname or not dbname:
-            raise ConfigError(f"target {target_id!r}: DSN must name a host and a database")
-        options = dict(parse_qsl(parts.query))
+            raise refuse("DSN must name a host and a database")
         if "password" in options:
-            raise ConfigError(f"target {target_id!r}: put the password in the DSN's user:password@ part")
+            raise refuse("put the password in the DSN's user:password@ part")
         schema = schema or options.pop("schema", None)
-        password = unquote(parts.password) if parts.password is not None else None
+        unknown = sorted(set(options) - LIBPQ_OPTIONS)
+        if unknown:
+            raise refuse(f"unknown connection option {', '.join(map(repr, unknown))} in DSN")
+        if options.get("sslmode", "prefer") not in SSL_MODES:
+            raise refuse(f"sslmode {options['sslmode']!r} is not one of {', '.join(SSL_MODES)}")
+        if parts.password and parts.password != password:
+            register(parts.password)  # the encoded form too, should anything print the DSN itself
         return cls(
             id=target_id,
             host=parts.hostname,
             port=port,
             dbname=dbname,
-            user=unquote(parts.username) if parts.username else None,
+            user=user,
             password=Secret(password) if password else None,
             schema=schema or None,
             options=tuple(sorted(options.items())),
@@ -113,6 +199,48 @@ class Target:
         user = f"{self.user}@" if self.user else ""
         suffix = f"#{self.schema}" if self.schema else ""
         return f"postgresql://{user}{self.server}/{self.dbname}{suffix}"
+
+
+_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_QUERY_PASSWORD = re.compile(r"(?i)(password=)[^&\s]*")
+
+
+def _decoded(text: str) -> str:
+    """Percent-decoding that refuses what libpq would refuse (a stray `%`, bytes that are not UTF-8)."""
+    if _ESCAPE.search(text):
+        raise ValueError("a '%' that does not start a %XX escape; write a literal '%' as %25")
+    return unquote(text, errors="strict")
+
+
+def _credentials_part(dsn: str) -> tuple[str, str, str] | None:
+    """(`scheme://user`, password, `@rest`) by the last `@`, however badly the rest is encoded."""
+    scheme, separator, rest = dsn.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not separator or not at:
+        return None
+    user, colon, password = userinfo.partition(":")
+    return (f"{scheme}://{user}", password if colon else "", f"@{host}")
+
+
+def masked_dsn(dsn: str) -> str:
+    """The DSN with everything that may be its password masked, even when it cannot be parsed.
+
+    Everything between the user's `:` and the last `@` is masked: a password with an
+    unencoded `/`, `?` or `@` cannot shift a piece of itself into the host or database.
+    """
+    found = _credentials_part(dsn)
+    masked = dsn if found is None else f"{found[0]}{':' + MASK if found[1] else ''}{found[2]}"
+    return _QUERY_PASSWORD.sub(lambda m: m.group(1) + MASK, masked)
+
+
+def _register_credentials(dsn: str) -> None:
+    """Make a refused DSN's password redactable everywhere, in its raw and its decoded form."""
+    found = _credentials_part(dsn)
+    candidates = [found[1]] if found is not None and found[1] else []
+    candidates += [m.group(0).partition("=")[2] for m in _QUERY_PASSWORD.finditer(dsn)]
+    for value in candidates:
+        register(value)
+        register(unquote(value))
 
 
 class ShardDirectory(Protocol):

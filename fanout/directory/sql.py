@@ -9,6 +9,7 @@ come from the directory's `user`/`password` settings.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import psycopg2
@@ -16,7 +17,11 @@ import psycopg2
 from fanout.config import SqlDirectoryConfig
 from fanout.directory import Target
 from fanout.errors import DirectoryError
-from fanout.secret import Secret, error_line
+from fanout.secret import Secret, error_line, register
+
+_APPLICATION_NAME = "fanout directory"
+_READ_ONLY = "-c default_transaction_read_only=on"
+_KEYWORD_PASSWORD = re.compile(r"password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)")
 
 
 class SqlDirectory:
@@ -30,12 +35,7 @@ class SqlDirectory:
 
     def _rows(self) -> list[dict[str, Any]]:
         try:
-            connection = psycopg2.connect(
-                self._config.dsn.reveal(),
-                connect_timeout=10,
-                application_name="fanout directory",
-                options="-c default_transaction_read_only=on",
-            )
+            connection = psycopg2.connect(**self._connect_kwargs())
         except psycopg2.Error as e:
             raise DirectoryError(f"cannot connect to the catalog database: {error_line(e, 1)}") from None
         try:
@@ -51,6 +51,17 @@ class SqlDirectory:
         finally:
             connection.rollback()
             connection.close()
+
+    def _connect_kwargs(self) -> dict[str, Any]:
+        """Parsed by fanout, not libpq: libpq quotes the malformed piece of a DSN, password included."""
+        dsn = self._config.dsn.reveal()
+        if "://" not in dsn:  # a libpq keyword string (host=... password=...)
+            for match in _KEYWORD_PASSWORD.finditer(dsn):
+                register(match.group(1).strip("'"))
+            return {"dsn": dsn, "connect_timeout": 10, "application_name": _APPLICATION_NAME,
+                    "options": _READ_ONLY}  # fmt: skip
+        catalog = Target.from_dsn("catalog", dsn, what="directory.dsn")
+        return catalog.libpq_kwargs(application_name=_APPLICATION_NAME, connect_timeout=10, read_only=True)
 
     def _target(self, index: int, row: dict[str, Any]) -> Target:
         shard_id = row.get("shard_id", row.get("id"))
