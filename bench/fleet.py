@@ -13,6 +13,8 @@ N shard databases, publishes M realistic migrations, and measures in one run:
   default concurrency and at a tuned one;
 - fanout's no-op plan over the migrated fleet, against opening and closing one connection per
   database (a plan cannot do less);
+- fanout inspect over the same migrated fleet (every shard's live schema read, fingerprinted,
+  grouped), against the same floor and against that no-op plan;
 - the apply comparison again through a TCP proxy that adds about 2 ms of round trip
   (bench/latency_proxy.py, a process of its own; its measured RTT is printed).
 Columns: wall time, speed-up against the baseline, time against the floor, S3 LIST/GET
@@ -212,6 +214,7 @@ class Bench:
         self.postgres, self.s3, self.root = postgres, s3, root
         self.migrations = migrations
         self.rows: list[Row] = []
+        self.inspect_ratios: list[str] = []
         self.folder = root / "local"
         self.folder.mkdir()
         files = migration_set(migrations)
@@ -294,6 +297,22 @@ class Bench:
         self.rows.append(row)
         return migrated
 
+    def inspect_case(self, n: int, concurrency: int, migrated: list[str]) -> None:
+        """inspect over the fleet plan_case just planned, against its floor and that plan."""
+        direct = Endpoint(self.postgres.host, self.postgres.port)
+        floor, plan = self.rows[-2], self.rows[-1]
+        before = connections(self.postgres, migrated)
+        row = self.fanout("inspect", direct, migrated, concurrency)
+        row.case = f"inspect N={n}"
+        row.vs_floor = f"{row.measure.wall / floor.measure.wall:.2f}x"
+        row.connections = str(connections(self.postgres, migrated) - before)
+        self.rows.append(row)
+        assert plan.measure.cpu is not None and row.measure.cpu is not None
+        self.inspect_ratios.append(
+            f"N={n}: {row.measure.wall / plan.measure.wall:.2f}x its wall time, "
+            f"{row.measure.cpu / plan.measure.cpu:.2f}x its CPU time"
+        )
+
 
 def table(rows: list[Row]) -> str:
     header = ["case", "runner", "wall s", "speed-up", "vs floor", "S3 LIST", "S3 GET", "RSS MB", "CPU s", "connections"]
@@ -314,10 +333,13 @@ def main() -> int:
     parser.add_argument("--apply", type=int, nargs="*", default=[10, 100, 200, 1000], metavar="N")
     parser.add_argument("--network", type=int, nargs="*", default=[200], metavar="N", help="apply sizes at 2 ms RTT")
     parser.add_argument("--plan", type=int, nargs="*", default=[10, 100, 1000], metavar="N")
+    parser.add_argument(
+        "--inspect", type=int, nargs="*", default=[1000], metavar="N", help="inspect sizes (each also plans)"
+    )
     args = parser.parse_args()
     if args.smoke:
         args.migrations, args.tuned, args.tuned_network = 5, 4, 4
-        args.apply, args.network, args.plan = [5], [5], [5]
+        args.apply, args.network, args.plan, args.inspect = [5], [5], [5], [5]
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
     startup = fanout_cli(["--version"])
     with (
@@ -331,8 +353,11 @@ def main() -> int:
         for n in args.apply:
             concurrencies = [DEFAULT_CONCURRENCY, args.tuned] if n <= 200 else [args.tuned]
             migrated[n] = bench.apply_case(n, direct, sorted(set(concurrencies)), "")
-        for n in args.plan:
-            bench.plan_case(n, args.tuned, migrated.pop(n, None))
+        for n in sorted(set(args.plan) | set(args.inspect)):
+            planned = bench.plan_case(n, args.tuned, migrated.pop(n, None))
+            if n in args.inspect:
+                bench.inspect_case(n, args.tuned, planned)
+            postgres.drop_databases(planned)
         for fleet in migrated.values():
             postgres.drop_databases(fleet)
         rtt = None
@@ -348,6 +373,7 @@ def main() -> int:
         f"\nfanout rows are the CLI in its own process: wall includes {startup.wall:.2f} s of interpreter start and"
         f" imports (`fanout --version` alone: {startup.rss_mb:.0f} MB RSS); RSS and CPU s are that process's."
         + (f"\nnetwork rows go through bench/latency_proxy.py: measured round trip {rtt:.2f} ms." if rtt else "")
+        + "".join(f"\ninspect against the no-op plan over the same fleet, {r}" for r in bench.inspect_ratios)
     )
     return 0
 

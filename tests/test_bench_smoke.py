@@ -29,10 +29,12 @@ def test_benchmark_smoke_run_prints_its_table() -> None:
         assert sum(r["runner"].startswith("fanout apply") for r in case) == 2
         assert case[0]["connections"] == str(5 * (1 + 5))  # yoyo: a connection per database and per migration
     assert [r["runner"].split(" (")[0] for r in plan] == ["connect+close only", "fanout plan"]
+    assert [r["runner"].split(" (")[0] for r in rows if r["case"] == "inspect N=5"] == ["fanout inspect"]
     fanout_rows = [r for r in rows if r["runner"].startswith("fanout")]
-    assert len(fanout_rows) == 5
+    assert len(fanout_rows) == 6
     for row in fanout_rows:
         assert (row["S3 LIST"], row["S3 GET"]) == ("1", "5")  # one LIST, one GET per file, whatever N
         assert row["connections"] == "5"  # one per target
         assert float(row["RSS MB"]) > 0 and float(row["CPU s"]) > 0  # measured on the fanout process itself
     assert "measured round trip" in result.stdout
+    assert "inspect against the no-op plan over the same fleet, N=5: " in result.stdout
