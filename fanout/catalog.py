@@ -78,7 +78,7 @@ WITH ns AS (
                            'cache', s.seqcache::text, 'cycle', s.seqcycle)
   FROM rel r JOIN pg_sequence s ON s.seqrelid = r.oid
   UNION ALL
-  SELECT 'function', n.nspname, p.proname || '(' || pg_get_function_identity_arguments(p.oid) || ')', NULL,
+  SELECT 'function', n.nspname, p.proname || '(' || oidvectortypes(p.proargtypes) || ')', NULL,
          json_build_object('kind', p.prokind::text, 'returns', pg_get_function_result(p.oid), 'language', l.lanname,
                            'body', md5(coalesce(p.prosrc, '') || coalesce(p.probin, '')),
                            'volatility', p.provolatile::text, 'security_definer', p.prosecdef, 'strict', p.proisstrict)

@@ -146,8 +146,15 @@ def _phrase(obj: SchemaObject) -> str:
         return f"{unique}index {obj.name} on {_index_target(obj)}{invalid}"
     if obj.kind == "column":
         return f"column {obj.name} ({_column_type(obj)})"
-    if obj.kind in ("constraint", "trigger"):
-        return f"{obj.kind} {_local(obj)} on {obj.table} ({_short(obj.get('definition'))})"
+    if obj.kind == "constraint":
+        return f"constraint {_local(obj)} on {obj.table} ({_short(obj.get('definition'))})"
+    if obj.kind == "trigger":
+        # `CREATE TRIGGER t BEFORE INSERT ON person FOR EACH ROW ...`: the part after the name says what it does.
+        definition = str(obj.get("definition") or "")
+        when = definition.split(f" {_local(obj)} ", 1)[-1] if f" {_local(obj)} " in definition else definition
+        return f"trigger {_local(obj)} on {obj.table} ({_short(when)})"
+    if obj.kind == "function":
+        return f"function {obj.name} returning {obj.get('returns')}"
     if obj.kind == "enum":
         return f"enum type {obj.name} ({obj.get('labels')})"
     if obj.kind == "extension":

@@ -117,6 +117,7 @@ def test_reference_build_and_reference_target(fleet: Fleet) -> None:
     assert fleet.cli("apply", "--env", "test").exit_code == EXIT_OK
     fleet.query(extra, "CREATE INDEX person_email_idx2 ON person (email)")
     fleet.query(extra, "CREATE TABLE audit (id int, at timestamptz DEFAULT now())")
+    fleet.query(extra, "CREATE FUNCTION twice(a int) RETURNS int LANGUAGE sql AS 'SELECT 2 * a'")
     scratch = "SELECT datname FROM pg_database WHERE datname LIKE 'fanout\\_scratch\\_%%'"
 
     code, built = _inspect(fleet, "--reference", "build")
@@ -129,6 +130,7 @@ def test_reference_build_and_reference_target(fleet: Fleet) -> None:
     assert [x["detail"] for x in groups[(extra,)]["differences"]] == [
         "extra table audit",  # its columns are not listed one by one
         "extra index person_email_idx2 on person (email)",
+        "extra function twice(integer) returning integer",  # identified by argument types, as PostgreSQL does
     ]
     assert fleet.query(clean, scratch) == []  # the scratch database is gone
 
@@ -137,6 +139,7 @@ def test_reference_build_and_reference_target(fleet: Fleet) -> None:
     assert [x["detail"] for x in _groups(named)[(clean,)]["differences"]] == [
         "missing table audit",
         "missing index person_email_idx2 on person (email)",
+        "missing function twice(integer) returning integer",
     ]
     unknown = fleet.cli("inspect", "--env", "test", "--reference", "nope")
     assert unknown.exit_code == EXIT_CONFIG
@@ -256,11 +259,12 @@ def test_tenant_schema_names_are_normalized_away() -> None:
 
 
 def test_differences_read_like_a_person_wrote_them() -> None:
-    reference = _description(
+    reference_rows = (
         _column("person", "address", "character varying(200)"),
         _column("person", "name", "text", not_null=True),
         _index("person_name_idx", "CREATE INDEX person_name_idx ON public.person USING btree (name)"),
     )
+    reference = _description(*reference_rows)
     shard = _description(
         _column("person", "address", "text"),
         _column("person", "name", "text", not_null=True, default="'x'::text"),
@@ -272,6 +276,21 @@ def test_differences_read_like_a_person_wrote_them() -> None:
         "column person.name has default 'x'::text, the reference has none",
         "extra index person_email_idx2 on person (email)",
         "index person_name_idx is INVALID",
+    ]
+    trigger = {
+        "kind": "trigger", "schema": "public", "name": "t", "table": "person",
+        "attrs": {"definition": "CREATE TRIGGER t BEFORE INSERT ON public.person FOR EACH ROW EXECUTE FUNCTION f()"},
+    }  # fmt: skip
+    function = {
+        "kind": "function",
+        "schema": "public",
+        "name": "f(integer)",
+        "table": None,
+        "attrs": {"returns": "int"},
+    }
+    assert [d.detail for d in schema.diff(reference, _description(*reference_rows, trigger, function))] == [
+        "extra function f(integer) returning int",
+        "extra trigger t on person (BEFORE INSERT ON person FOR EACH ROW EXECUTE FUNCTION f())",
     ]
     reverse = [d.detail for d in schema.diff(shard, reference)]
     assert "missing index person_email_idx2 on person (email)" in reverse
