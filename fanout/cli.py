@@ -392,6 +392,15 @@ lock_wait_option = click.option(
 @report_to_option
 @lock_wait_option
 @click.option(
+    "--target-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    metavar="SECONDS",
+    help="Fail a target still working after this long (lock wait included): its statement is cancelled "
+    "and rolled back, its lock released (error kind target-timeout, or unresponsive when the shard "
+    "does not answer) [default: from the environment, else no limit].",
+)
+@click.option(
     "--resume",
     metavar="RUN_ID",
     default=None,
@@ -417,6 +426,7 @@ def apply(
     outputs: tuple[str, ...],
     report_to: tuple[str, ...],
     lock_wait: float | None,
+    target_timeout: float | None,
     resume: str | None,
     runs_dir: Path | None,
 ) -> None:
@@ -440,6 +450,7 @@ def apply(
         max_failures=max_failures,
         fail_fast=fail_fast,
         slice=slice_,
+        target_timeout=target_timeout,
     )
     with signals_handled(Interrupt()) as interrupt, shown(_progress()) as progress:
         report = commands.apply(

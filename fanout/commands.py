@@ -56,6 +56,7 @@ class RunSettings:
     max_failures: str | None = None
     fail_fast: bool = False  # the same as max_failures "0"
     slice: str | None = None  # "K/N": only the targets of that slice (see rollout.Slice)
+    target_timeout: float | None = None  # seconds one target may take (see RunOptions.target_timeout)
 
 
 def plan(
@@ -231,7 +232,8 @@ def apply(
         previous = runs.load(env, resume, runs_dir)
         services = previous.services
         expected = previous.sources
-        targets = _resumable_targets(env, previous)
+        interrupt = interrupt or Interrupt()
+        targets = interrupt.until_stopped(lambda: _resumable_targets(env, previous), "listing the shard directory")
     report = _run_on(
         env,
         services,
@@ -289,7 +291,9 @@ def bootstrap(
         chosen = Target.from_dsn("bootstrap", interpolate(target, what="--target"))
         chosen = replace(chosen, id=chosen.display.removeprefix("postgresql://"))
     else:
-        known = {t.id: t for t in list_targets(env.directory, env.name)}
+        interrupt = interrupt or Interrupt()
+        listed = interrupt.until_stopped(lambda: list_targets(env.directory, env.name), "listing the shard directory")
+        known = {t.id: t for t in listed}
         if target not in known:
             raise ConfigError(
                 f"no target {target!r} in environment {env.name!r}; give a DSN to bootstrap an unlisted shard"
@@ -394,6 +398,8 @@ def _options(env: Environment, mode: Mode, settings: RunSettings) -> runner.RunO
         ),
         retries=defaults.retries,
         retry_backoff=defaults.retry_backoff,
+        target_timeout=settings.target_timeout if settings.target_timeout is not None else defaults.target_timeout,
+        tcp=defaults.tcp,
     )
 
 
@@ -414,10 +420,18 @@ def _run_on(
     """Snapshot the sources and run; `targets` None means every target of the directory."""
     selected = env.select_services(services)
     options = replace(options, all_services=set(selected) == set(env.services))
-    chosen = list_targets(env.directory, env.name) if targets is None else tuple(targets)
+    interrupt = interrupt or Interrupt()
+    # A signal during these phases ends the run at once: no shard has been touched yet.
+    chosen = (
+        interrupt.until_stopped(lambda: list_targets(env.directory, env.name), "listing the shard directory")
+        if targets is None
+        else tuple(targets)
+    )
     chosen = tuple(t for t in chosen if part.contains(t.id))
     with tempfile.TemporaryDirectory(prefix="fanout-snapshot-") as workdir:
-        snapshot = source.take_snapshot(env, selected, Path(workdir))
+        snapshot = interrupt.until_stopped(
+            lambda: source.take_snapshot(env, selected, Path(workdir)), "reading the migrations"
+        )
         lint_snapshot(snapshot)
         if expected_sources is not None:
             runs.check_same_sources(expected_sources, snapshot, resumed_from or "")

@@ -9,6 +9,7 @@ Values that carry credentials (DSNs, tokens) become `Secret`s at once.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import tomllib
@@ -48,6 +49,11 @@ class S3Location:
     region: str | None = None
     endpoint_url: str | None = None
     profile: str | None = None
+    # Bounds on every S3 call (botocore): an endpoint that accepts and never answers fails
+    # the run within about max_attempts * (connect_timeout + read_timeout) plus backoff.
+    connect_timeout: float = 5.0
+    read_timeout: float = 15.0
+    max_attempts: int = 3
 
     def url(self, service: str, environment: str) -> str:
         return f"s3://{self.bucket}/{self.key_prefix(service, environment)}"
@@ -104,6 +110,7 @@ class HttpDirectoryConfig:
     retries: int = 3
     concurrency: int = 32
     ca_bundle: str | None = None
+    max_pages: int = 10_000  # a tenant list longer than this is a pagination loop
     schemas: SchemaDiscovery | None = None
     kind: Literal["http"] = "http"
 
@@ -116,6 +123,7 @@ class SqlDirectoryConfig:
     query: str
     user: str | None = None
     password: Secret | None = None
+    timeout: float = 10.0  # seconds to connect, and for the query (statement_timeout)
     schemas: SchemaDiscovery | None = None
     kind: Literal["sql"] = "sql"
 
@@ -130,6 +138,35 @@ class PgCatDirectoryConfig:
     password: Secret | None = None
     schemas: SchemaDiscovery | None = None
     kind: Literal["pgcat"] = "pgcat"
+
+
+@dataclass(frozen=True, slots=True)
+class TcpSettings:
+    """libpq's TCP keepalives and user timeout: how long a dead or cut-off peer can hold a connection.
+
+    Keepalives find a peer that vanished while fanout waits for an answer (a crashed host,
+    a dropped route); `tcp_user_timeout` fails a connection whose sent data stays
+    unacknowledged. Neither can tell a live but silent peer (a hung proxy) from a long
+    statement: `target_timeout` bounds that.
+    """
+
+    keepalives: bool = True
+    keepalives_idle: int = 30  # seconds of silence before the first probe
+    keepalives_interval: int = 10  # seconds between probes
+    keepalives_count: int = 3  # unanswered probes before the connection is dead
+    tcp_user_timeout: float = 60.0  # seconds sent data may stay unacknowledged
+
+    def libpq(self) -> dict[str, int]:
+        """The libpq connection parameters (tcp_user_timeout in milliseconds)."""
+        if not self.keepalives:
+            return {"keepalives": 0, "tcp_user_timeout": round(self.tcp_user_timeout * 1000)}
+        return {
+            "keepalives": 1,
+            "keepalives_idle": self.keepalives_idle,
+            "keepalives_interval": self.keepalives_interval,
+            "keepalives_count": self.keepalives_count,
+            "tcp_user_timeout": round(self.tcp_user_timeout * 1000),
+        }
 
 
 DirectoryConfig = StaticDirectoryConfig | HttpDirectoryConfig | SqlDirectoryConfig | PgCatDirectoryConfig
@@ -149,6 +186,22 @@ class RunnerSettings:
     retry_backoff: float = 0.5
     waves: str | None = None  # e.g. "1,10%,100%"
     max_failures: str | None = None  # e.g. "0", "5", "2%"
+    target_timeout: float | None = None  # seconds one target may take, lock wait included; None: no limit
+    keepalives: bool = True
+    keepalives_idle: int = 30
+    keepalives_interval: int = 10
+    keepalives_count: int = 3
+    tcp_user_timeout: float = 60.0
+
+    @property
+    def tcp(self) -> TcpSettings:
+        return TcpSettings(
+            keepalives=self.keepalives,
+            keepalives_idle=self.keepalives_idle,
+            keepalives_interval=self.keepalives_interval,
+            keepalives_count=self.keepalives_count,
+            tcp_user_timeout=self.tcp_user_timeout,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +265,9 @@ class _Source(_Strict):
     region: str | None = None
     endpoint_url: str | None = None
     profile: str | None = None
+    connect_timeout: Annotated[float, Field(gt=0, le=600)] | None = None
+    read_timeout: Annotated[float, Field(gt=0, le=3600)] | None = None
+    max_attempts: Annotated[int, Field(ge=1, le=20)] | None = None
     folder: str | None = None
 
 
@@ -243,6 +299,7 @@ class _HttpDirectory(_Strict):
     retries: Annotated[int, Field(ge=0, le=10)] = 3
     concurrency: Annotated[int, Field(ge=1, le=256)] = 32
     ca_bundle: str | None = None
+    max_pages: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
     schemas: _Schemas | None = None
 
 
@@ -252,6 +309,7 @@ class _SqlDirectory(_Strict):
     query: Annotated[str, Field(min_length=1)]
     user: str | None = None
     password: str | None = None
+    timeout: Annotated[float, Field(gt=0, le=3600)] = 10.0
     schemas: _Schemas | None = None
 
 
@@ -283,6 +341,12 @@ class _Runner(_Strict):
     retry_backoff: Annotated[float, Field(ge=0, le=60)] = 0.5
     waves: str | None = None
     max_failures: str | None = None
+    target_timeout: Annotated[float, Field(gt=0)] | None = None
+    keepalives: bool = True
+    keepalives_idle: Annotated[int, Field(ge=1, le=7200)] = 30
+    keepalives_interval: Annotated[int, Field(ge=1, le=600)] = 10
+    keepalives_count: Annotated[int, Field(ge=1, le=100)] = 3
+    tcp_user_timeout: Annotated[float, Field(ge=0, le=3600)] = 60.0
 
 
 class _EnvironmentFile(_Strict):
@@ -464,18 +528,28 @@ def _build_source(source: _Source, path: Path) -> S3Location | FolderLocation:
     if (source.bucket is None) == (source.folder is None):
         raise ConfigError(f"{path}: source: set exactly one of 'bucket' (S3) or 'folder' (local)")
     if source.folder is not None:
-        extras = [k for k in ("region", "endpoint_url", "profile") if getattr(source, k)]
+        extras = [
+            k
+            for k in ("region", "endpoint_url", "profile", "connect_timeout", "read_timeout", "max_attempts")
+            if getattr(source, k)
+        ]
         if extras or source.prefix:
             raise ConfigError(f"{path}: source: {', '.join(extras or ['prefix'])} only apply to an S3 source")
         folder = Path(source.folder)
         return FolderLocation(folder if folder.is_absolute() else (path.parent / folder).resolve())
     assert source.bucket is not None
-    return S3Location(
+    s3 = S3Location(
         bucket=source.bucket,
         prefix=source.prefix.strip("/"),
         region=source.region,
         endpoint_url=source.endpoint_url or None,
         profile=source.profile,
+    )
+    return dataclasses.replace(
+        s3,
+        connect_timeout=source.connect_timeout or s3.connect_timeout,
+        read_timeout=source.read_timeout or s3.read_timeout,
+        max_attempts=source.max_attempts or s3.max_attempts,
     )
 
 
@@ -520,6 +594,7 @@ def _build_directory(
             retries=directory.retries,
             concurrency=directory.concurrency,
             ca_bundle=directory.ca_bundle,
+            max_pages=directory.max_pages,
             schemas=schemas,
         )
     if isinstance(directory, _SqlDirectory):
@@ -528,6 +603,7 @@ def _build_directory(
             query=directory.query,
             user=directory.user,
             password=_secret(directory.password),
+            timeout=directory.timeout,
             schemas=schemas,
         )
     if isinstance(directory, _PgCatDirectory):

@@ -1,60 +1,199 @@
-"""Graceful interrupts: the first SIGINT/SIGTERM stops scheduling, the second cancels.
+"""Signals and deadlines: what stops a run, and what ends a wait that would never end.
 
-A run polls `stopping` between targets and between migrations, so in-flight migrations
-finish (or roll back) and every lock is released before the report is written. The
-second signal also cancels the statements in flight (a PostgreSQL cancel request, so
-the server rolls the migration back) instead of waiting for them.
+The first SIGINT/SIGTERM stops scheduling in every phase: a directory listing or an S3
+snapshot in progress is abandoned (nothing was touched yet), and the fan-out starts no
+new target while in-flight migrations finish (or roll back) and release their locks.
+The second signal aborts: every statement in flight gets a PostgreSQL cancel request
+(the server rolls the migration back), and a connection that still has not answered
+`CANCEL_GRACE_SECONDS` later is shut down, so the run always ends and writes its report.
+
+The signal handler itself does nothing: Python's C-level handler writes the signal
+number to a socket, and a watcher thread acts on it. A handler that logs, takes a lock
+or sends a cancel request can block (or deadlock on a lock its own thread holds); the
+second SIGTERM of a hung run used to block exactly there.
+
+A per-target deadline works the same way: the watchdog cancels the watched connection's
+statement when its deadline passes and shuts the connection down if the server does not
+answer the cancel either; the worker then reads the verdict from its `Watched`.
 """
 
 from __future__ import annotations
 
+import ctypes
+import enum
+import functools
 import logging
+import os
 import signal
+import socket
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from types import FrameType
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
+
+from fanout.errors import Interrupted
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+CANCEL_GRACE_SECONDS = 5.0  # how long a cancelled statement may take to answer before its connection is cut
+CANCEL_REQUEST_SECONDS = 10.0  # a cancel request that takes longer is abandoned (it runs off the handler)
+_TICK_SECONDS = 0.1
 
 
 class Cancellable(Protocol):
     def cancel(self) -> None: ...
 
+    def fileno(self) -> int: ...
 
-class Interrupt:
-    """Shared by the scheduler and every worker of one run."""
 
-    def __init__(self) -> None:
-        self.stopping = threading.Event()
-        self.aborting = threading.Event()
+class Reason(enum.Enum):
+    DEADLINE = "deadline"
+    ABORT = "abort"
+
+
+@dataclass(slots=True, eq=False)
+class Watched:
+    """One connection under watch; the watchdog fills in what it did to it."""
+
+    connection: Cancellable
+    deadline: float | None  # time.monotonic() value; None: only an abort ends it
+    reason: Reason | None = None  # why it was cancelled, if it was
+    cancelled_at: float | None = None
+    abandoned: bool = False  # the cancel went unanswered and the connection was shut down
+
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+
+class Watchdog:
+    """Cancels watched connections past their deadline (or all of them on abort), then cuts the silent ones."""
+
+    def __init__(self, grace: float = CANCEL_GRACE_SECONDS) -> None:
+        self.grace = grace
         self._lock = threading.Lock()
-        self._in_flight: set[Cancellable] = set()
-
-    def stop(self) -> None:
-        self.stopping.set()
-
-    def abort(self) -> None:
-        self.stopping.set()
-        self.aborting.set()
-        with self._lock:
-            in_flight = list(self._in_flight)
-        for connection in in_flight:
-            _cancel(connection)
+        self._watched: set[Watched] = set()
+        self._aborting = False
+        self._thread: threading.Thread | None = None
 
     @contextmanager
-    def cancellable(self, connection: Cancellable) -> Iterator[None]:
-        """While inside, `abort()` cancels what `connection` is running."""
-        with self._lock:
-            self._in_flight.add(connection)
-        if self.aborting.is_set():
-            _cancel(connection)
+    def watching(self, connection: Cancellable, deadline: float | None) -> Iterator[Watched]:
+        handle = self.watch(connection, deadline)
         try:
-            yield
+            yield handle
         finally:
+            self.release(handle)
+
+    def watch(self, connection: Cancellable, deadline: float | None) -> Watched:
+        handle = Watched(connection, deadline)
+        with self._lock:
+            self._watched.add(handle)
+            self._ensure_thread()
+        return handle
+
+    def release(self, handle: Watched) -> None:
+        """Stop watching; call before closing the connection (its socket number may be reused)."""
+        with self._lock:
+            self._watched.discard(handle)
+
+    def abort(self) -> None:
+        with self._lock:
+            self._aborting = True
+            self._ensure_thread()
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="fanout-watchdog", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        idle_since: float | None = None
+        while True:
+            time.sleep(_TICK_SECONDS)
+            now = time.monotonic()
             with self._lock:
-                self._in_flight.discard(connection)
+                if not self._watched:
+                    idle_since = idle_since or now
+                    if now - idle_since > 1.0:
+                        self._thread = None
+                        return
+                    continue
+                idle_since = None
+                for handle in self._watched:
+                    if handle.cancelled_at is None:
+                        reason = Reason.ABORT if self._aborting else Reason.DEADLINE if handle.expired() else None
+                        if reason is not None:
+                            handle.reason, handle.cancelled_at = reason, now
+                            _cancel_off_thread(handle.connection)
+                    elif not handle.abandoned and now - handle.cancelled_at >= self.grace:
+                        handle.abandoned = True
+                        _shut_down(handle.connection)
+
+
+class PgCancel:
+    """A psycopg2 connection's cancel request, sent without holding the GIL.
+
+    psycopg2's `connection.cancel()` keeps the GIL while libpq connects to the server and
+    waits for it to close the cancel connection: on a silent server that freezes every
+    thread of the process, the watchdog and the signal watcher included. libpq's own
+    `PQcancel` is thread-safe, and ctypes releases the GIL around it.
+    """
+
+    def __init__(self, connection: Any) -> None:
+        self._connection = connection
+        self._libpq = _libpq()
+        self._handle = self._libpq.PQgetCancel(ctypes.c_void_p(connection.pgconn_ptr)) if self._libpq else None
+        self._sent = False
+
+    def fileno(self) -> int:
+        return int(self._connection.fileno())
+
+    def cancel(self) -> None:
+        if self._libpq is None or not self._handle:
+            self._connection.cancel()  # no libpq found beside psycopg2: the GIL-holding fallback
+            return
+        self._sent = True
+        errors = ctypes.create_string_buffer(256)
+        if not self._libpq.PQcancel(self._handle, errors, len(errors)):
+            log.debug("cancel request failed: %s", errors.value.decode(errors="replace"))
+
+    def close(self) -> None:
+        """Free the cancel handle, unless a cancel request (on another thread) may still use it."""
+        if self._libpq is not None and self._handle and not self._sent:
+            self._libpq.PQfreeCancel(self._handle)
+            self._handle = None
+
+
+@functools.cache
+def _libpq() -> Any:
+    """The libpq that psycopg2 is linked with (already loaded in this process), or None."""
+    paths = []
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as maps:
+            paths = [line.split()[-1] for line in maps if "/libpq" in line]
+    except OSError:
+        pass
+    if not paths:  # another libpq than psycopg2's would not know its PGconn
+        return None
+    try:
+        library = ctypes.CDLL(paths[0])
+    except OSError:
+        return None
+    library.PQgetCancel.restype = ctypes.c_void_p
+    library.PQgetCancel.argtypes = [ctypes.c_void_p]
+    library.PQcancel.restype = ctypes.c_int
+    library.PQcancel.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
+    library.PQfreeCancel.restype = None
+    library.PQfreeCancel.argtypes = [ctypes.c_void_p]
+    return library
+
+
+def _cancel_off_thread(connection: Cancellable) -> None:
+    # A cancel request opens a new connection to the server, which may itself hang: never wait for it.
+    threading.Thread(target=_cancel, args=(connection,), name="fanout-cancel", daemon=True).start()
 
 
 def _cancel(connection: Cancellable) -> None:
@@ -64,26 +203,110 @@ def _cancel(connection: Cancellable) -> None:
         log.debug("cancel failed: %s", e)
 
 
+def _shut_down(connection: Cancellable) -> None:
+    """Unblock whatever waits on the connection's socket: its next read returns end-of-file."""
+    try:
+        duplicate = socket.socket(fileno=os.dup(connection.fileno()))
+    except (OSError, ValueError) as e:  # already closed
+        log.debug("cannot shut the connection down: %s", e)
+        return
+    try:
+        duplicate.shutdown(socket.SHUT_RDWR)
+    except OSError as e:
+        log.debug("shutdown failed: %s", e)
+    finally:
+        duplicate.close()
+
+
+class Interrupt:
+    """Shared by the scheduler and every worker of one run."""
+
+    def __init__(self, watchdog: Watchdog | None = None) -> None:
+        self.stopping = threading.Event()
+        self.aborting = threading.Event()
+        self.watchdog = watchdog or Watchdog()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def abort(self) -> None:
+        self.stopping.set()
+        self.aborting.set()
+        self.watchdog.abort()
+
+    def until_stopped(self, work: Callable[[], T], what: str) -> T:
+        """`work()`'s result, unless the run is stopped first: then Interrupted, leaving `work` behind.
+
+        For phases before the fan-out (directory, source), which touch no shard: a request
+        stuck on a silent endpoint must not keep a stopped run alive.
+        """
+        if self.stopping.is_set():
+            raise Interrupted(f"interrupted before {what}; nothing was touched")
+        outcome: list[T] = []
+        failure: list[BaseException] = []
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                outcome.append(work())
+            except BaseException as e:
+                failure.append(e)
+            finally:
+                done.set()
+
+        threading.Thread(target=run, name="fanout-phase", daemon=True).start()
+        while not done.wait(_TICK_SECONDS):
+            if self.stopping.is_set():
+                raise Interrupted(f"interrupted while {what}; nothing was touched")
+        if failure:
+            raise failure[0]
+        return outcome[0]
+
+
+def _ignore(_signum: int, _frame: FrameType | None) -> None:
+    """The Python-level handler: the wakeup socket already told the watcher thread."""
+
+
 @contextmanager
 def signals_handled(interrupt: Interrupt) -> Iterator[Interrupt]:
     """Route SIGINT and SIGTERM to `interrupt` for the duration (main thread only)."""
     if threading.current_thread() is not threading.main_thread():
         yield interrupt
         return
-
-    def handle(signum: int, _frame: FrameType | None) -> None:
-        # Act before logging: a second signal can run this handler again mid-way through the first.
-        name = signal.Signals(signum).name
-        if interrupt.stopping.is_set():
-            interrupt.abort()
-            log.warning("%s again: cancelling in-flight migrations, releasing locks", name)
-        else:
-            interrupt.stop()
-            log.warning("%s: starting no new target; in-flight migrations finish, then the report", name)
-
-    previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    previous_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    previous = {s: signal.signal(s, _ignore) for s in (signal.SIGINT, signal.SIGTERM)}
+    watcher = threading.Thread(target=_watch_signals, args=(reader, interrupt), name="fanout-signals", daemon=True)
+    watcher.start()
     try:
         yield interrupt
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        signal.set_wakeup_fd(previous_fd)
+        writer.close()  # the watcher reads end-of-file and ends
+        watcher.join(timeout=1.0)
+        reader.close()
+
+
+def _watch_signals(reader: socket.socket, interrupt: Interrupt) -> None:
+    received = 0
+    while True:
+        try:
+            data = reader.recv(64)
+        except OSError:
+            return
+        if not data:
+            return
+        for signum in data:
+            if signum not in (signal.SIGINT, signal.SIGTERM):
+                continue
+            received += 1
+            name = signal.Signals(signum).name
+            if received == 1:
+                interrupt.stop()
+                log.warning("%s: starting no new target; in-flight migrations finish, then the report", name)
+            elif received == 2:
+                interrupt.abort()
+                log.warning("%s again: cancelling in-flight migrations, releasing locks", name)

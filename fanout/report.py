@@ -54,6 +54,9 @@ class ErrorKind(StrEnum):
     INTERRUPTED = "interrupted"  # SIGINT/SIGTERM: stopped before or between migrations, rolled back
     NOT_STARTED = "not-started"  # the run stopped scheduling (failure budget, --fail-fast, interrupt)
     DRIFT = "drift"  # apply refused: applied migrations differ from the set (fanout accept, after review)
+    TARGET_TIMEOUT = "target-timeout"  # still working at --target-timeout: cancelled, rolled back, lock released
+    UNRESPONSIVE = "unresponsive"  # the shard stopped answering (keepalives, tcp_user_timeout, an unanswered cancel)
+    POOLER = "pooler"  # a transaction-mode pooler sits between fanout and the shard: refused before any lock
     INTERNAL = "internal"
 
 

@@ -60,9 +60,10 @@ from yoyo.topologicalsort import CycleError
 from yoyo.utils import change_param_style
 
 from fanout import checksums, locking, rollout
+from fanout.config import TcpSettings
 from fanout.directory import Target
 from fanout.errors import SourceError, TargetFailed
-from fanout.interrupt import Interrupt
+from fanout.interrupt import Interrupt, PgCancel, Reason, Watched
 from fanout.report import (
     AppliedMigration,
     Drift,
@@ -118,6 +119,10 @@ class RunOptions:
     session: SessionSettings = field(default_factory=SessionSettings)
     retries: int = 3
     retry_backoff: float = 0.5  # first delay; doubles each retry, with jitter
+    # Seconds one target may take, lock wait included; past it the statement in flight is
+    # cancelled and the target fails (target-timeout, or unresponsive if the shard does not answer).
+    target_timeout: float | None = None
+    tcp: TcpSettings = field(default_factory=TcpSettings)
     # Every service of the environment is in the run: a migration yoyo recorded that no
     # set knows is then drift (with a subset, it may belong to a service left out).
     all_services: bool = True
@@ -325,6 +330,7 @@ def _migrate_target(
     connections: Iterator[int],
 ) -> list[TargetResult]:
     started = time.monotonic()
+    deadline = started + options.target_timeout if options.target_timeout is not None else None
     progress = {p.service: _Progress() for p in plans}
     failure: TargetError | None = None
     context: dict[str, Any] = {}
@@ -332,7 +338,7 @@ def _migrate_target(
         session: _Session | None = None
         try:
             next(connections)
-            session = _open_session(target, options, run_id, interrupt)
+            session = _open_session(target, options, run_id, interrupt, deadline)
             context["initialized"] = session.initialized
             with session.lock(options.lock_wait) as (holder, broken):
                 context["lock_holder"] = holder
@@ -344,7 +350,9 @@ def _migrate_target(
                     state = progress[plan.service]
                     if state.result is None:
                         shard = _ShardState(applied, recorded, environment, unknown if plan is plans[0] else [])
-                        state.result = _migrate_service(session, target, plan, shard, state, options, interrupt)
+                        state.result = _migrate_service(
+                            session, target, plan, shard, state, options, interrupt, deadline
+                        )
                     if state.result.status in (Status.FAILED, Status.SKIPPED):
                         break
             break
@@ -352,6 +360,9 @@ def _migrate_target(
             current = next((p for p in plans if progress[p.service].result is None), plans[0])
             if caught.retryable and attempt < options.retries and not interrupt.stopping.is_set():
                 delay = _backoff(options, attempt)
+                if deadline is not None and time.monotonic() + delay >= deadline:
+                    failure = _timed_out(options, f"gave up retrying ({caught.error.message})").error
+                    break
                 progress[current.service].retries.append(Retry(attempt + 1, caught.error.message, delay))
                 log.info("%s: %s; retrying in %.1fs", target.id, caught.error.message, delay)
                 interrupt.stopping.wait(delay)
@@ -440,6 +451,7 @@ def _migrate_service(
     state: _Progress,
     options: RunOptions,
     interrupt: Interrupt,
+    deadline: float | None = None,
 ) -> TargetResult:
     """Apply one service's pending migrations; raises _Failure only when the connection is lost."""
     applied = shard.applied
@@ -472,9 +484,12 @@ def _migrate_service(
         if interrupt.stopping.is_set():
             error = TargetError(ErrorKind.INTERRUPTED, f"interrupted before {migration.id}")
             break
+        if deadline is not None and time.monotonic() >= deadline:
+            error = _timed_out(options, f"stopped before {migration.id}").error
+            break
         recording = _Recording(plan.sha256.get(migration.id, ""), plan.service, shard.environment)
         try:
-            seconds = _apply_with_retries(session, migration, recording, state, options, interrupt)
+            seconds = _apply_with_retries(session, migration, recording, state, options, interrupt, deadline)
         except _Failure as failure:
             if failure.retryable and failure.error.kind is ErrorKind.UNREACHABLE:
                 raise  # the connection is gone: the target starts over on a new one
@@ -523,6 +538,7 @@ def _apply_with_retries(
     state: _Progress,
     options: RunOptions,
     interrupt: Interrupt,
+    deadline: float | None = None,
 ) -> float | None:
     """Seconds the migration took (None in plan mode); retries what a second try can fix."""
     for attempt in itertools.count():
@@ -531,11 +547,15 @@ def _apply_with_retries(
             return time.monotonic() - started if session.apply(migration, recording) else None
         except _Failure as failure:
             if interrupt.aborting.is_set():
+                if failure.error.kind is ErrorKind.INTERRUPTED:
+                    raise
                 raise _Failure(TargetError(ErrorKind.INTERRUPTED, "cancelled by a second interrupt")) from None
             transient = failure.retryable and failure.error.kind is not ErrorKind.UNREACHABLE
             if not transient or attempt >= options.retries or interrupt.stopping.is_set():
                 raise
             delay = _backoff(options, attempt)
+            if deadline is not None and time.monotonic() + delay >= deadline:
+                raise _timed_out(options, f"gave up retrying {migration.id} ({failure.error.message})") from None
             state.retries.append(Retry(attempt + 1, failure.error.message, delay, migration.id))
             log.info("%s: %s; retrying in %.1fs", migration.id, failure.error.message, delay)
             interrupt.stopping.wait(delay)
@@ -725,10 +745,12 @@ class _Session(Protocol):
     def close(self) -> None: ...
 
 
-def _open_session(target: Target, options: RunOptions, run_id: str, interrupt: Interrupt) -> _Session:
+def _open_session(
+    target: Target, options: RunOptions, run_id: str, interrupt: Interrupt, deadline: float | None = None
+) -> _Session:
     if options.mode is Mode.PLAN:
-        return _ReadOnlySession(target, options, run_id)
-    return _YoyoSession(target, options, run_id, interrupt)
+        return _ReadOnlySession(target, options, run_id, interrupt, deadline)
+    return _YoyoSession(target, options, run_id, interrupt, deadline)
 
 
 def _connect_kwargs(target: Target, options: RunOptions, run_id: str, *, read_only: bool = False) -> dict[str, Any]:
@@ -736,7 +758,52 @@ def _connect_kwargs(target: Target, options: RunOptions, run_id: str, *, read_on
         application_name=f"{APPLICATION_NAME} {options.mode.value} {run_id}",
         connect_timeout=options.connect_timeout,
         read_only=read_only,
+        tcp=options.tcp,
     )
+
+
+def _timed_out(options: RunOptions, what: str) -> _Failure:
+    return _Failure(TargetError(ErrorKind.TARGET_TIMEOUT, f"target timeout ({options.target_timeout:g}s): {what}"))
+
+
+class _Watch:
+    """A session's connection under the run's watchdog: the target's deadline and the second signal."""
+
+    def __init__(self, connection: Any, interrupt: Interrupt, options: RunOptions, deadline: float | None) -> None:
+        self._watchdog = interrupt.watchdog
+        self._options = options
+        self.deadline = deadline
+        self._cancel = PgCancel(connection)
+        self.handle: Watched = self._watchdog.watch(self._cancel, deadline)
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._watchdog.release(self.handle)
+            self._cancel.close()
+
+    def classify(self, error: psycopg2.Error, *, otherwise: ErrorKind = ErrorKind.DATABASE) -> _Failure:
+        """What `error` means, given what the watchdog did to the connection (if anything)."""
+        handle = self.handle
+        if handle.reason is None:
+            return _classify_database_error(error, otherwise=otherwise)
+        cut = (
+            f"no answer {self._watchdog.grace:g}s after a cancel request: connection abandoned "
+            "(the server frees the shard's lock when it ends the session)"
+        )
+        if handle.reason is Reason.ABORT:
+            message = "cancelled by a second interrupt" + (f"; {cut}" if handle.abandoned else "")
+            return _Failure(TargetError(ErrorKind.INTERRUPTED, message))
+        if handle.abandoned:
+            return _Failure(
+                TargetError(
+                    ErrorKind.UNRESPONSIVE,
+                    f"the shard stopped answering: still waiting at the target timeout "
+                    f"({self._options.target_timeout:g}s), then {cut}",
+                )
+            )
+        return _timed_out(self._options, "still working: cancelled and rolled back")
 
 
 def _lost(error: psycopg2.Error) -> bool:
@@ -775,6 +842,9 @@ def _classify_connect_error(error: psycopg2.Error, target: Target) -> _Failure:
 
 def _classify_database_error(error: psycopg2.Error, *, otherwise: ErrorKind = ErrorKind.DATABASE) -> _Failure:
     """`otherwise` is the kind of an error that is neither a lost connection nor a timeout."""
+    if _lost(error) and "timed out" in error_line(error).lower():
+        # Keepalives or tcp_user_timeout gave up on the peer: retrying would wait as long again.
+        return _Failure(TargetError(ErrorKind.UNRESPONSIVE, f"the shard stopped answering: {error_line(error)}"))
     if _lost(error):
         return _Failure(TargetError(ErrorKind.UNREACHABLE, f"connection lost: {error_line(error)}"), retryable=True)
     kind = _SQLSTATE_KINDS.get(error.pgcode or "", otherwise)
@@ -819,17 +889,20 @@ def _watch_client(cursor: Any, server_version: int) -> None:
 class _ReadOnlySession:
     """Reads yoyo's tables inside READ ONLY transactions; creates nothing and takes no lock."""
 
-    def __init__(self, target: Target, options: RunOptions, run_id: str) -> None:
+    def __init__(
+        self, target: Target, options: RunOptions, run_id: str, interrupt: Interrupt, deadline: float | None = None
+    ) -> None:
         # The server enforces read-only: even a bug here could not write.
         kwargs = _connect_kwargs(target, options, run_id, read_only=True)
         try:
             self._connection = psycopg2.connect(**kwargs)
         except psycopg2.Error as e:
             raise _classify_connect_error(e, target) from None
-        self._connection.set_session(readonly=True)
+        self._watch = _Watch(self._connection, interrupt, options, deadline)
         self._schema = target.schema
         self.initialized = False
         try:
+            self._connection.set_session(readonly=True)
             with self._connection.cursor() as cursor:
                 _apply_settings(cursor, options.session)
                 if self._schema:
@@ -849,14 +922,14 @@ class _ReadOnlySession:
             self.initialized, self._has_version_table, self._has_lock_table, self._has_checksums = row
         except psycopg2.Error as e:
             self.close()
-            raise _classify_database_error(e) from None
+            raise self._watch.classify(e) from None
 
     @contextmanager
     def lock(self, wait: float) -> Iterator[tuple[LockHolder | None, None]]:
         try:
             holder = locking.read_holder(self._connection) if self._has_lock_table else None
         except psycopg2.Error as e:
-            raise _classify_database_error(e) from None
+            raise self._watch.classify(e) from None
         yield holder, None
 
     def applied(self) -> dict[str, str]:
@@ -870,14 +943,14 @@ class _ReadOnlySession:
                 cursor.execute(f'SELECT "id" FROM "{MIGRATION_TABLE}"')
                 return {hashlib.sha256(row[0].encode()).hexdigest(): row[0] for row in cursor.fetchall()}
         except psycopg2.Error as e:
-            raise _classify_database_error(e) from None
+            raise self._watch.classify(e) from None
 
     def recorded_checksums(self) -> dict[str, checksums.Recorded]:
         try:
             with self._connection.cursor() as cursor:
                 return checksums.read(cursor, exists=self._has_checksums)
         except psycopg2.Error as e:
-            raise _classify_database_error(e) from None
+            raise self._watch.classify(e) from None
 
     def apply(self, migration: Migration, recording: _Recording) -> bool:
         """Plan mode: record nothing, run nothing."""
@@ -887,6 +960,7 @@ class _ReadOnlySession:
         """Plan mode: hooks are not run."""
 
     def close(self) -> None:
+        self._watch.release()
         try:
             self._connection.rollback()
             self._connection.close()
@@ -987,7 +1061,9 @@ class _Backend(PostgresqlBackend):  # type: ignore[misc]
 class _YoyoSession:
     """Applies migrations through yoyo under the shard lock."""
 
-    def __init__(self, target: Target, options: RunOptions, run_id: str, interrupt: Interrupt) -> None:
+    def __init__(
+        self, target: Target, options: RunOptions, run_id: str, interrupt: Interrupt, deadline: float | None = None
+    ) -> None:
         kwargs = _connect_kwargs(target, options, run_id)
         if target.schema:
             kwargs["schema"] = target.schema
@@ -997,7 +1073,9 @@ class _YoyoSession:
         except psycopg2.Error as e:
             raise _classify_connect_error(e, target) from None
         self._connection = self._backend.connection
+        self._watch = _Watch(self._connection, interrupt, options, deadline)
         self._interrupt = interrupt
+        self._options = options
         self._owner = locking.Owner(pid=os.getpid(), run_id=run_id)
         self._display = target.display
         try:
@@ -1007,7 +1085,7 @@ class _YoyoSession:
             self._backend.init_database()
         except psycopg2.Error as e:
             self.close()
-            raise _classify_database_error(e) from None
+            raise self._watch.classify(e) from None
         self.initialized = True
 
     @contextmanager
@@ -1017,11 +1095,14 @@ class _YoyoSession:
             try:
                 attempt = locking.try_acquire(self._connection, self._owner)
             except psycopg2.Error as e:
-                raise _classify_database_error(e) from None
+                raise self._watch.classify(e) from None
             if attempt.taken:
                 break
             if self._interrupt.stopping.is_set():
                 raise _Failure(TargetError(ErrorKind.INTERRUPTED, "interrupted while waiting for the shard's lock"))
+            if self._watch.deadline is not None and time.monotonic() >= self._watch.deadline:
+                who = attempt.holder.describe() if attempt.holder else "another process"
+                raise _timed_out(self._options, f"still waiting for the shard's lock, held by {who}")
             if time.monotonic() >= deadline:
                 who = attempt.holder.describe() if attempt.holder else "another process"
                 raise _Failure(TargetError(ErrorKind.LOCKED, f"lock held by {who}; gave up after {wait:g}s"))
@@ -1047,41 +1128,40 @@ class _YoyoSession:
             with self._connection.cursor() as cursor:
                 return _applied(cursor)
         except psycopg2.Error as e:
-            raise _classify_database_error(e) from None
+            raise self._watch.classify(e) from None
 
     def recorded_checksums(self) -> dict[str, checksums.Recorded]:
         try:
             with self._connection.cursor() as cursor:
                 return checksums.read(cursor, exists=True)  # created with the lock tables
         except psycopg2.Error as e:
-            raise _classify_database_error(e) from None
+            raise self._watch.classify(e) from None
 
     def apply(self, migration: Migration, recording: _Recording) -> bool:
         backend = self._backend
         invalid_before: set[str] = set()
         try:
-            with self._interrupt.cancellable(self._connection):
-                statements = _plain_sql(migration)
-                if statements is not None:
-                    # The statements and the rows recording them, in one transaction and one round trip.
-                    locking.in_one_transaction(self._connection, [*statements, *self._records(migration, recording)])
-                elif migration.use_transactions:
-                    # One transaction: the migration's steps (as savepoints) and the row recording them.
-                    with backend.transaction():
-                        migration.process_steps(backend, "apply")
-                        backend.log_migration(migration, "apply")
-                        backend.mark_one(migration, log=False)
-                        self._execute(self._record_checksum(migration, recording))
-                else:
-                    invalid_before = self._invalid_indexes()
+            statements = _plain_sql(migration)
+            if statements is not None:
+                # The statements and the rows recording them, in one transaction and one round trip.
+                locking.in_one_transaction(self._connection, [*statements, *self._records(migration, recording)])
+            elif migration.use_transactions:
+                # One transaction: the migration's steps (as savepoints) and the row recording them.
+                with backend.transaction():
                     migration.process_steps(backend, "apply")
-                    with backend.transaction():
-                        backend.log_migration(migration, "apply")
-                        backend.mark_one(migration, log=False)
-                        self._execute(self._record_checksum(migration, recording))
+                    backend.log_migration(migration, "apply")
+                    backend.mark_one(migration, log=False)
+                    self._execute(self._record_checksum(migration, recording))
+            else:
+                invalid_before = self._invalid_indexes()
+                migration.process_steps(backend, "apply")
+                with backend.transaction():
+                    backend.log_migration(migration, "apply")
+                    backend.mark_one(migration, log=False)
+                    self._execute(self._record_checksum(migration, recording))
         except psycopg2.Error as e:
             self._reset()
-            failure = _classify_migration_error(e)
+            failure = self._watch.classify(e, otherwise=ErrorKind.MIGRATION)
             if not migration.use_transactions and not _lost(e):
                 left = tuple(sorted(self._invalid_indexes() - invalid_before))
                 if left:
@@ -1116,7 +1196,7 @@ class _YoyoSession:
         try:
             locking.in_one_transaction(self._connection, statements)
         except psycopg2.Error as e:
-            raise _classify_database_error(e) from None
+            raise self._watch.classify(e) from None
 
     def _execute(self, statement: str) -> None:
         # Not backend.execute(): it passes {} as parameters, and psycopg2 would then read % in the text.
@@ -1156,11 +1236,10 @@ class _YoyoSession:
 
     def run_hook(self, migration: Migration) -> None:
         try:
-            with self._interrupt.cancellable(self._connection):
-                migration.process_steps(self._backend, "apply")
+            migration.process_steps(self._backend, "apply")
         except psycopg2.Error as e:
             self._reset()
-            raise _classify_migration_error(e) from None
+            raise self._watch.classify(e, otherwise=ErrorKind.MIGRATION) from None
 
     def _reset(self) -> None:
         """Leave the connection usable (to release the lock) after a failed statement."""
@@ -1171,5 +1250,6 @@ class _YoyoSession:
             pass
 
     def close(self) -> None:
+        self._watch.release()
         with contextlib.suppress(psycopg2.Error):
             self._connection.close()

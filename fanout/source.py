@@ -100,15 +100,19 @@ def take_snapshot(env: Environment, services: Sequence[str], workdir: Path) -> S
 
 
 def s3_client(location: S3Location) -> S3Client:
-    """A client on the standard credential chain (env, profile, SSO, instance role)."""
+    """A client on the standard credential chain (env, profile, SSO, instance role).
+
+    Every call is bounded by the location's connect/read timeouts and attempts, so an
+    endpoint that accepts connections and never answers fails the run instead of holding it.
+    """
     import boto3
     from botocore.config import Config
 
     session = boto3.session.Session(profile_name=location.profile, region_name=location.region)
     config = Config(
-        retries={"mode": "standard", "max_attempts": 5},
-        connect_timeout=5,
-        read_timeout=30,
+        retries={"mode": "standard", "max_attempts": location.max_attempts},
+        connect_timeout=location.connect_timeout,
+        read_timeout=location.read_timeout,
         max_pool_connections=FETCH_WORKERS,
     )
     try:

@@ -22,6 +22,7 @@ class ShardingState:
     in_flight: int = 0
     max_in_flight: int = 0
     delay: float = 0.0
+    next_is_self: bool = False  # every page's `next` points back to the page itself (a pagination loop)
     lock: threading.Lock = field(default_factory=threading.Lock)
     _failed: dict[str, int] = field(default_factory=dict)
 
@@ -56,6 +57,8 @@ def _handler(state: ShardingState) -> type[BaseHTTPRequestHandler]:
             if url.path == "/tenants":
                 page = int(parse_qs(url.query).get("page", ["0"])[0])
                 next_url = f"/tenants?page={page + 1}" if page + 1 < len(state.pages) else None
+                if state.next_is_self:
+                    next_url = self.path
                 items = state.pages[page] if state.pages else []
                 return self._send(200, json.dumps({"tenants": items, "next": next_url}).encode())
             if url.path.startswith("/write/"):

@@ -14,11 +14,18 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from fanout.config import DirectoryConfig, HttpDirectoryConfig, PgCatDirectoryConfig, SqlDirectoryConfig
+from fanout.config import (
+    DirectoryConfig,
+    HttpDirectoryConfig,
+    PgCatDirectoryConfig,
+    SqlDirectoryConfig,
+    TcpSettings,
+)
 from fanout.errors import ConfigError, DirectoryError
 from fanout.secret import MASK, Secret, register
 
 DEFAULT_PORT = 5432
+DEFAULT_TCP = TcpSettings()
 _SCHEMES = ("postgresql", "postgres")
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 # What libpq accepts in a DSN's query (PostgreSQL 17's list), so a typo is a configuration
@@ -163,12 +170,20 @@ class Target:
             tenants=tuple(tenants),
         )
 
-    def libpq_kwargs(self, *, application_name: str, connect_timeout: float, read_only: bool = False) -> dict[str, Any]:
+    def libpq_kwargs(
+        self,
+        *,
+        application_name: str,
+        connect_timeout: float,
+        read_only: bool = False,
+        tcp: TcpSettings = DEFAULT_TCP,
+    ) -> dict[str, Any]:
         """Keyword arguments for psycopg2.connect; the only place the password is revealed.
 
         `read_only` makes the server refuse writes for the whole session, whatever the caller does.
+        `tcp` sets keepalives and tcp_user_timeout, unless the target's own DSN parameters do.
         """
-        kwargs: dict[str, Any] = dict(self.options)
+        kwargs: dict[str, Any] = {**tcp.libpq(), **dict(self.options)}
         kwargs.update(
             host=self.host,
             port=self.port,

@@ -28,7 +28,6 @@ from fanout.secret import Secret, redact
 
 REQUIRED_FIELDS = ("host", "port", "flavor", "user", "password", "database")
 POSTGRES_FLAVORS = {"postgres", "postgresql", "pg"}
-MAX_PAGES = 100_000
 
 
 class HttpDirectory:
@@ -67,9 +66,18 @@ class HttpDirectory:
 
     def _tenants(self) -> Iterator[str]:
         url: str | None = self._config.endpoint + self._config.tenants_path
-        for _ in range(MAX_PAGES):
-            if url is None:
-                return
+        seen: set[str] = set()
+        while url is not None:
+            # A `next` that points back to a page already read would be followed forever.
+            if url in seen:
+                raise DirectoryError(
+                    f"the tenant list loops: page {len(seen)}'s 'next' link points back to {redact(url)}, already read"
+                )
+            if len(seen) >= self._config.max_pages:
+                raise DirectoryError(
+                    f"the tenant list did not end after {self._config.max_pages} pages (max_pages); a pagination loop?"
+                )
+            seen.add(url)
             body = self._get_json(url, "the tenant list")
             items, next_url = (body, None) if isinstance(body, list) else _page(body, url)
             for item in items:
@@ -78,7 +86,6 @@ class HttpDirectory:
                     raise DirectoryError(f"the tenant list at {url} holds an entry that is not a tenant id: {item!r}")
                 yield str(tenant)
             url = urljoin(url, next_url) if next_url else None
-        raise DirectoryError(f"the tenant list did not end after {MAX_PAGES} pages")
 
     def _resolve(self, tenant: str) -> Target:
         path = self._config.resolve_path.replace("{tenant_id}", quote(tenant, safe=""))

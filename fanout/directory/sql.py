@@ -9,14 +9,17 @@ come from the directory's `user`/`password` settings.
 
 from __future__ import annotations
 
+import contextlib
 import re
+import time
 from typing import Any
 
 import psycopg2
 
 from fanout.config import SqlDirectoryConfig
-from fanout.directory import Target
+from fanout.directory import DEFAULT_TCP, Target
 from fanout.errors import DirectoryError
+from fanout.interrupt import PgCancel, Watchdog
 from fanout.secret import Secret, error_line, register
 
 _APPLICATION_NAME = "fanout directory"
@@ -38,6 +41,10 @@ class SqlDirectory:
             connection = psycopg2.connect(**self._connect_kwargs())
         except psycopg2.Error as e:
             raise DirectoryError(f"cannot connect to the catalog database: {error_line(e, 1)}") from None
+        # The server's statement_timeout answers first; the watchdog only acts on a catalog gone silent.
+        watchdog = Watchdog(grace=1.0)
+        cancel = PgCancel(connection)
+        watched = watchdog.watch(cancel, time.monotonic() + self._config.timeout + 1.0)
         try:
             connection.set_session(readonly=True)
             with connection.cursor() as cursor:
@@ -47,21 +54,36 @@ class SqlDirectory:
                 columns = [c.name for c in cursor.description]
                 return [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
         except psycopg2.Error as e:
+            if watched.abandoned:
+                raise DirectoryError(
+                    f"the catalog database stopped answering: no answer within {self._config.timeout:g}s (timeout)"
+                ) from None
             raise DirectoryError(f"the catalog query failed: {error_line(e, 1)}") from None
         finally:
-            connection.rollback()
+            watchdog.release(watched)
+            cancel.close()
+            with contextlib.suppress(psycopg2.Error):
+                connection.rollback()
             connection.close()
 
     def _connect_kwargs(self) -> dict[str, Any]:
-        """Parsed by fanout, not libpq: libpq quotes the malformed piece of a DSN, password included."""
+        """Parsed by fanout, not libpq: libpq quotes the malformed piece of a DSN, password included.
+
+        `timeout` bounds the connection and (as statement_timeout) the query; keepalives and
+        tcp_user_timeout end a wait on a catalog that vanished.
+        """
         dsn = self._config.dsn.reveal()
+        timeout = self._config.timeout
+        statement_timeout = f"-c statement_timeout={round(timeout * 1000)}"
         if "://" not in dsn:  # a libpq keyword string (host=... password=...)
             for match in _KEYWORD_PASSWORD.finditer(dsn):
                 register(match.group(1).strip("'"))
-            return {"dsn": dsn, "connect_timeout": 10, "application_name": _APPLICATION_NAME,
-                    "options": _READ_ONLY}  # fmt: skip
+            return {"dsn": dsn, "connect_timeout": max(1, round(timeout)), "application_name": _APPLICATION_NAME,
+                    "options": f"{_READ_ONLY} {statement_timeout}", **DEFAULT_TCP.libpq()}  # fmt: skip
         catalog = Target.from_dsn("catalog", dsn, what="directory.dsn")
-        return catalog.libpq_kwargs(application_name=_APPLICATION_NAME, connect_timeout=10, read_only=True)
+        kwargs = catalog.libpq_kwargs(application_name=_APPLICATION_NAME, connect_timeout=timeout, read_only=True)
+        kwargs["options"] = f"{kwargs['options']} {statement_timeout}"
+        return kwargs
 
     def _target(self, index: int, row: dict[str, Any]) -> Target:
         shard_id = row.get("shard_id", row.get("id"))
