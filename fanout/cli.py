@@ -80,7 +80,7 @@ def _fail(error: BaseException) -> NoReturn:
 
 
 class _Cli(click.Group):
-    """Usage errors speak like every other error: one line, as JSON with --log-format json."""
+    """Usage errors speak like every other error: one line (not click's usage block), JSON with --log-format json."""
 
     def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
              standalone_mode: bool = True, **extra: Any) -> Any:  # fmt: skip
@@ -90,10 +90,9 @@ class _Cli(click.Group):
         try:
             returned = super().main(words, prog_name, complete_var, False, **extra)
         except click.ClickException as e:
-            if not _json_errors(words):
-                e.show()
-                sys.exit(e.exit_code)
-            _say_error(e.format_message(), e.exit_code, kind="usage", args=words)
+            context = getattr(e, "ctx", None)
+            hint = f" (see '{context.command_path} --help')" if context is not None else ""
+            _say_error(e.format_message() + hint, e.exit_code, kind="usage", args=words)
         except click.Abort:
             _say_error("aborted", EXIT_INTERNAL, kind="usage", args=words)
         sys.exit(returned if isinstance(returned, int) else EXIT_OK)

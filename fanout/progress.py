@@ -39,6 +39,7 @@ class Progress:
         self._skipped: set[str] = set()
         self._drifted: set[str] = set()
         self._started = time.monotonic()
+        self._running = False  # start() was called: a run that never began has nothing to finish
         self._next_line = 0.1
         self._bar: Any = None
         self._task: Any = None
@@ -46,6 +47,7 @@ class Progress:
     def start(self, total: int, waves: Sequence[int] = ()) -> None:
         with self._lock:
             self._total, self._waves, self._started = total, list(waves), time.monotonic()
+            self._running = True
             if self._json:
                 self._event({"event": "start", "targets": total, "waves": self._waves})
             elif self._live:
@@ -88,7 +90,7 @@ class Progress:
 
     def finish(self) -> None:
         with self._lock:
-            if self._json:
+            if self._json and self._running:
                 self._event({"event": "finish", "done": len(self._done), "total": self._total,
                              **self._counts(), "seconds": round(time.monotonic() - self._started, 3)})  # fmt: skip
             elif self._bar is not None:

@@ -427,10 +427,14 @@ def _require_s3_answer(location: S3Location, page: dict[str, Any]) -> None:
     headers = page.get("ResponseMetadata", {}).get("HTTPHeaders", {})
     content_type = str(headers.get("content-type", ""))
     if "html" in content_type.lower() or not page.get("Name"):
-        raise SourceError(
-            f"the S3 endpoint {location.endpoint_url or 'of the region'} did not answer like S3 "
-            f"(a {content_type or 'response'} without a bucket listing): check [source] endpoint_url"
-        )
+        raise SourceError(_not_s3(location, content_type or "response"))
+
+
+def _not_s3(location: S3Location, what: str) -> str:
+    return (
+        f"the S3 endpoint {location.endpoint_url or 'of the region'} did not answer like S3 "
+        f"(a {what} that is no S3 answer, e.g. a web page): check [source] endpoint_url"
+    )
 
 
 def _fetch(client: S3Client, location: S3Location, obj: dict[str, Any], folder: Path) -> MigrationFile:
@@ -504,11 +508,15 @@ def _s3_call(location: S3Location, call: Callable[[], Any]) -> Any:
         EndpointConnectionError,
         NoCredentialsError,
     )
+    from botocore.parsers import ResponseParserError
 
     where = f"s3://{location.bucket}"
     try:
         return call()
     except ClientError as e:
+        content_type = str(e.response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("content-type", ""))
+        if "html" in content_type.lower():
+            raise SourceError(_not_s3(location, content_type)) from None
         code = e.response.get("Error", {}).get("Code", "Unknown")
         messages = {
             "NoSuchBucket": f"bucket {location.bucket!r} does not exist",
@@ -524,6 +532,8 @@ def _s3_call(location: S3Location, call: Callable[[], Any]) -> Any:
         raise SourceError("no AWS credentials found (environment, profile, SSO or instance role)") from None
     except EndpointConnectionError as e:
         raise SourceError(f"cannot reach the S3 endpoint for {where}: {e}") from None
+    except ResponseParserError:
+        raise SourceError(_not_s3(location, "response")) from None
     except BotoCoreError as e:
         raise SourceError(f"S3 request to {where} failed: {e}") from None
 

@@ -24,6 +24,7 @@ def test_exit_codes_in_help_match_the_error_hierarchy() -> None:
         errors.EXIT_SOURCE,
         errors.EXIT_DIRECTORY,
         errors.EXIT_TARGETS_FAILED,
+        errors.EXIT_NOT_STORED,
         errors.EXIT_PENDING,
     ):
         assert f"  {code} " in text
