@@ -48,6 +48,7 @@ class How(StrEnum):
     ACCEPTED = "accepted"  # an operator adopted new content for it (fanout accept)
     BASELINED = "baselined"  # applied before fanout, adopted as it is now (fanout baseline)
     RETIRED = "retired"  # accepted although no longer in the set: never reported as missing again
+    ROLLED_BACK = "rolled-back"  # fanout rolled it back: the checksum row is gone, the log keeps it
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +80,16 @@ def record_sql(cursor: Any, migration_id: str, sha256: str, service: str, enviro
         '"recorded_at" = EXCLUDED."recorded_at", "how" = EXCLUDED."how"',
         (migration_id, sha256, service, environment, _now(), how.value),
     )
+    return sql.decode()
+
+
+def unrecord_sql(cursor: Any, migration_id: str) -> str:
+    """The statement that forgets a rolled-back migration's checksum, for inclusion in a larger transaction.
+
+    Deleted rather than marked: a shard that no longer has the migration has no content
+    to compare, and the next apply records it afresh (the log keeps the history).
+    """
+    sql: bytes = cursor.mogrify(f'DELETE FROM "{TABLE}" WHERE "migration_id" = %s', (migration_id,))
     return sql.decode()
 
 

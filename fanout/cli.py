@@ -24,7 +24,7 @@ from fanout.formats import FORMATS, format_for, render
 from fanout.interrupt import Interrupt, signals_handled
 from fanout.locking import UnlockOutcome
 from fanout.progress import Progress, shown
-from fanout.report import RunReport, exit_code, to_dict
+from fanout.report import RollbackRequest, RunReport, exit_code, to_dict
 from fanout.secret import RedactingFilter, redact
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -679,6 +679,14 @@ def demo(ctx: click.Context, migrations_dir: Path) -> None:
     "--schema", "with_schema", is_flag=True,
     help="Also inspect every shard's live schema (as `fanout inspect`); fail on a difference.",
 )  # fmt: skip
+@click.option(
+    "--at",
+    "at",
+    multiple=True,
+    metavar="ID",
+    help="The version the fleet is meant to be at (e.g. after a rollback): the service of ID must have "
+    "exactly its migrations up to ID applied (repeatable, one per service).",
+)
 @_guarded
 def verify(
     env: Environment,
@@ -689,6 +697,7 @@ def verify(
     outputs: tuple[str, ...],
     report_to: tuple[str, ...],
     with_schema: bool,
+    at: tuple[str, ...],
 ) -> None:
     """Check every shard against the published set: all applied, each with its checksum. Read-only.
 
@@ -701,8 +710,9 @@ def verify(
     Example:
       fanout verify --env production --format json --output verify.json
       fanout verify --env production --schema
+      fanout verify --env production --at 041-add-invoice-index
     """
-    verb = functools.partial(commands.verify, schema=with_schema)
+    verb = functools.partial(commands.verify, schema=with_schema, at=at)
     _read_only(verb, env, services, fmt, concurrency, slice_, outputs + report_to)
 
 
@@ -867,3 +877,162 @@ def merge(
 
 def main() -> None:
     cli(prog_name="fanout")
+
+
+# ---- rollback and reapply ------------------------------------------------------------------
+
+
+_FROM_APPLY = ("per_server", "waves", "max_failures", "fail_fast", "runs_dir")
+
+
+def _share_apply_options(command: click.Command) -> None:
+    """Give `command` the very options of `apply` (rollout controls, run records): one definition, one help."""
+    command.params.extend(p for name in _FROM_APPLY for p in apply.params if p.name == name)
+
+
+def _rollout_settings(
+    concurrency: int | None,
+    per_server: int | None,
+    waves: str | None,
+    max_failures: str | None,
+    fail_fast: bool,
+    slice_: str | None,
+    lock_wait: float | None,
+) -> commands.RunSettings:
+    return commands.RunSettings(
+        concurrency=concurrency, per_server=per_server, lock_wait=lock_wait, waves=waves,
+        max_failures=max_failures, fail_fast=fail_fast, slice=slice_,
+    )  # fmt: skip
+
+
+@cli.command()
+@env_option
+@service_option
+@click.option("--to", "to", multiple=True, metavar="ID",
+              help="Leave each shard at ID: roll back whatever it has applied beyond ID, whatever its version "
+              "(repeatable, one per service).")  # fmt: skip
+@click.option("--migration", "migrations", multiple=True, metavar="ID",
+              help="Roll back ID and, as yoyo does, every applied migration that depends on it (repeatable).")  # fmt: skip
+@click.option("--release", default=None, metavar="RELEASE",
+              help="Roll back exactly the migrations the published release RELEASE added (from its manifest).")  # fmt: skip
+@click.option("--accept-drift", is_flag=True,
+              help="Also roll back shards whose applied checksums differ from the published set.")  # fmt: skip
+@click.option("--reason", default=None, help="Why; logged in fanout_checksum_log with each rolled-back checksum.")
+@click.option("--dry-run", is_flag=True, help="Read-only: show per shard what would be rolled back.")
+@click.option("--detailed-exitcode", is_flag=True, help="With --dry-run: exit 10 when something would be rolled back.")
+@format_option
+@concurrency_option
+@slice_option
+@output_option
+@report_to_option
+@lock_wait_option
+@click.option("--resume", metavar="RUN_ID", default=None,
+              help="Retry only the targets that failed or were skipped in that rollback, with the same request.")  # fmt: skip
+@_guarded
+def rollback(
+    env: Environment,
+    services: tuple[str, ...],
+    to: tuple[str, ...],
+    migrations: tuple[str, ...],
+    release: str | None,
+    accept_drift: bool,
+    reason: str | None,
+    dry_run: bool,
+    detailed_exitcode: bool,
+    fmt: str,
+    concurrency: int | None,
+    per_server: int | None,
+    waves: str | None,
+    max_failures: str | None,
+    fail_fast: bool,
+    slice_: str | None,
+    outputs: tuple[str, ...],
+    report_to: tuple[str, ...],
+    lock_wait: float | None,
+    resume: str | None,
+    runs_dir: Path | None,
+) -> None:
+    """Roll back migrations on every shard with their NAME.rollback.sql files, each under its lock.
+
+    Give one of --to, --migration or --release. Each shard rolls back only what it has
+    applied, newest first, dependents first; several services are rolled back in reverse
+    order. Refuses before touching any shard when a migration to roll back has no
+    rollback file (exit 3), and refuses a drifted shard unless --accept-drift. On
+    PostgreSQL each rollback and the removal of its records are one transaction. The
+    rollout options are apply's: a canary wave, a failure budget, caps per server.
+
+    \b
+    Example:
+      fanout rollback --env production --to 041-add-invoice-index --dry-run
+      fanout rollback --env production --release 3f9c0e1a2b4d5e6f --waves 1,10%,100% --format json
+    """
+    given = sum(1 for chosen in (to, migrations, release) if chosen)
+    if given > 1:
+        raise click.UsageError("give only one of --to, --migration and --release")
+    request = None
+    if given:
+        request = RollbackRequest(
+            to=to, migrations=migrations, release=release, accept_drift=accept_drift, reason=reason
+        )
+    settings = _rollout_settings(concurrency, per_server, waves, max_failures, fail_fast, slice_, lock_wait)
+    with signals_handled(Interrupt()) as interrupt, shown(_progress()) as progress:
+        report = commands.rollback(
+            env, request, services, settings=settings, dry_run=dry_run, interrupt=interrupt, resume=resume,
+            runs_dir=runs_dir, **_callbacks(progress),
+        )  # fmt: skip
+    _emit(report, fmt, detailed=detailed_exitcode, env=env, destinations=outputs + report_to)
+
+
+@cli.command()
+@env_option
+@service_option
+@click.option("--migration", "migrations", multiple=True, required=True, metavar="ID",
+              help="The migration to reapply; what depends on it is rolled back and reapplied too (repeatable).")  # fmt: skip
+@click.option("--accept-drift", is_flag=True,
+              help="Also reapply on shards whose applied checksums differ from the published set.")  # fmt: skip
+@click.option("--reason", default=None, help="Why; logged in fanout_checksum_log.")
+@format_option
+@concurrency_option
+@slice_option
+@output_option
+@report_to_option
+@lock_wait_option
+@_guarded
+def reapply(
+    env: Environment,
+    services: tuple[str, ...],
+    migrations: tuple[str, ...],
+    accept_drift: bool,
+    reason: str | None,
+    fmt: str,
+    concurrency: int | None,
+    per_server: int | None,
+    waves: str | None,
+    max_failures: str | None,
+    fail_fast: bool,
+    slice_: str | None,
+    outputs: tuple[str, ...],
+    report_to: tuple[str, ...],
+    lock_wait: float | None,
+    runs_dir: Path | None,
+) -> None:
+    """Roll back a migration (and what depends on it), then apply it again, under one lock per shard.
+
+    For repairing a migration's effect in place (yoyo's `reapply`). Only shards that
+    have the migration applied are touched; the same checks as rollback apply.
+
+    \b
+    Example:
+      fanout reapply --env staging --migration 007-refresh-view --reason "view lost rows"
+    """
+    request = RollbackRequest(migrations=migrations, reapply=True, accept_drift=accept_drift, reason=reason)
+    settings = _rollout_settings(concurrency, per_server, waves, max_failures, fail_fast, slice_, lock_wait)
+    with signals_handled(Interrupt()) as interrupt, shown(_progress()) as progress:
+        report = commands.rollback(
+            env, request, services, settings=settings, interrupt=interrupt, runs_dir=runs_dir, **_callbacks(progress)
+        )
+    _emit(report, fmt, env=env, destinations=outputs + report_to)
+
+
+_share_apply_options(rollback)
+_share_apply_options(reapply)

@@ -26,7 +26,7 @@ from fanout.config import Environment, S3Location, interpolate, load_environment
 from fanout.directory import Target, list_targets
 from fanout.errors import ConfigError, DirectoryError, SourceError
 from fanout.interrupt import Interrupt
-from fanout.report import Mode, RunReport, TargetResult, merge
+from fanout.report import Mode, RollbackRequest, RunReport, TargetResult, merge
 from fanout.report import from_dict as report_from_dict
 from fanout.rollout import WHOLE_FLEET, FailureBudget, Limits, Slice, Waves
 
@@ -94,14 +94,24 @@ def verify(
     on_start: StartCallback | None = None,
     interrupt: Interrupt | None = None,
     schema: bool = False,
+    at: Sequence[str] = (),
 ) -> RunReport:
     """Check every shard's applied set and checksums against the published set. Read-only.
 
     Its exit code gates a pipeline: 0 only when every shard has every migration applied,
     each with the checksum of the set's content, and nothing drifted; with `schema`, also
-    when every shard's live schema is its version's reference (see `inspect`).
+    when every shard's live schema is its version's reference (see `inspect`). With `at`
+    (after a rollback), the service of each id given is meant to stand exactly at that
+    migration: what comes after it must not be applied, and is no longer expected.
     """
-    report = _read_only(env, services, "verify", settings, on_result, on_start, interrupt)
+    if at:
+        options = replace(_options(env, Mode.PLAN, settings), at=tuple(at))
+        report = _run_on(
+            env, services, "verify", options, None, part=_slice(settings), on_result=on_result, on_start=on_start,
+            interrupt=interrupt,
+        )  # fmt: skip
+    else:
+        report = _read_only(env, services, "verify", settings, on_result, on_start, interrupt)
     if schema and not report.interrupted:
         inspected = inspect(env, services, settings=settings, interrupt=interrupt)
         report = replace(report, inspection=inspected.inspection, interrupted=inspected.interrupted)
@@ -250,6 +260,62 @@ def apply(
     if not runs.save(env, report, runs_dir):
         # Neither copy was written: the work is done, but resume cannot find this run.
         report = replace(report, not_stored=("run record",))
+    return report
+
+
+def rollback(
+    env: Environment,
+    request: RollbackRequest | None,
+    services: Sequence[str] = (),
+    *,
+    settings: RunSettings = RunSettings(),
+    dry_run: bool = False,
+    on_result: ResultCallback | None = None,
+    on_start: StartCallback | None = None,
+    interrupt: Interrupt | None = None,
+    resume: str | None = None,
+    runs_dir: Path | None = None,
+) -> RunReport:
+    """Roll back migrations on every target with their rollback files, each under its lock.
+
+    What to roll back is `request` (see RollbackRequest); services are rolled back in
+    reverse order. Refuses before touching any shard when a migration to roll back has no
+    rollback file (SourceError). `dry_run` is read-only and reports, per shard, what would
+    be rolled back. Every real run is recorded; with `resume`, only the targets that
+    failed or were skipped in that rollback are retried, with the same request (None: take
+    the resumed run's) and files.
+    """
+    if request is None and resume is None:
+        raise ConfigError("rollback: give one of --to ID, --migration ID or --release R")
+    command = "reapply" if request is not None and request.reapply else "rollback"
+    mode = Mode.PLAN if dry_run else Mode.ROLLBACK
+    targets: tuple[Target, ...] | None = None
+    expected: dict[str, dict[str, str]] | None = None
+    if resume is not None:
+        if services:
+            raise ConfigError("--resume retries the services of the run it resumes; drop --service")
+        previous = runs.load(env, resume, runs_dir, command=command)
+        assert previous.report is not None
+        if previous.report.rollback is None:
+            raise ConfigError(f"--resume {resume}: that run's record does not say what it rolled back")
+        if request is None:
+            request = previous.report.rollback
+        elif previous.report.rollback != request:
+            raise ConfigError(
+                f"--resume {resume}: that run was `{previous.report.rollback.describe()}`; "
+                f"this one is `{request.describe()}`"
+            )
+        services = previous.services
+        expected = previous.sources
+        targets = _resumable_targets(env, previous)
+    assert request is not None
+    options = replace(_options(env, mode, settings), rollback=request)
+    report = _run_on(
+        env, services, command, options, targets, part=_slice(settings), on_result=on_result, on_start=on_start,
+        interrupt=interrupt, expected_sources=expected, resumed_from=resume,
+    )  # fmt: skip
+    if not dry_run and not runs.save(env, report, runs_dir):
+        report = replace(report, not_stored=("run record",))  # as apply: done, but --resume cannot find it
     return report
 
 

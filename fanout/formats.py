@@ -65,6 +65,8 @@ def render(report: RunReport, fmt: str, *, detailed: bool = False, color: bool =
 class Cell(StrEnum):
     APPLIED = "applied"  # applied before this run
     RAN = "ran"  # applied by this run
+    ROLLED_BACK = "rolled-back"  # rolled back by this run
+    TO_ROLL_BACK = "to-roll-back"  # applied; a rollback's dry run would roll it back (verify --at: beyond the level)
     PENDING = "pending"
     FAILED = "failed"  # the migration that failed
     DRIFT = "drift"
@@ -88,7 +90,10 @@ class Row:
     errors: tuple[str, ...]
 
 
-_WORST = [Status.FAILED, Status.DRIFTED, Status.SKIPPED, Status.PENDING, Status.APPLIED, Status.UP_TO_DATE]
+_WORST = [
+    Status.FAILED, Status.DRIFTED, Status.SKIPPED, Status.PENDING, Status.APPLIED, Status.ROLLED_BACK,
+    Status.UP_TO_DATE,
+]  # fmt: skip
 
 
 def columns(report: RunReport) -> list[Column]:
@@ -134,6 +139,10 @@ def _cell(result: TargetResult | None, migration: str) -> Cell:
         return Cell.FAILED
     if any(m.id == migration for m in result.ran):
         return Cell.RAN
+    if any(m.id == migration for m in result.rolled_back):
+        return Cell.ROLLED_BACK
+    if migration in result.to_roll_back:
+        return Cell.TO_ROLL_BACK
     if migration in result.applied_before:
         return Cell.APPLIED
     if migration in result.pending:
@@ -162,7 +171,7 @@ def skew(report: RunReport) -> list[Level]:
         for result in report.results:
             if result.service != service or (result.status is Status.SKIPPED and not result.applied_before):
                 continue
-            have = set(result.applied_before) | {m.id for m in result.ran}
+            have = (set(result.applied_before) | {m.id for m in result.ran}) - {m.id for m in result.rolled_back}
             last = max((order.index(m) for m in have if m in order), default=-1)
             at.setdefault(order[last] if last >= 0 else None, []).append(result.target)
         for migration, targets in sorted(at.items(), key=lambda kv: -1 if kv[0] is None else order.index(kv[0]),
@@ -193,7 +202,7 @@ def render_skew(report: RunReport) -> str:
 # ---- markdown ---------------------------------------------------------------------------
 
 _ICONS = {
-    Status.UP_TO_DATE: "✅", Status.APPLIED: "✅", Status.PENDING: "🟡", Status.FAILED: "❌",
+    Status.UP_TO_DATE: "✅", Status.APPLIED: "✅", Status.ROLLED_BACK: "↩️", Status.PENDING: "🟡", Status.FAILED: "❌",
     Status.DRIFTED: "⚠️", Status.SKIPPED: "⏭️",
 }  # fmt: skip
 
@@ -295,10 +304,13 @@ def render_junit(report: RunReport) -> str:
 
 # ---- HTML: the fleet view ------------------------------------------------------------------
 
-_CELL_MARK = {Cell.APPLIED: "●", Cell.RAN: "◆", Cell.PENDING: "○", Cell.FAILED: "✕", Cell.DRIFT: "!", Cell.UNKNOWN: "·"}
+_CELL_MARK = {
+    Cell.APPLIED: "●", Cell.RAN: "◆", Cell.ROLLED_BACK: "↺", Cell.TO_ROLL_BACK: "◐", Cell.PENDING: "○",
+    Cell.FAILED: "✕", Cell.DRIFT: "!", Cell.UNKNOWN: "·",
+}  # fmt: skip
 
 _CSS = """
-:root{--ok:#2f9e44;--ran:#1c7ed6;--pend:#f59f00;--fail:#e03131;--drift:#ae3ec9;--unk:#adb5bd;--bg:#f8f9fa;--fg:#212529}
+:root{--back:#f76707;--ok:#2f9e44;--ran:#1c7ed6;--pend:#f59f00;--fail:#e03131;--drift:#ae3ec9;--unk:#adb5bd;--bg:#f8f9fa;--fg:#212529}
 *{box-sizing:border-box}body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:var(--fg);background:#fff}
 header{padding:16px 24px;background:var(--bg);border-bottom:1px solid #dee2e6}
 h1{font-size:20px;margin:0 0 4px}.meta{color:#495057}.verdict{font-weight:600}
@@ -320,9 +332,11 @@ table.matrix{border-collapse:separate;border-spacing:0}
 .matrix thead th.t{left:0;z-index:3;text-align:left}
 .matrix td.s{text-align:left}
 .c{font-size:13px;width:22px}.c.applied{color:var(--ok)}.c.ran{color:var(--ran)}.c.pending{color:var(--pend)}
+.c.rolled-back{color:#fff;background:var(--back);border-radius:4px}.c.to-roll-back{color:var(--back)}
 .c.failed{color:#fff;background:var(--fail);border-radius:4px}.c.drift{color:#fff;background:var(--drift);border-radius:4px}.c.unknown{color:var(--unk)}
 .badge{display:inline-block;border-radius:10px;padding:0 8px;font-size:12px;color:#fff}
 .badge.failed{background:var(--fail)}.badge.drifted{background:var(--drift)}.badge.skipped{background:#868e96}
+.badge.rolled-back{background:var(--back)}.card.rolled-back b{color:var(--back)}
 .badge.pending{background:var(--pend)}.badge.applied{background:var(--ran)}.badge.up-to-date{background:var(--ok)}
 td.err{text-align:left;color:var(--fail);font-size:12px;white-space:normal;min-width:320px;max-width:640px}
 tr.hidden{display:none}.count{color:#495057}

@@ -27,12 +27,14 @@ TEXT_ROW_LIMIT = 40
 class Mode(StrEnum):
     PLAN = "plan"  # read-only: connects, reads yoyo's tables, changes nothing
     APPLY = "apply"
+    ROLLBACK = "rollback"  # undoes applied migrations with their rollback files (fanout rollback, reapply)
 
 
 class Status(StrEnum):
     UP_TO_DATE = "up-to-date"  # nothing to apply
     PENDING = "pending"  # plan: migrations would be applied
     APPLIED = "applied"  # apply: migrations were applied in this run
+    ROLLED_BACK = "rolled-back"  # rollback: migrations were rolled back in this run
     FAILED = "failed"
     DRIFTED = "drifted"  # plan/status/verify: applied migrations whose content differs from the set (see drift)
     # not attempted, or stopped before its end: failure budget, interrupt, an earlier service failed
@@ -125,6 +127,33 @@ class AppliedMigration:
 
 
 @dataclass(frozen=True, slots=True)
+class RollbackRequest:
+    """What `fanout rollback` undoes: exactly one of `to`, `migrations`, `release` is set.
+
+    `to`: leave each service named by one of these ids at it (everything applied beyond it
+    is rolled back); `migrations`: these and every applied migration that depends on them,
+    as yoyo does; `release`: the migrations that release added. `reapply` applies what was
+    rolled back again, under the same lock (`fanout reapply`).
+    """
+
+    to: tuple[str, ...] = ()
+    migrations: tuple[str, ...] = ()
+    release: str | None = None
+    reapply: bool = False
+    accept_drift: bool = False  # roll back shards whose applied checksums differ from the set
+    reason: str | None = None  # logged in fanout_checksum_log with each rolled-back checksum
+
+    def describe(self) -> str:
+        if self.to:
+            what = "--to " + " --to ".join(self.to)
+        elif self.migrations:
+            what = "--migration " + " --migration ".join(self.migrations)
+        else:
+            what = f"--release {self.release}"
+        return ("reapply " if self.reapply else "rollback ") + what
+
+
+@dataclass(frozen=True, slots=True)
 class TargetResult:
     """What happened to one service's migrations on one target."""
 
@@ -146,6 +175,10 @@ class TargetResult:
     seconds: float = 0.0
     drift: tuple[Drift, ...] = ()
     unverified: tuple[str, ...] = ()  # applied, with no checksum recorded (before fanout: `fanout baseline`)
+    rolled_back: tuple[AppliedMigration, ...] = ()  # rolled back by this run, newest first
+    # rollback: still to roll back when the run ended (a dry run: what it would roll back);
+    # verify --at: applied beyond the version the fleet is meant to be at.
+    to_roll_back: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +251,7 @@ class RunReport:
     # What of this run could not be stored: "run record", a --output/--report-to destination,
     # "$GITHUB_STEP_SUMMARY". The work itself is done; exit 6 says the record is not.
     not_stored: tuple[str, ...] = ()
+    rollback: RollbackRequest | None = None  # what a rollback (or reapply) run was asked to undo
 
     def count(self, status: Status) -> int:
         return sum(1 for r in self.results if r.status is status)
@@ -242,13 +276,13 @@ def exit_code(report: RunReport, *, detailed: bool = False) -> int:
         return EXIT_INTERRUPTED
     if report.missing_slices or any(r.status in _NOT_DONE for r in report.results):
         return EXIT_TARGETS_FAILED
-    if report.command == "verify" and any(r.pending or r.unverified for r in report.results):
+    if report.command == "verify" and any(r.pending or r.unverified or r.to_roll_back for r in report.results):
         return EXIT_TARGETS_FAILED  # verify gates on the whole published set, applied and checksummed
     if report.inspection is not None and report.inspection.differs:
         return EXIT_TARGETS_FAILED  # a shard's live schema differs from its version's reference
     if report.not_stored:
         return EXIT_NOT_STORED
-    if detailed and any(r.pending for r in report.results):
+    if detailed and any(r.pending or r.to_roll_back for r in report.results):
         return EXIT_PENDING
     return EXIT_OK
 
@@ -282,7 +316,9 @@ def to_dict(report: RunReport, *, detailed: bool = False) -> dict[str, Any]:
             "by_status": {s.value: statuses.get(s.value, 0) for s in Status},
             "migrations_applied": sum(len(r.ran) for r in report.results),
             "migrations_pending": sum(len(r.pending) for r in report.results),
+            "migrations_rolled_back": sum(len(r.rolled_back) for r in report.results),
         },
+        "rollback": None if report.rollback is None else asdict(report.rollback),
         "source": {
             "s3_list_requests": report.s3_list_requests,
             "s3_get_requests": report.s3_get_requests,
@@ -351,6 +387,8 @@ def _result_dict(result: TargetResult) -> dict[str, Any]:
             for d in result.drift
         ],
         "unverified": list(result.unverified),
+        "rolled_back": [{"id": m.id, "seconds": round(m.seconds, 4)} for m in result.rolled_back],
+        "to_roll_back": list(result.to_roll_back),
     }
 
 
@@ -400,6 +438,20 @@ def from_dict(data: dict[str, Any]) -> RunReport:
         missing_slices=tuple(data.get("missing_slices", ())),
         inspection=schema.from_dict(data["inspection"]) if data.get("inspection") else None,
         not_stored=tuple(data.get("not_stored", ())),
+        rollback=_rollback_from_dict(data.get("rollback")),
+    )
+
+
+def _rollback_from_dict(data: dict[str, Any] | None) -> RollbackRequest | None:
+    if data is None:
+        return None
+    return RollbackRequest(
+        to=tuple(data["to"]),
+        migrations=tuple(data["migrations"]),
+        release=data["release"],
+        reapply=bool(data["reapply"]),
+        accept_drift=bool(data["accept_drift"]),
+        reason=data["reason"],
     )
 
 
@@ -435,6 +487,8 @@ def _result_from_dict(data: dict[str, Any]) -> TargetResult:
             for d in data.get("drift", ())
         ),
         unverified=tuple(data.get("unverified", ())),
+        rolled_back=tuple(AppliedMigration(m["id"], m["seconds"]) for m in data.get("rolled_back", ())),
+        to_roll_back=tuple(data.get("to_roll_back", ())),
     )
 
 
@@ -504,6 +558,7 @@ def merge(reports: Sequence[RunReport]) -> RunReport:
         interrupted=any(r.interrupted for r in ordered),
         parts=tuple(SlicePart(r.slice or "", r.run_id, exit_code(r), r.target_count) for r in ordered),
         missing_slices=tuple(f"{i}/{total}" for i in range(1, total + 1) if i not in by_index),
+        rollback=first.rollback,
     )
 
 
@@ -526,6 +581,7 @@ _STYLES = {
     Status.UP_TO_DATE: "green",
     Status.PENDING: "yellow",
     Status.APPLIED: "cyan",
+    Status.ROLLED_BACK: "blue",
     Status.FAILED: "bold red",
     Status.SKIPPED: "magenta",
     Status.DRIFTED: "bold yellow",
@@ -540,6 +596,8 @@ def render_text(report: RunReport, *, width: int = 120, color: bool = False) -> 
     buffer = StringIO()
     console = Console(file=buffer, width=width, no_color=not color, force_terminal=color, highlight=False)
     where = f" · slice {report.slice}" if report.slice else ""
+    if report.rollback is not None:
+        where += f" · {report.rollback.describe()}" + (" (dry run)" if report.mode is Mode.PLAN else "")
     console.print(
         f"fanout {report.command} · environment {report.environment}{where} · "
         f"services {', '.join(report.services)} · run {report.run_id}"
@@ -557,7 +615,7 @@ def render_text(report: RunReport, *, width: int = 120, color: bool = False) -> 
                 r.target,
                 r.service,
                 f"[{_STYLES[r.status]}]{r.status.value}[/]",
-                str(len(r.applied_before) + len(r.ran)),
+                str(len(r.applied_before) + len(r.ran) - len(r.rolled_back)),
                 str(len(r.pending)),
                 describe(r, report.mode),
             )
@@ -598,6 +656,12 @@ def describe(result: TargetResult, mode: Mode) -> str:
         parts.append("drift: " + "; ".join(f"{d.migration} {d.kind.value} ({d.detail})" for d in result.drift))
     if result.unverified:
         parts.append(f"{len(result.unverified)} applied without checksum (fanout baseline)")
+    if result.rolled_back:
+        parts.append("rolled back " + ", ".join(m.id for m in result.rolled_back))
+    if result.to_roll_back and mode is Mode.PLAN:
+        parts.append("would roll back " + _shorten(result.to_roll_back))
+    elif result.to_roll_back:
+        parts.append("still to roll back " + _shorten(result.to_roll_back))
     if result.ran:
         parts.append("ran " + ", ".join(m.id for m in result.ran))
     if result.pending and mode is Mode.PLAN:
@@ -626,9 +690,11 @@ def _totals_line(report: RunReport) -> str:
     counts = ", ".join(f"{report.count(s)} {s.value}" for s in Status if report.count(s))
     applied = sum(len(r.ran) for r in report.results)
     pending = sum(len(r.pending) for r in report.results)
+    rolled_back = sum(len(r.rolled_back) for r in report.results)
+    undone = f", {rolled_back} rolled back" if rolled_back or report.rollback else ""
     return (
         f"{report.target_count} targets × {len(report.services)} services: {counts or 'nothing to do'} · "
-        f"{applied} migrations applied, {pending} pending · {seconds:.1f}s"
+        f"{applied} migrations applied{undone}, {pending} pending · {seconds:.1f}s"
     )
 
 

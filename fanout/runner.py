@@ -60,9 +60,10 @@ from yoyo.topologicalsort import CycleError
 from yoyo.utils import change_param_style
 
 from fanout import checksums, locking, rollout
+from fanout import rollback as rollback_selection
 from fanout.config import TcpSettings
 from fanout.directory import Target
-from fanout.errors import SourceError, TargetFailed
+from fanout.errors import ConfigError, SourceError, TargetFailed
 from fanout.interrupt import Interrupt, PgCancel, Reason, Watched
 from fanout.report import (
     AppliedMigration,
@@ -72,6 +73,7 @@ from fanout.report import (
     LockHolder,
     Mode,
     Retry,
+    RollbackRequest,
     Rollout,
     RunReport,
     SourceFile,
@@ -126,6 +128,10 @@ class RunOptions:
     # Every service of the environment is in the run: a migration yoyo recorded that no
     # set knows is then drift (with a subset, it may belong to a service left out).
     all_services: bool = True
+    # Mode.ROLLBACK (or a dry run of it: Mode.PLAN with this set): what to roll back.
+    rollback: RollbackRequest | None = None
+    # verify --at: the version each named migration's service is meant to be at.
+    at: tuple[str, ...] = ()
 
     @property
     def concurrency(self) -> int:
@@ -141,6 +147,10 @@ class _ServicePlan:
     post_apply: tuple[Migration, ...]
     files: dict[str, str]  # migration id -> file name
     sha256: dict[str, str]  # migration id -> sha256 of the content this run applies
+    rollback_files: dict[str, str] = field(default_factory=dict)  # migration id -> its rollback file's name
+    undo: tuple[str, ...] = ()  # rollback: what this service may roll back on a shard, newest first
+    release: str | None = None
+    added: tuple[str, ...] | None = None  # what the release added (from its manifest)
 
 
 def run(
@@ -163,6 +173,13 @@ def run(
     """
     started_at = datetime.now(UTC)
     plans = load(snapshot.sets)
+    if options.rollback is not None:
+        plans = _select_rollback(plans, options.rollback)
+    if options.at:
+        graphs = [_graph(p) for p in plans]
+        for migration in options.at:
+            if rollback_selection.owner(graphs, migration) is None:
+                raise ConfigError(f"--at {migration}: no such migration in the run's sets")
     if on_start is not None:
         on_start(len(targets), options.limits.waves.sizes(len(targets)))
     interrupt = interrupt or Interrupt()
@@ -221,7 +238,27 @@ def run(
         ),
         interrupted=interrupt.stopping.is_set(),
         resumed_from=resumed_from,
+        rollback=options.rollback,
     )
+
+
+def _graph(plan: _ServicePlan) -> rollback_selection.Graph:
+    return rollback_selection.Graph(
+        service=plan.service,
+        order=tuple(m.id for m in plan.migrations),
+        depends={m.id: frozenset(d.id for d in m.depends) for m in plan.migrations},
+        rollback_files=frozenset(plan.rollback_files),
+        release=plan.release,
+        added=None if plan.added is None else frozenset(plan.added),
+    )
+
+
+def _select_rollback(plans: tuple[_ServicePlan, ...], request: RollbackRequest) -> tuple[_ServicePlan, ...]:
+    """Each plan with what it may roll back; refuses (before any shard is touched) a migration without rollback file."""
+    graphs = [_graph(p) for p in plans]
+    selected = rollback_selection.candidates(request, graphs)
+    rollback_selection.refuse_missing_rollback_files(graphs, selected)
+    return tuple(replace(p, undo=selected[p.service]) for p in plans)
 
 
 def load(sets: Sequence[MigrationSet]) -> tuple[_ServicePlan, ...]:
@@ -255,7 +292,17 @@ def load(sets: Sequence[MigrationSet]) -> tuple[_ServicePlan, ...]:
         sources = [f for f in migration_set.files if not f.is_rollback]
         files = {f.migration_id: f.name for f in sources}
         sha256 = {f.migration_id: f.sha256 for f in sources}
-        plans.append(_ServicePlan(migration_set.service, ordered, tuple(migrations.post_apply), files, sha256))
+        rollbacks = {
+            f.name.removesuffix(rollback_selection.ROLLBACK_SUFFIX): f.name
+            for f in migration_set.files
+            if f.is_rollback
+        }
+        plans.append(
+            _ServicePlan(
+                migration_set.service, ordered, tuple(migrations.post_apply), files, sha256,
+                rollback_files=rollbacks, release=migration_set.release, added=migration_set.added,
+            )
+        )  # fmt: skip
     return tuple(plans)
 
 
@@ -311,6 +358,7 @@ class _Progress:
     before: tuple[str, ...] | None = None
     ran: list[AppliedMigration] = field(default_factory=list)
     retries: list[Retry] = field(default_factory=list)
+    rolled_back: list[AppliedMigration] = field(default_factory=list)
     result: TargetResult | None = None
 
 
@@ -332,6 +380,8 @@ def _migrate_target(
     started = time.monotonic()
     deadline = started + options.target_timeout if options.target_timeout is not None else None
     progress = {p.service: _Progress() for p in plans}
+    if options.rollback is not None:
+        plans = tuple(reversed(plans))  # services are rolled back in reverse order: dependents first
     failure: TargetError | None = None
     context: dict[str, Any] = {}
     for attempt in itertools.count():
@@ -350,8 +400,11 @@ def _migrate_target(
                     state = progress[plan.service]
                     if state.result is None:
                         shard = _ShardState(applied, recorded, environment, unknown if plan is plans[0] else [])
-                        state.result = _migrate_service(
-                            session, target, plan, shard, state, options, interrupt, deadline
+                        procedure = _migrate_service if options.rollback is None else _rollback_service
+                        state.result = _at_level(
+                            procedure(session, target, plan, shard, state, options, interrupt, deadline),
+                            plan,
+                            options.at,
                         )
                     if state.result.status in (Status.FAILED, Status.SKIPPED):
                         break
@@ -398,14 +451,17 @@ def _migrate_target(
 
 def _outcome(state: _Progress, plan: _ServicePlan, context: dict[str, Any]) -> dict[str, Any]:
     ran = {m.id for m in state.ran}
+    undone = {m.id for m in state.rolled_back}
     before = state.before or ()
     return {
         "applied_before": before,
         "ran": tuple(state.ran),
-        "pending": tuple(m.id for m in plan.migrations if m.id not in ran and m.id not in before)
+        "pending": tuple(m.id for m in plan.migrations if (m.id not in ran and m.id not in before) or m.id in undone)
         if state.before is not None
         else (),
         "initialized": context.get("initialized", False),
+        "rolled_back": tuple(state.rolled_back),
+        "to_roll_back": tuple(m for m in rollback_selection.on_shard(plan.undo, before) if m not in undone),
     }
 
 
@@ -529,6 +585,155 @@ def _migrate_service(
         drift=tuple(drift),
         unverified=tuple(unverified),
     )
+
+
+def _at_level(result: TargetResult, plan: _ServicePlan, at: Sequence[str]) -> TargetResult:
+    """verify --at: the service is meant to have exactly its migrations up to the id named for it."""
+    level = rollback_selection.target_level(_graph(plan), at)
+    if level is None or result.status not in (Status.PENDING, Status.UP_TO_DATE):
+        return result
+    expected = set(level)
+    pending = tuple(m for m in result.pending if m in expected)
+    beyond = tuple(m for m in reversed(plan.migrations) if m.id in result.applied_before and m.id not in expected)
+    status = Status.PENDING if pending or beyond else Status.UP_TO_DATE
+    return replace(result, status=status, pending=pending, to_roll_back=tuple(m.id for m in beyond))
+
+
+def _rollback_service(
+    session: _Session,
+    target: Target,
+    plan: _ServicePlan,
+    shard: _ShardState,
+    state: _Progress,
+    options: RunOptions,
+    interrupt: Interrupt,
+    deadline: float | None = None,
+) -> TargetResult:
+    """Roll back what the request selects on this shard, newest first; raises _Failure only when the connection is lost.
+
+    Each rollback, yoyo's records of it and fanout's checksum row go in one transaction,
+    so a failure leaves the shard exactly at its last good rollback. With `reapply`, what
+    was rolled back is applied again afterwards, under the same lock.
+    """
+    request = options.rollback
+    assert request is not None
+    applied = shard.applied
+    if state.before is None:
+        state.before = tuple(m.id for m in plan.migrations if m.hash in applied)
+    drift, unverified = checksums.compare(
+        shard.recorded,
+        service=plan.service,
+        environment=shard.environment,
+        applied_ids=set(state.before),
+        current=plan.sha256,
+    )
+    drift = shard.unknown + drift
+    by_id = {m.id: m for m in plan.migrations}
+    todo = [by_id[m] for m in rollback_selection.on_shard(plan.undo, applied.values())]
+    outcome: dict[str, Any] = {
+        "applied_before": state.before, "initialized": session.initialized, "drift": tuple(drift),
+        "unverified": tuple(unverified),
+    }  # fmt: skip
+
+    def remaining() -> dict[str, Any]:
+        now = set(applied.values())
+        return {
+            "rolled_back": tuple(state.rolled_back),
+            "to_roll_back": rollback_selection.on_shard(plan.undo, now) if not request.reapply else (),
+            "ran": tuple(state.ran),
+            "pending": tuple(m.id for m in plan.migrations if m.id not in now),
+        }
+
+    if drift and todo and options.mode is Mode.ROLLBACK and not request.accept_drift and not state.rolled_back:
+        listed = ", ".join(f"{d.migration} ({d.kind.value})" for d in drift[:5])
+        refusal = TargetError(
+            ErrorKind.DRIFT,
+            f"refused: applied migrations differ from the migration set: {listed}; the rollback files may not "
+            "match what was applied: review, then `fanout accept` or `fanout rollback --accept-drift`",
+        )
+        return _result(target, plan.service, Status.FAILED, refusal, **outcome, **remaining())
+    error: TargetError | None = None
+    for migration in todo:
+        if migration.hash not in applied:
+            continue  # rolled back before a lost connection made the target start over
+        if interrupt.stopping.is_set():
+            error = TargetError(ErrorKind.INTERRUPTED, f"interrupted before rolling back {migration.id}")
+            break
+        if deadline is not None and time.monotonic() >= deadline:
+            error = _timed_out(options, f"stopped before rolling back {migration.id}").error
+            break
+        unrecording = _Recording(shard.recorded[migration.id].sha256 if migration.id in shard.recorded else "",
+                                 plan.service, shard.environment)  # fmt: skip
+        try:
+            seconds = _with_retries(
+                lambda m=migration, u=unrecording: session.rollback(m, u, request.reason),  # type: ignore[misc]
+                migration.id, state, options, interrupt, deadline,
+            )  # fmt: skip
+        except _Failure as failure:
+            if failure.retryable and failure.error.kind is ErrorKind.UNREACHABLE:
+                raise  # the connection is gone: the target starts over on a new one
+            error = replace(failure.error, migration=migration.id, file=plan.rollback_files.get(migration.id))
+            break
+        if seconds is None:
+            continue
+        del applied[migration.hash]
+        state.rolled_back.append(AppliedMigration(migration.id, seconds))
+    if error is None and request.reapply and options.mode is Mode.ROLLBACK:
+        undone = {m.id for m in state.rolled_back}
+        for migration in topological_sort(m for m in plan.migrations if m.id in undone and m.hash not in applied):
+            recording = _Recording(plan.sha256.get(migration.id, ""), plan.service, shard.environment)
+            try:
+                seconds = _apply_with_retries(session, migration, recording, state, options, interrupt, deadline)
+            except _Failure as failure:
+                if failure.retryable and failure.error.kind is ErrorKind.UNREACHABLE:
+                    raise
+                error = replace(failure.error, migration=migration.id, file=plan.files.get(migration.id))
+                break
+            if seconds is not None:
+                applied[migration.hash] = migration.id
+                state.ran.append(AppliedMigration(migration.id, seconds))
+    if error is not None:
+        status = Status.SKIPPED if error.kind is ErrorKind.INTERRUPTED else Status.FAILED
+    elif options.mode is Mode.PLAN:
+        status = Status.DRIFTED if drift else Status.PENDING if todo else Status.UP_TO_DATE
+    elif state.ran:
+        status = Status.APPLIED
+    else:
+        status = Status.ROLLED_BACK if state.rolled_back else Status.UP_TO_DATE
+    if options.mode is Mode.PLAN:
+        return _result(target, plan.service, status, None, **outcome, to_roll_back=tuple(m.id for m in todo),
+                       pending=tuple(m.id for m in plan.migrations if m.hash not in applied))  # fmt: skip
+    return _result(target, plan.service, status, error, **outcome, **remaining())
+
+
+def _with_retries(
+    call: Callable[[], bool],
+    migration_id: str,
+    state: _Progress,
+    options: RunOptions,
+    interrupt: Interrupt,
+    deadline: float | None = None,
+) -> float | None:
+    """Seconds `call` took (None when it only planned); retries what a second try can fix, as apply does."""
+    for attempt in itertools.count():
+        started = time.monotonic()
+        try:
+            return time.monotonic() - started if call() else None
+        except _Failure as failure:
+            if interrupt.aborting.is_set():
+                if failure.error.kind is ErrorKind.INTERRUPTED:
+                    raise
+                raise _Failure(TargetError(ErrorKind.INTERRUPTED, "cancelled by a second interrupt")) from None
+            transient = failure.retryable and failure.error.kind is not ErrorKind.UNREACHABLE
+            if not transient or attempt >= options.retries or interrupt.stopping.is_set():
+                raise
+            delay = _backoff(options, attempt)
+            if deadline is not None and time.monotonic() + delay >= deadline:
+                raise _timed_out(options, f"gave up retrying {migration_id} ({failure.error.message})") from None
+            state.retries.append(Retry(attempt + 1, failure.error.message, delay, migration_id))
+            log.info("%s: %s; retrying in %.1fs", migration_id, failure.error.message, delay)
+            interrupt.stopping.wait(delay)
+    raise AssertionError("unreachable")
 
 
 def _apply_with_retries(
@@ -738,6 +943,10 @@ class _Session(Protocol):
 
     def apply(self, migration: Migration, recording: _Recording) -> bool:
         """True when the migration ran (apply), False when it was only planned."""
+        ...
+
+    def rollback(self, migration: Migration, recorded: _Recording, reason: str | None) -> bool:
+        """True when the migration was rolled back and unrecorded, False when it was only planned."""
         ...
 
     def run_hook(self, migration: Migration) -> None: ...
@@ -956,6 +1165,10 @@ class _ReadOnlySession:
         """Plan mode: record nothing, run nothing."""
         return False
 
+    def rollback(self, migration: Migration, recorded: _Recording, reason: str | None) -> bool:
+        """Plan mode: a dry run of a rollback rolls nothing back."""
+        return False
+
     def run_hook(self, migration: Migration) -> None:
         """Plan mode: hooks are not run."""
 
@@ -971,6 +1184,26 @@ class _ReadOnlySession:
 def _applied(cursor: Any) -> dict[str, str]:
     cursor.execute(f'SELECT "migration_hash", "migration_id" FROM "{MIGRATION_TABLE}"')
     return {row[0]: row[1] for row in cursor.fetchall()}
+
+
+def _plain_rollback_sql(migration: Migration) -> list[str] | None:
+    """The statements of a transactional .sql migration's rollback file, in yoyo's order; None when it needs yoyo's steps.
+
+    yoyo pairs the rollback file's statements with the migration's steps and runs the
+    steps in reverse, which executes the rollback statements in file order.
+    """
+    if not (migration.is_raw_sql() and migration.use_transactions):
+        return None
+    statements = []
+    for step in reversed(migration.steps):
+        if not isinstance(step, TransactionWrapper) or step.ignore_errors is not None:
+            return None
+        inner = step.step
+        if type(inner) is not MigrationStep or not isinstance(inner._rollback, str | None):
+            return None
+        if inner._rollback:
+            statements.append(inner._rollback)
+    return statements
 
 
 def _plain_sql(migration: Migration) -> list[str] | None:
@@ -1172,6 +1405,57 @@ class _YoyoSession:
                     failure = _Failure(replace(failure.error, message=message, invalid_indexes=left))
             raise failure from None
         return True
+
+    def rollback(self, migration: Migration, recorded: _Recording, reason: str | None) -> bool:
+        """Run the migration's rollback and remove its records (yoyo's and fanout's) in one transaction.
+
+        A non-transactional rollback runs outside a transaction, as in yoyo; its records are
+        removed in one transaction afterwards.
+        """
+        backend = self._backend
+        invalid_before: set[str] = set()
+        try:
+            statements = _plain_rollback_sql(migration)
+            unrecords = self._unrecords(migration, recorded, reason)
+            if statements is not None:
+                locking.in_one_transaction(self._connection, [*statements, *unrecords])
+            elif migration.use_transactions:
+                with backend.transaction():
+                    migration.process_steps(backend, "rollback")
+                    for statement in unrecords:
+                        self._execute(statement)
+            else:
+                invalid_before = self._invalid_indexes()
+                migration.process_steps(backend, "rollback")
+                locking.in_one_transaction(self._connection, unrecords)
+        except psycopg2.Error as e:
+            self._reset()
+            failure = self._watch.classify(e, otherwise=ErrorKind.MIGRATION)
+            if not migration.use_transactions and not _lost(e):
+                left = tuple(sorted(self._invalid_indexes() - invalid_before))
+                if left:
+                    message = f"{failure.error.message}; left INVALID index {', '.join(left)}"
+                    failure = _Failure(replace(failure.error, message=message, invalid_indexes=left))
+            raise failure from None
+        return True
+
+    def _unrecords(self, migration: Migration, recorded: _Recording, reason: str | None) -> list[str]:
+        """yoyo's `_yoyo_log` "rollback" row and the removal of its `_yoyo_migration` row, as yoyo's
+        `rollback_one` writes them, then the removal of fanout's checksum row, logged."""
+        backend = self._backend
+        rows = []
+        with self._connection.cursor() as cursor:
+            for template, values in (
+                (backend.log_migration_sql, backend.get_log_data(migration, "rollback")),
+                (backend.unmark_migration_sql, {"migration_hash": migration.hash}),
+            ):
+                query, params = change_param_style(psycopg2.paramstyle, backend.format_sql(template), values)
+                rows.append(cursor.mogrify(query, params).decode())
+            rows.append(checksums.unrecord_sql(cursor, migration.id))
+            rows.append(
+                checksums.log_sql(cursor, migration.id, recorded.sha256 or None, "", checksums.How.ROLLED_BACK, reason)
+            )
+        return rows
 
     def checksum_statements(
         self,

@@ -21,6 +21,7 @@ from fanout import source
 from fanout.config import Environment, S3Location
 from fanout.errors import ConfigError, FanoutError, SourceError
 from fanout.report import RunReport, render_json
+from fanout.report import from_dict as report_from_dict
 from fanout.source import Snapshot
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class RunRecord:
     services: tuple[str, ...]
     unfinished: tuple[str, ...]  # target ids with a failed or skipped result, in run order
     sources: dict[str, dict[str, str]]  # service -> file name -> sha256
+    report: RunReport | None = None  # the whole report, for what a resumed rollback must repeat
 
 
 def save(env: Environment, report: RunReport, directory: Path | None = None) -> list[str]:
@@ -87,8 +89,8 @@ def write_atomically(path: Path, body: bytes) -> None:
             os.close(folder)
 
 
-def load(env: Environment, run_id: str, directory: Path | None = None) -> RunRecord:
-    """The record of `run_id`: from the runs directory, else from S3. Raises ConfigError when absent.
+def load(env: Environment, run_id: str, directory: Path | None = None, *, command: str = "apply") -> RunRecord:
+    """The record of `run_id` (a run of `command`): from the runs directory, else from S3. Raises ConfigError when absent.
 
     A local record that cannot be read or parsed (a disk that filled up under an older
     fanout, a bad copy) gives way to the S3 copy when there is one.
@@ -100,7 +102,7 @@ def load(env: Environment, run_id: str, directory: Path | None = None) -> RunRec
     local_problem: ConfigError | None = None
     if path.is_file():
         try:
-            return _parse(env, run_id, path.read_bytes())
+            return _parse(env, run_id, path.read_bytes(), command)
         except OSError as e:
             local_problem = ConfigError(f"cannot read the record of run {run_id!r} at {path}: {e.strerror or e}")
         except _Unreadable as e:
@@ -115,7 +117,7 @@ def load(env: Environment, run_id: str, directory: Path | None = None) -> RunRec
         where = f"{path}" + (" or S3" if in_s3 else "")
         raise ConfigError(f"no record of run {run_id!r} for environment {env.name!r} in {where}")
     try:
-        return _parse(env, run_id, body)
+        return _parse(env, run_id, body, command)
     except _Unreadable as e:
         raise ConfigError(f"the record of run {run_id!r} in S3 is not a fanout report ({e})") from None
 
@@ -124,10 +126,10 @@ class _Unreadable(Exception):
     """A record that is not a fanout report (truncated, not JSON, another shape)."""
 
 
-def _parse(env: Environment, run_id: str, body: bytes) -> RunRecord:
+def _parse(env: Environment, run_id: str, body: bytes, command: str) -> RunRecord:
     try:
         data: dict[str, Any] = json.loads(body)
-        environment, command = data["environment"], data["command"]
+        environment, recorded = data["environment"], data["command"]
         unfinished: list[str] = []
         for result in data["results"]:
             if result["status"] in _UNFINISHED and result["target"] not in unfinished:
@@ -138,13 +140,14 @@ def _parse(env: Environment, run_id: str, body: bytes) -> RunRecord:
             services=tuple(data["services"]),
             unfinished=tuple(unfinished),
             sources={s["service"]: {f["name"]: f["sha256"] for f in s["files"]} for s in data["source"]["sets"]},
+            report=report_from_dict(data) if recorded != "apply" else None,
         )
     except (KeyError, TypeError, ValueError) as e:
         raise _Unreadable(f"{type(e).__name__}: {e}") from None
     if environment != env.name:
         raise ConfigError(f"run {run_id!r} was in environment {environment!r}, not {env.name!r}")
-    if command != "apply":
-        raise ConfigError(f"run {run_id!r} was a {command}, not an apply")
+    if recorded != command:
+        raise ConfigError(f"run {run_id!r} was a `fanout {recorded}`, not a `fanout {command}`")
     return record
 
 

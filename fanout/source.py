@@ -77,6 +77,8 @@ class MigrationSet:
     # The release manifest the files were pinned by (fanout publish), if the prefix has one.
     manifest: str | None = None
     release: str | None = None
+    # The migration ids that release added to the set (None: no manifest, or one written before fanout recorded it).
+    added: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,9 +209,20 @@ def execute_publish(location: S3Location, plan: PublishPlan, *, force_reason: st
     for name in plan.removed:
         _s3_call(location, functools.partial(client.delete_object, Bucket=location.bucket, Key=prefix + name))
     versions = _latest_versions(client, location, prefix)
+    release = _release_id(plan)
+    added = [n[: -len(SQL_SUFFIX)] for n in plan.added if not n.endswith(ROLLBACK_SUFFIX)]
+    if not plan.added and not plan.refused:
+        # The same release published again: keep what it added (what `fanout rollback --release` undoes).
+        try:
+            previous = _manifest(client, location, prefix)
+        except SourceError:
+            previous = {}
+        if previous.get("release") == release:
+            added = list(previous.get("added") or [])
     manifest = {
         "schema": MANIFEST_SCHEMA,
-        "release": _release_id(plan),
+        "release": release,
+        "added": added,
         "service": plan.service,
         "environment": plan.environment,
         "published_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -361,7 +374,11 @@ def _snapshot_s3(location: S3Location, environment: str, services: Sequence[str]
         manifest = manifests.get(service)
         if manifest is not None:
             url = f"s3://{location.bucket}/{location.key_prefix(service, environment)}{MANIFEST_NAME}"
-            migration_set = dataclasses.replace(migration_set, manifest=url, release=manifest["release"])
+            added = manifest.get("added")
+            migration_set = dataclasses.replace(
+                migration_set, manifest=url, release=manifest["release"],
+                added=None if added is None else tuple(str(m) for m in added),
+            )  # fmt: skip
         sets.append(migration_set)
     stats = FetchStats(
         list_requests=list_requests,

@@ -1,0 +1,437 @@
+"""Fleet rollback: what each shard rolls back, the one-transaction guarantee, refusals, rollout, yoyo interop."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+from conftest import Fleet
+
+from fanout.errors import EXIT_OK, EXIT_PENDING, EXIT_SOURCE, EXIT_TARGETS_FAILED
+
+# 004 depends on 002 only: `--migration 002` takes 004 and 002, and leaves 003.
+SET = {
+    "001-create-person.sql": "CREATE TABLE person (id SERIAL PRIMARY KEY, name TEXT NOT NULL);",
+    "001-create-person.rollback.sql": "DROP TABLE person;",
+    "002-add-address.sql": "-- depends: 001-create-person\nALTER TABLE person ADD COLUMN address TEXT;",
+    "002-add-address.rollback.sql": "ALTER TABLE person DROP COLUMN address;",
+    "003-create-order.sql": """\
+        -- depends: 001-create-person
+        CREATE TABLE customer_order (id SERIAL PRIMARY KEY, person_id INT REFERENCES person (id));
+        CREATE INDEX customer_order_person ON customer_order (person_id);
+        """,
+    "003-create-order.rollback.sql": "DROP INDEX customer_order_person;\nDROP TABLE customer_order;",
+    "004-address-index.sql": "-- depends: 002-add-address\nCREATE INDEX person_address ON person (address);",
+    "004-address-index.rollback.sql": "DROP INDEX person_address;",
+}
+IDS = ["001-create-person", "002-add-address", "003-create-order", "004-address-index"]
+PROBES = {
+    "001-create-person": "SELECT to_regclass('person') IS NOT NULL",
+    "002-add-address": "SELECT EXISTS (SELECT 1 FROM information_schema.columns "
+    "WHERE table_name = 'person' AND column_name = 'address')",
+    "003-create-order": "SELECT to_regclass('customer_order') IS NOT NULL",
+    "004-address-index": "SELECT to_regclass('person_address') IS NOT NULL",
+}
+
+
+def first(ids: int) -> dict[str, str]:
+    """The set's first `ids` migrations with their rollback files."""
+    keep = IDS[:ids]
+    return {name: body for name, body in SET.items() if name.removesuffix(".sql").removesuffix(".rollback") in keep}
+
+
+def present(fleet: Fleet, database: str) -> list[str]:
+    return [m for m in IDS if fleet.query(database, PROBES[m])[0][0]]
+
+
+def recorded(fleet: Fleet, database: str) -> list[str]:
+    return sorted(fleet.applied(database))
+
+
+def checksummed(fleet: Fleet, database: str) -> list[str]:
+    return sorted(r[0] for r in fleet.query(database, "SELECT migration_id FROM fanout_checksums"))
+
+
+def consistent(fleet: Fleet, database: str) -> list[str]:
+    """The shard's migrations; asserts its effects, yoyo's rows and fanout's checksums agree."""
+    have = present(fleet, database)
+    assert recorded(fleet, database) == have, database
+    assert checksummed(fleet, database) == have, database
+    return have
+
+
+def run_json(fleet: Fleet, *args: str) -> tuple[int, dict[str, Any]]:
+    result = fleet.cli(*args, "--format", "json")
+    assert result.stdout.startswith("{"), result.output
+    return result.exit_code, json.loads(result.stdout)
+
+
+def by_target(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {r["target"]: r for r in report["results"]}
+
+
+def skewed_fleet(fleet: Fleet) -> list[str]:
+    """Three shards at 2, 3 and 4 migrations of the same set."""
+    shards = fleet.add_databases(3)
+    for count, upto in ((2, 0), (3, 1), (4, 2)):
+        fleet.publish(first(count))
+        fleet.write_env([{"id": name, "dsn": fleet.dsn(name)} for name in shards[upto:]])
+        assert fleet.cli("apply", "--env", "test").exit_code == EXIT_OK
+    fleet.write_env([{"id": name, "dsn": fleet.dsn(name)} for name in shards])
+    return shards
+
+
+def test_rollback_to_converges_a_skewed_fleet_and_the_next_apply_reapplies_without_drift(fleet: Fleet) -> None:
+    shards = skewed_fleet(fleet)
+    assert [len(consistent(fleet, s)) for s in shards] == [2, 3, 4]
+
+    code, dry = run_json(fleet, "rollback", "--env", "test", "--to", "002-add-address", "--dry-run")
+    assert code == EXIT_OK
+    assert [by_target(dry)[s]["to_roll_back"] for s in shards] == [
+        [], ["003-create-order"], ["004-address-index", "003-create-order"],
+    ]  # fmt: skip
+    assert [len(consistent(fleet, s)) for s in shards] == [2, 3, 4]  # the dry run changed nothing
+    assert fleet.cli("rollback", "--env", "test", "--to", "002-add-address", "--dry-run",
+                     "--detailed-exitcode").exit_code == EXIT_PENDING  # fmt: skip
+
+    code, report = run_json(
+        fleet, "rollback", "--env", "test", "--to", "002-add-address", "--reason", "release 7 broke invoices"
+    )
+    assert code == EXIT_OK
+    assert report["command"] == "rollback" and report["mode"] == "rollback"
+    assert report["rollback"]["to"] == ["002-add-address"]
+    results = by_target(report)
+    assert [results[s]["status"] for s in shards] == ["up-to-date", "rolled-back", "rolled-back"]
+    assert [[m["id"] for m in results[s]["rolled_back"]] for s in shards] == [
+        [], ["003-create-order"], ["004-address-index", "003-create-order"],
+    ]  # fmt: skip
+    assert report["totals"]["migrations_rolled_back"] == 3
+    for shard in shards:
+        assert consistent(fleet, shard) == IDS[:2]
+        assert fleet.query(shard, "SELECT count(*) FROM yoyo_lock") == [(0,)]
+    # yoyo's log, as `yoyo rollback` writes it; fanout's checksum log, with the reason.
+    last = shards[2]
+    assert fleet.query(last, "SELECT migration_id FROM _yoyo_log WHERE operation = 'rollback' ORDER BY created_at_utc") \
+        == [("004-address-index",), ("003-create-order",)]  # fmt: skip
+    logged = fleet.query(last, "SELECT migration_id, action, reason FROM fanout_checksum_log ORDER BY id")
+    assert logged == [
+        ("004-address-index", "rolled-back", "release 7 broke invoices"),
+        ("003-create-order", "rolled-back", "release 7 broke invoices"),
+    ]
+
+    # status and verify agree with the shards; verify can be told the level the fleet is meant to be at.
+    code, status = run_json(fleet, "status", "--env", "test")
+    assert {tuple(r["pending"]) for r in status["results"]} == {("003-create-order", "004-address-index")}
+    assert fleet.cli("verify", "--env", "test").exit_code == EXIT_TARGETS_FAILED
+    code, at = run_json(fleet, "verify", "--env", "test", "--at", "002-add-address")
+    assert code == EXIT_OK, at
+    assert fleet.cli("verify", "--env", "test", "--at", "003-create-order").exit_code == EXIT_TARGETS_FAILED
+
+    # The files are still published: the next apply re-applies them, no drift, no accept step.
+    code, again = run_json(fleet, "apply", "--env", "test")
+    assert code == EXIT_OK, again
+    for shard in shards:
+        assert consistent(fleet, shard) == IDS
+    assert fleet.cli("verify", "--env", "test").exit_code == EXIT_OK
+    code, at = run_json(fleet, "verify", "--env", "test", "--at", "002-add-address")
+    assert code == EXIT_TARGETS_FAILED
+    assert by_target(at)[shards[0]]["to_roll_back"] == ["004-address-index", "003-create-order"]
+
+
+def test_rollback_of_a_migration_takes_its_dependents_first_and_nothing_else(fleet: Fleet) -> None:
+    (shard,) = fleet.add_databases(1)
+    fleet.publish(SET)
+    fleet.write_env()
+    assert fleet.cli("apply", "--env", "test").exit_code == EXIT_OK
+
+    code, report = run_json(fleet, "rollback", "--env", "test", "--migration", "002-add-address")
+    assert code == EXIT_OK
+    assert [m["id"] for m in report["results"][0]["rolled_back"]] == ["004-address-index", "002-add-address"]
+    assert consistent(fleet, shard) == ["001-create-person", "003-create-order"]
+    # Rolled back again: nothing left to do.
+    code, again = run_json(fleet, "rollback", "--env", "test", "--migration", "002-add-address")
+    assert code == EXIT_OK and again["results"][0]["status"] == "up-to-date"
+
+
+def test_a_missing_rollback_file_is_refused_before_any_shard_is_touched(fleet: Fleet) -> None:
+    shards = fleet.add_databases(2)
+    files = dict(SET)
+    del files["003-create-order.rollback.sql"], files["004-address-index.rollback.sql"]
+    fleet.publish(files)
+    fleet.write_env()
+    assert fleet.cli("apply", "--env", "test").exit_code == EXIT_OK
+    logs = [fleet.query(s, "SELECT count(*) FROM _yoyo_log") for s in shards]
+
+    refused = fleet.cli("rollback", "--env", "test", "--to", "001-create-person")
+    assert refused.exit_code == EXIT_SOURCE
+    assert "app/003-create-order.rollback.sql" in refused.stderr
+    assert "app/004-address-index.rollback.sql" in refused.stderr
+    assert "002-add-address" not in refused.stderr
+    for shard, before in zip(shards, logs, strict=True):
+        assert consistent(fleet, shard) == IDS
+        assert fleet.query(shard, "SELECT count(*) FROM _yoyo_log") == before
+    # Only what the request selects needs a rollback file.
+    assert fleet.cli("rollback", "--env", "test", "--migration", "003-create-order").exit_code == EXIT_SOURCE
+    assert fleet.cli("rollback", "--env", "test", "--to", "003-create-order").exit_code == EXIT_SOURCE
+    assert fleet.cli("rollback", "--env", "test", "--migration", "nope").exit_code == 2
+
+
+def test_a_failing_rollback_leaves_its_shard_where_it_was_and_the_others_go_on(fleet: Fleet) -> None:
+    shards = fleet.add_databases(3)
+    fleet.publish(SET)
+    fleet.write_env()
+    assert fleet.cli("apply", "--env", "test").exit_code == EXIT_OK
+    bad = shards[1]
+    fleet.query(bad, "CREATE VIEW order_view AS SELECT * FROM customer_order")  # DROP TABLE now fails there
+
+    code, report = run_json(fleet, "rollback", "--env", "test", "--to", "002-add-address")
+    assert code == EXIT_TARGETS_FAILED
+    results = by_target(report)
+    failed = results[bad]
+    assert failed["status"] == "failed"
+    assert failed["error"]["kind"] == "migration"
+    assert failed["error"]["migration"] == "003-create-order"
+    assert failed["error"]["file"] == "003-create-order.rollback.sql"
+    assert [m["id"] for m in failed["rolled_back"]] == ["004-address-index"]  # the one before it is done
+    assert failed["to_roll_back"] == ["003-create-order"]
+    # 003's rollback failed as a whole: its index, its table, yoyo's row and the checksum are all still there.
+    assert consistent(fleet, bad) == ["001-create-person", "002-add-address", "003-create-order"]
+    assert fleet.query(bad, "SELECT to_regclass('customer_order_person') IS NOT NULL") == [(True,)]
+    assert fleet.query(bad, "SELECT count(*) FROM _yoyo_log WHERE migration_id = '003-create-order' "
+                            "AND operation = 'rollback'") == [(0,)]  # fmt: skip
+    for shard in (shards[0], shards[2]):
+        assert results[shard]["status"] == "rolled-back"
+        assert consistent(fleet, shard) == IDS[:2]
+
+    # After the fix, --resume retries only the failed shard, with the same request.
+    fleet.query(bad, "DROP VIEW order_view")
+    code, resumed = run_json(fleet, "rollback", "--env", "test", "--resume", report["run_id"])
+    assert code == EXIT_OK, resumed
+    assert [r["target"] for r in resumed["results"]] == [bad]
+    assert resumed["rollback"]["to"] == ["002-add-address"]
+    assert consistent(fleet, bad) == IDS[:2]
+
+
+def test_a_drifted_shard_is_refused_unless_the_operator_accepts_the_drift(fleet: Fleet) -> None:
+    shards = fleet.add_databases(2)
+    fleet.publish(SET)
+    fleet.write_env()
+    assert fleet.cli("apply", "--env", "test").exit_code == EXIT_OK
+    fleet.query(shards[0], "UPDATE fanout_checksums SET sha256 = 'edited' WHERE migration_id = '003-create-order'")
+
+    code, report = run_json(fleet, "rollback", "--env", "test", "--migration", "003-create-order")
+    assert code == EXIT_TARGETS_FAILED
+    assert by_target(report)[shards[0]]["error"]["kind"] == "drift"
+    assert consistent(fleet, shards[0]) == IDS
+    assert consistent(fleet, shards[1]) == ["001-create-person", "002-add-address", "004-address-index"]
+
+    code, report = run_json(fleet, "rollback", "--env", "test", "--migration", "003-create-order", "--accept-drift")
+    assert code == EXIT_OK, report
+    assert consistent(fleet, shards[0]) == ["001-create-person", "002-add-address", "004-address-index"]
+    logged = fleet.query(shards[0], "SELECT old_sha256 FROM fanout_checksum_log WHERE action = 'rolled-back'")
+    assert logged == [("edited",)]
+
+
+def test_a_canary_that_fails_its_rollback_stops_the_waves(fleet: Fleet) -> None:
+    shards = fleet.add_databases(4)
+    fleet.publish(SET)
+    fleet.write_env()
+    assert fleet.cli("apply", "--env", "test").exit_code == EXIT_OK
+    fleet.query(shards[0], "CREATE VIEW order_view AS SELECT * FROM customer_order")
+
+    code, report = run_json(
+        fleet, "rollback", "--env", "test", "--to", "002-add-address", "--waves", "1,100%", "--per-server", "2"
+    )
+    assert code == EXIT_TARGETS_FAILED
+    results = by_target(report)
+    assert results[shards[0]]["status"] == "failed"
+    assert all(results[s]["error"]["kind"] == "not-started" for s in shards[1:])
+    assert report["rollout"]["waves_run"] == 1 and report["rollout"]["stop_reason"]
+    for shard in shards[1:]:
+        assert consistent(fleet, shard) == IDS  # never touched
+
+    # With a budget of one failure the rest of the fleet goes on.
+    code, report = run_json(fleet, "rollback", "--env", "test", "--to", "002-add-address", "--max-failures", "1")
+    assert code == EXIT_TARGETS_FAILED
+    assert [by_target(report)[s]["status"] for s in shards] == ["failed"] + ["rolled-back"] * 3
+
+
+def test_two_rollbacks_at_once_roll_back_each_migration_once(fleet: Fleet) -> None:
+    shards = fleet.add_databases(3)
+    fleet.publish(SET)
+    fleet.write_env()
+    assert fleet.cli("apply", "--env", "test").exit_code == EXIT_OK
+    runs = [fleet.spawn("rollback", "--env", "test", "--to", "001-create-person", "--format", "json") for _ in "ab"]
+    outputs = [p.communicate(timeout=120) for p in runs]
+    assert [p.returncode for p in runs] == [EXIT_OK, EXIT_OK], outputs
+    reports = [json.loads(out) for out, _ in outputs]
+    total = sum(r["totals"]["migrations_rolled_back"] for r in reports)
+    assert total == 3 * len(shards)
+    for shard in shards:
+        assert consistent(fleet, shard) == ["001-create-person"]
+        counts = fleet.query(shard, "SELECT count(*) FROM _yoyo_log WHERE operation = 'rollback' GROUP BY migration_id")
+        assert sorted(c for (c,) in counts) == [1, 1, 1]
+
+
+def test_a_rollback_racing_an_apply_leaves_every_shard_consistent(fleet: Fleet) -> None:
+    shards = fleet.add_databases(4)
+    fleet.publish(first(2))
+    fleet.write_env()
+    assert fleet.cli("apply", "--env", "test").exit_code == EXIT_OK
+    fleet.publish(SET)
+    apply = fleet.spawn("apply", "--env", "test", "--format", "json", "--concurrency", "2")
+    undo = fleet.spawn("rollback", "--env", "test", "--to", "001-create-person", "--format", "json",
+                       "--concurrency", "2")  # fmt: skip
+    for process in (apply, undo):
+        _, err = process.communicate(timeout=120)
+        assert process.returncode == EXIT_OK, err
+    for shard in shards:
+        have = consistent(fleet, shard)
+        # Whichever got the lock first, the other then saw its result: either order is a valid end state.
+        assert have in (["001-create-person"], IDS, ["001-create-person", "003-create-order"]), (shard, have)
+        assert fleet.query(shard, "SELECT count(*) FROM yoyo_lock") == [(0,)]
+
+
+def test_reapply_rolls_back_and_applies_again_under_one_lock(fleet: Fleet) -> None:
+    (shard,) = fleet.add_databases(1)
+    fleet.publish(SET)
+    fleet.write_env()
+    assert fleet.cli("apply", "--env", "test").exit_code == EXIT_OK
+    fleet.query(shard, "COMMENT ON INDEX person_address IS 'tampered'")  # 004's effect changed by hand
+
+    code, report = run_json(fleet, "reapply", "--env", "test", "--migration", "004-address-index")
+    assert code == EXIT_OK, report
+    (result,) = report["results"]
+    assert report["command"] == "reapply" and result["status"] == "applied"
+    assert [m["id"] for m in result["rolled_back"]] == ["004-address-index"]
+    assert [m["id"] for m in result["ran"]] == ["004-address-index"]
+    assert consistent(fleet, shard) == IDS
+    assert fleet.query(shard, "SELECT obj_description('person_address'::regclass)") == [(None,)]  # made anew
+    ops = fleet.query(shard, "SELECT operation FROM _yoyo_log WHERE migration_id = '004-address-index' "
+                             "ORDER BY created_at_utc")  # fmt: skip
+    assert ops == [("apply",), ("rollback",), ("apply",)]
+    assert fleet.cli("verify", "--env", "test").exit_code == EXIT_OK
+
+
+def test_a_non_transactional_rollback_runs_outside_a_transaction(fleet: Fleet) -> None:
+    (shard,) = fleet.add_databases(1)
+    fleet.publish(
+        {
+            **first(1),
+            "002-name-index.sql": "-- transactional: false\nCREATE INDEX CONCURRENTLY person_name ON person (name);",
+            "002-name-index.rollback.sql": "-- transactional: false\nDROP INDEX CONCURRENTLY person_name;",
+        }
+    )
+    fleet.write_env()
+    assert fleet.cli("apply", "--env", "test").exit_code == EXIT_OK
+    code, report = run_json(fleet, "rollback", "--env", "test", "--to", "001-create-person")
+    assert code == EXIT_OK, report
+    assert fleet.query(shard, "SELECT to_regclass('person_name')") == [(None,)]
+    assert recorded(fleet, shard) == checksummed(fleet, shard) == ["001-create-person"]
+
+
+def test_rollback_reports_in_every_format_say_what_was_rolled_back_where(fleet: Fleet, tmp_path: Path) -> None:
+    shards = skewed_fleet(fleet)
+    html, markdown = tmp_path / "r.html", tmp_path / "r.md"
+    result = fleet.cli("rollback", "--env", "test", "--to", "002-add-address", "--output", str(html),
+                       "--output", str(markdown))  # fmt: skip
+    assert result.exit_code == EXIT_OK, result.output
+    assert "rolled back 004-address-index, 003-create-order" in result.stdout
+    assert "rollback --to 002-add-address" in result.stdout
+    page = html.read_text()
+    assert page.count("data-state=rolled-back") == 3
+    assert "data-migration='003-create-order' data-state=rolled-back" in page
+    assert "rolled back 004-address-index, 003-create-order" in markdown.read_text()
+    junit = fleet.cli("rollback", "--env", "test", "--to", "002-add-address", "--format", "junit")
+    assert junit.exit_code == EXIT_OK and "<failure" not in junit.stdout
+    assert len(shards) == 3
+
+
+def yoyo(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    command = [str(Path(sys.executable).with_name("yoyo")), *args, "--batch", "--no-config-file"]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=60, env=dict(os.environ))
+
+
+def test_interoperable_with_plain_yoyo_both_ways(fleet: Fleet, tmp_path: Path) -> None:
+    by_fanout, by_yoyo = fleet.add_databases(2)
+    fleet.publish(SET)
+    fleet.write_env()
+    assert fleet.cli("apply", "--env", "test").exit_code == EXIT_OK
+    folder = tmp_path / "migrations"
+    folder.mkdir()
+    for name, body in SET.items():
+        (folder / name).write_text(textwrap.dedent(body))
+    password = fleet.postgres.password.reveal()
+
+    # yoyo rolls back one twin, fanout the other: the same schema and the same yoyo rows.
+    done = yoyo("rollback", "-d", fleet.dsn(by_yoyo, password=password), "-r", "003-create-order", str(folder),
+                cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    code, report = run_json(fleet, "rollback", "--env", "test", "--migration", "003-create-order")
+    # Only the shard that still had it rolls it back: fanout sees yoyo's rollback.
+    assert code == EXIT_OK, report
+    assert by_target(report)[by_fanout]["status"] == "rolled-back"
+    assert by_target(report)[by_yoyo]["status"] == "up-to-date"
+    for shard in (by_fanout, by_yoyo):
+        assert present(fleet, shard) == recorded(fleet, shard) == ["001-create-person", "002-add-address",
+                                                                    "004-address-index"]  # fmt: skip
+        ops = fleet.query(shard, "SELECT operation FROM _yoyo_log WHERE migration_id = '003-create-order' "
+                                 "ORDER BY created_at_utc")  # fmt: skip
+        assert ops == [("apply",), ("rollback",)]
+    # fanout sees yoyo's rollback correctly: pending, no drift, and apply reapplies with no accept.
+    code, status = run_json(fleet, "status", "--env", "test")
+    assert all(r["pending"] == ["003-create-order"] and r["drift"] == [] for r in status["results"]), status
+    # plain yoyo sees fanout's rollback correctly: it lists 003 as not applied and re-applies it.
+    listed = yoyo("list", "-d", fleet.dsn(by_fanout, password=password), str(folder), cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    assert [line.split()[0] for line in listed.stdout.splitlines() if "003-create-order" in line] == ["U"]
+    done = yoyo("apply", "-d", fleet.dsn(by_fanout, password=password), str(folder), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert present(fleet, by_fanout) == recorded(fleet, by_fanout) == IDS
+    code, again = run_json(fleet, "apply", "--env", "test")
+    assert code == EXIT_OK, again
+    assert [m["id"] for m in by_target(again)[by_yoyo]["ran"]] == ["003-create-order"]
+    for shard in (by_fanout, by_yoyo):
+        assert present(fleet, shard) == recorded(fleet, shard) == IDS
+
+
+def test_release_pipeline_canary_fails_and_the_release_is_rolled_back(fleet: Fleet, tmp_path: Path) -> None:
+    shards = fleet.add_databases(3)
+    fleet.write_env()
+    root = tmp_path / "src"
+    folder = root / "app" / "test"
+    folder.mkdir(parents=True)
+
+    def publish(files: dict[str, str]) -> None:
+        for name, body in files.items():
+            (folder / name).write_text(textwrap.dedent(body))
+        assert fleet.cli("publish", "--env", "test", "--migrations-dir", str(root)).exit_code == EXIT_OK
+
+    publish(first(2))
+    assert fleet.cli("apply", "--env", "test").exit_code == EXIT_OK
+    # Release 2 adds 003 and 004; 004 cannot be built on the canary (a duplicate index name there).
+    publish(SET)
+    fleet.query(shards[0], "CREATE INDEX person_address ON person (name)")
+    code, applied = run_json(fleet, "apply", "--env", "test", "--waves", "1,100%")
+    assert code == EXIT_TARGETS_FAILED
+    assert by_target(applied)[shards[0]]["error"]["migration"] == "004-address-index"
+    assert [m["id"] for m in by_target(applied)[shards[0]]["ran"]] == ["003-create-order"]
+    release = applied["source"]["sets"][0]["release"]
+    fleet.query(shards[0], "DROP INDEX person_address")
+
+    code, dry = run_json(fleet, "rollback", "--env", "test", "--release", release, "--dry-run")
+    assert code == EXIT_OK
+    assert [by_target(dry)[s]["to_roll_back"] for s in shards] == [["003-create-order"], [], []]
+    code, undone = run_json(fleet, "rollback", "--env", "test", "--release", release, "--waves", "1,100%")
+    assert code == EXIT_OK, undone
+    assert undone["rollback"]["release"] == release
+    assert [m["id"] for m in by_target(undone)[shards[0]]["rolled_back"]] == ["003-create-order"]
+    for shard in shards:
+        assert consistent(fleet, shard) == IDS[:2]
+    assert fleet.cli("verify", "--env", "test", "--at", "002-add-address").exit_code == EXIT_OK
+    assert fleet.cli("rollback", "--env", "test", "--release", "0000000000000000").exit_code == 2
