@@ -20,7 +20,8 @@ from typing import Any
 import psycopg2
 from psycopg2 import sql
 
-from fanout.directory import Target
+from fanout.config import TcpSettings
+from fanout.directory import DEFAULT_TCP, Target
 from fanout.report import ErrorKind
 from fanout.secret import error_line
 
@@ -134,9 +135,12 @@ def read(
     connect_timeout: float,
     lock_timeout: str | None = None,
     statement_timeout: str | None = None,
+    tcp: TcpSettings = DEFAULT_TCP,
 ) -> Catalog:
     """Describe the target's namespace and read its applied migration ids. Raises CatalogError."""
-    kwargs = target.libpq_kwargs(application_name=application_name, connect_timeout=connect_timeout, read_only=True)
+    kwargs = target.libpq_kwargs(
+        application_name=application_name, connect_timeout=connect_timeout, read_only=True, tcp=tcp
+    )
     try:
         connection = psycopg2.connect(**kwargs)
     except psycopg2.Error as e:
@@ -179,7 +183,7 @@ def read(
 
 
 @contextlib.contextmanager
-def scratch(target: Target, *, connect_timeout: float) -> Iterator[Target]:
+def scratch(target: Target, *, connect_timeout: float, tcp: TcpSettings = DEFAULT_TCP) -> Iterator[Target]:
     """A new, empty namespace like `target`'s, dropped on exit: a scratch schema in the target's
     database for a schema-per-tenant target, else a scratch database on the target's server.
 
@@ -197,15 +201,15 @@ def scratch(target: Target, *, connect_timeout: float) -> Iterator[Target]:
         drop = sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name))
         built = replace(target, id="build", dbname=name, tenants=(), aliases=())
         what = f"database {name} on {target.server}"
-    _execute(target, create, connect_timeout, f"cannot create the scratch {what}")
+    _execute(target, create, connect_timeout, tcp, f"cannot create the scratch {what}")
     try:
         yield built
     finally:
-        _execute(target, drop, connect_timeout, f"cannot drop the scratch {what}; drop it by hand")
+        _execute(target, drop, connect_timeout, tcp, f"cannot drop the scratch {what}; drop it by hand")
 
 
-def _execute(target: Target, statement: sql.Composable, connect_timeout: float, failure: str) -> None:
-    kwargs = target.libpq_kwargs(application_name="fanout inspect build", connect_timeout=connect_timeout)
+def _execute(target: Target, statement: sql.Composable, connect_timeout: float, tcp: TcpSettings, failure: str) -> None:
+    kwargs = target.libpq_kwargs(application_name="fanout inspect build", connect_timeout=connect_timeout, tcp=tcp)
     try:
         connection = psycopg2.connect(**kwargs)
     except psycopg2.Error as e:

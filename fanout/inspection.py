@@ -143,6 +143,7 @@ def _read(target: Target, plans: Sequence[_Set], options: runner.RunOptions, run
             connect_timeout=options.connect_timeout,
             lock_timeout=options.session.lock_timeout,
             statement_timeout=options.session.statement_timeout,
+            tcp=options.tcp,
         )
     except catalog.CatalogError as e:
         error = TargetError(e.kind, e.message)
@@ -195,7 +196,7 @@ def _build(
 ) -> schema.ShardSchema:
     """The schema the migration set builds: applied by the runner to a scratch namespace, read, dropped."""
     try:
-        with catalog.scratch(like, connect_timeout=options.connect_timeout) as target:
+        with catalog.scratch(like, connect_timeout=options.connect_timeout, tcp=options.tcp) as target:
             applied = runner.run(
                 snapshot,
                 [target],
@@ -214,6 +215,7 @@ def _build(
                 target,
                 application_name=f"{runner.APPLICATION_NAME} inspect {run_id}",
                 connect_timeout=options.connect_timeout,
+                tcp=options.tcp,
             )
     except catalog.CatalogError as e:
         raise TargetFailed(
