@@ -114,7 +114,7 @@ def test_json_report_shape_is_pinned(fleet: Fleet) -> None:
     assert set(report) == {
         "schema", "run_id", "command", "mode", "environment", "services", "started_at", "finished_at",
         "duration_seconds", "exit_code", "interrupted", "resumed_from", "slice", "parts", "missing_slices",
-        "rollout", "totals", "source", "results", "inspection", "not_stored",
+        "rollout", "totals", "source", "results", "inspection", "not_stored", "rollback",
     }  # fmt: skip
     assert set(report["rollout"]) == {
         "concurrency", "per_server", "waves", "max_failures", "waves_run", "waves_planned", "stop_reason",
