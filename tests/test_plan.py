@@ -120,12 +120,16 @@ def test_json_report_shape_is_pinned(fleet: Fleet) -> None:
         "concurrency", "per_server", "waves", "max_failures", "waves_run", "waves_planned", "stop_reason",
         "peak_in_flight", "peak_per_server", "connections_opened",
     }  # fmt: skip
-    assert set(report["totals"]) == {"targets", "results", "by_status", "migrations_applied", "migrations_pending"}
-    assert set(report["totals"]["by_status"]) == {"up-to-date", "pending", "applied", "failed", "drifted", "skipped"}
+    assert set(report["totals"]) == {
+        "targets", "results", "by_status", "migrations_applied", "migrations_pending", "migrations_rolled_back",
+    }  # fmt: skip
+    assert set(report["totals"]["by_status"]) == {
+        "up-to-date", "pending", "applied", "failed", "drifted", "skipped", "rolled-back",
+    }  # fmt: skip
     assert set(report["results"][0]) == {
         "target", "service", "status", "server", "database", "schema", "tenants", "initialized",
         "applied_before", "ran", "pending", "lock_holder", "broken_lock", "retries", "error", "seconds",
-        "drift", "unverified",
+        "drift", "unverified", "rolled_back", "to_roll_back",
     }  # fmt: skip
     assert set(report["source"]["sets"][0]) == {"service", "url", "manifest", "release", "files"}
     assert set(report["source"]["sets"][0]["files"][0]) == {"name", "sha256", "size", "etag", "version_id"}
