@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP_FLAGS := --quiet --disable-pip-version-check
 
-.PHONY: demo test lint typecheck unit bench lock clean
+.PHONY: demo test lint typecheck unit bench lock clean pgbouncer
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,21 @@ demo: $(VENV)/.installed
 	$(BIN)/fanout demo
 
 ## Lint, type-check and the whole test suite (starts its own PostgreSQL and S3).
-test: lint typecheck unit
+test: lint typecheck pgbouncer unit
+
+## Debian's pgbouncer for tests/test_pooler.py: installed with apt-get when missing (as root).
+## Under CI=true a missing pgbouncer fails here; elsewhere those tests skip with one line.
+pgbouncer:
+	@command -v pgbouncer >/dev/null || [ -x /usr/sbin/pgbouncer ] || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    timeout 300 apt-get install -y -q --no-install-recommends pgbouncer >/dev/null 2>&1 || \
+	      { timeout 300 apt-get update -q >/dev/null 2>&1 && \
+	        timeout 300 apt-get install -y -q --no-install-recommends pgbouncer >/dev/null 2>&1; }; \
+	  fi; \
+	  command -v pgbouncer >/dev/null || [ -x /usr/sbin/pgbouncer ] || \
+	    if [ "$$CI" = true ]; then echo "error: pgbouncer is missing and could not be installed (CI=true)" >&2; exit 1; \
+	    else echo "warning: pgbouncer is not installed; the pooler tests will skip" >&2; fi; }
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check fanout tests bench

@@ -59,7 +59,7 @@ from yoyo.migrations import Migration, MigrationList, MigrationStep, Transaction
 from yoyo.topologicalsort import CycleError
 from yoyo.utils import change_param_style
 
-from fanout import checksums, locking, rollout
+from fanout import checksums, locking, pooler, rollout
 from fanout import rollback as rollback_selection
 from fanout.config import TcpSettings
 from fanout.directory import Target
@@ -971,6 +971,24 @@ def _connect_kwargs(target: Target, options: RunOptions, run_id: str, *, read_on
     )
 
 
+def _refuse_transaction_pooling(connection: Any, target: Target, kwargs: dict[str, Any], started: float) -> None:
+    """Fail the target before any lock when its session is not its own across transactions."""
+    reason = pooler.transaction_pooling(
+        connection,
+        reconnect=lambda: psycopg2.connect(**kwargs),
+        connection_age=lambda: time.monotonic() - started,
+        server=target.server,
+    )
+    if reason is not None:
+        raise _Failure(
+            TargetError(
+                ErrorKind.POOLER,
+                f"{reason}. fanout's lock and search_path need a session of their own: connect directly or "
+                "through a session-mode pool. Refused before taking any lock",
+            )
+        )
+
+
 def _timed_out(options: RunOptions, what: str) -> _Failure:
     return _Failure(TargetError(ErrorKind.TARGET_TIMEOUT, f"target timeout ({options.target_timeout:g}s): {what}"))
 
@@ -1103,6 +1121,7 @@ class _ReadOnlySession:
     ) -> None:
         # The server enforces read-only: even a bug here could not write.
         kwargs = _connect_kwargs(target, options, run_id, read_only=True)
+        started = time.monotonic()
         try:
             self._connection = psycopg2.connect(**kwargs)
         except psycopg2.Error as e:
@@ -1112,6 +1131,7 @@ class _ReadOnlySession:
         self.initialized = False
         try:
             self._connection.set_session(readonly=True)
+            _refuse_transaction_pooling(self._connection, target, kwargs, started)
             with self._connection.cursor() as cursor:
                 _apply_settings(cursor, options.session)
                 if self._schema:
@@ -1132,6 +1152,9 @@ class _ReadOnlySession:
         except psycopg2.Error as e:
             self.close()
             raise self._watch.classify(e) from None
+        except _Failure:
+            self.close()
+            raise
 
     @contextmanager
     def lock(self, wait: float) -> Iterator[tuple[LockHolder | None, None]]:
@@ -1301,6 +1324,7 @@ class _YoyoSession:
         if target.schema:
             kwargs["schema"] = target.schema
         uri = DatabaseURI("postgresql", None, None, None, None, None, kwargs)
+        started = time.monotonic()
         try:
             self._backend = _Backend(uri, MIGRATION_TABLE)
         except psycopg2.Error as e:
@@ -1312,6 +1336,7 @@ class _YoyoSession:
         self._owner = locking.Owner(pid=os.getpid(), run_id=run_id)
         self._display = target.display
         try:
+            _refuse_transaction_pooling(self._connection, target, _connect_kwargs(target, options, run_id), started)
             with self._connection.cursor() as cursor:
                 _apply_settings(cursor, options.session)
                 _watch_client(cursor, self._connection.server_version)
@@ -1319,6 +1344,9 @@ class _YoyoSession:
         except psycopg2.Error as e:
             self.close()
             raise self._watch.classify(e) from None
+        except _Failure:
+            self.close()
+            raise
         self.initialized = True
 
     @contextmanager

@@ -1,0 +1,113 @@
+"""Is this shard session fanout's alone? Detects a transaction-mode pooler before any lock.
+
+fanout keeps state in its session across transactions: the advisory lock that proves a
+lock row's holder alive, `search_path` for a schema-per-tenant target, `lock_timeout` and
+`statement_timeout`. Behind a pooler in transaction mode (PgBouncer `pool_mode =
+transaction`, and the like), each transaction may run on another server session: the
+advisory lock stays on a pooled connection that someone else then uses, and `search_path`
+is gone at the next statement, so yoyo's tables land in `public`.
+
+The probe, in two steps, each cheap where it runs:
+
+1. Every session (one query): the backend reports the address and port of its client
+   (`inet_client_addr()`, `inet_client_port()`) and how long ago it started. Connected
+   directly, the client is this very socket and the backend is no older than the
+   connection. Anything else means something sits in between (a pooler, a proxy, NAT).
+2. Only then (one more connection, three queries): session A learns its backend pid
+   (step 1 did) and ends its transaction; session B opens a transaction and keeps it;
+   A asks for its pid again. A session-mode pool (or a plain proxy) pins A to its server,
+   so B gets another backend and A keeps its own. A transaction-mode pool hands A's
+   backend, idle again, to B (PgBouncer reuses the most recently released server
+   first), or, B holding it, gives A another one. Either shows.
+
+No server-side observation on one connection can prove pinning: a quiet transaction
+pool hands one client the same backend every time. Step 2 makes the pool choose while
+another client holds a transaction. A server found pooled once is remembered for the rest
+of the process, so a concurrent probe that happened to see nothing cannot let a later
+target through.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any
+
+# A backend older than its connection by more than this was there before we connected.
+_AGE_TOLERANCE_SECONDS = 1.0
+_pooled: set[str] = set()
+_pooled_lock = threading.Lock()
+
+
+def transaction_pooling(
+    connection: Any, reconnect: Callable[[], Any], connection_age: Callable[[], float], server: str
+) -> str | None:
+    """Why `connection` is not a session of its own, or None when it is.
+
+    `reconnect()` opens another connection like it (closed here); `connection_age()` is the
+    seconds since the connection was started; `server` names it (host:port) for the memo.
+    The caller's transaction state is left as found: each probe query ends its transaction.
+    """
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_backend_pid(), host(inet_client_addr()), inet_client_port(), "
+            "extract(epoch FROM clock_timestamp() - backend_start)::float8 "
+            "FROM pg_catalog.pg_stat_activity WHERE pid = pg_backend_pid()"
+        )
+        row = cursor.fetchone()
+    _end_transaction(connection)
+    if row is None:  # only a server that hides one's own session would do this
+        return None
+    pid, client_host, client_port, backend_age = row
+    if _direct(connection, client_host, client_port) and backend_age <= connection_age() + _AGE_TOLERANCE_SECONDS:
+        return None
+    with _pooled_lock:
+        known = server in _pooled
+    if known:
+        return f"a transaction-mode pooler serves {server} (found earlier in this run)"
+    other = reconnect()
+    try:
+        other.autocommit = False
+        with other.cursor() as cursor:
+            cursor.execute("SELECT pg_backend_pid()")  # B's transaction stays open: it holds a server session
+            row_b = cursor.fetchone()
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_backend_pid()")
+            row_a = cursor.fetchone()
+        _end_transaction(connection)
+    finally:
+        try:
+            other.rollback()
+        finally:
+            other.close()
+    held_by_other = row_b[0] if row_b else None
+    now = row_a[0] if row_a else None
+    if held_by_other != pid and now == pid:
+        return None
+    with _pooled_lock:
+        _pooled.add(server)
+    seen = (
+        f"another client's transaction ran on this session's server process (pid {pid})"
+        if held_by_other == pid
+        else f"this session moved from server process {pid} to {now} between two transactions"
+    )
+    return f"a transaction-mode pooler serves {server}: {seen}"
+
+
+def _direct(connection: Any, client_host: str | None, client_port: int | None) -> bool:
+    """Whether the backend's client is this very socket."""
+    try:
+        with socket.socket(fileno=os.dup(connection.fileno())) as own:
+            if own.family == socket.AF_UNIX:
+                return client_host is None
+            host, port = own.getsockname()[:2]
+    except OSError:
+        return False
+    return bool(client_host == host and client_port == port)
+
+
+def _end_transaction(connection: Any) -> None:
+    if not connection.autocommit:
+        connection.rollback()
