@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
 from conftest import Fleet
 
-from fanout.errors import EXIT_OK, EXIT_PENDING, EXIT_SOURCE, EXIT_TARGETS_FAILED
+from fanout.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PENDING, EXIT_SOURCE, EXIT_TARGETS_FAILED
 
 # 004 depends on 002 only: `--migration 002` takes 004 and 002, and leaves 003.
 SET = {
@@ -435,3 +437,71 @@ def test_release_pipeline_canary_fails_and_the_release_is_rolled_back(fleet: Fle
         assert consistent(fleet, shard) == IDS[:2]
     assert fleet.cli("verify", "--env", "test", "--at", "002-add-address").exit_code == EXIT_OK
     assert fleet.cli("rollback", "--env", "test", "--release", "0000000000000000").exit_code == 2
+
+
+def test_a_dry_run_works_as_a_role_that_can_only_read(fleet: Fleet) -> None:
+    (shard,) = fleet.add_databases(1)
+    fleet.publish(SET)
+    fleet.write_env()
+    assert fleet.cli("apply", "--env", "test").exit_code == EXIT_OK
+    role = "reader_" + shard[-6:]
+    fleet.query(shard, f"CREATE ROLE {role} LOGIN PASSWORD 'reader-secret'")
+    fleet.query(shard, f"GRANT CONNECT ON DATABASE {shard} TO {role}")
+    fleet.query(shard, f"REVOKE CREATE ON SCHEMA public FROM {role}, PUBLIC")
+    fleet.query(shard, f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}")
+    fleet.write_env([{"id": "reader", "dsn": fleet.dsn(shard, user=role, password="reader-secret")}])
+
+    code, dry = run_json(fleet, "rollback", "--env", "test", "--migration", "002-add-address", "--dry-run")
+    assert code == EXIT_OK, dry
+    assert dry["mode"] == "plan" and dry["results"][0]["to_roll_back"] == ["004-address-index", "002-add-address"]
+    assert consistent(fleet, shard) == IDS
+
+
+def test_slices_of_a_rollback_cover_the_fleet_once(fleet: Fleet) -> None:
+    shards = fleet.add_databases(4)
+    fleet.publish(SET)
+    fleet.write_env()
+    assert fleet.cli("apply", "--env", "test").exit_code == EXIT_OK
+    seen = []
+    for part in ("1/2", "2/2"):
+        code, report = run_json(fleet, "rollback", "--env", "test", "--to", "003-create-order", "--slice", part)
+        assert code == EXIT_OK and report["slice"] == part
+        seen += [r["target"] for r in report["results"] if r["rolled_back"]]
+    assert sorted(seen) == sorted(shards)
+    for shard in shards:
+        assert consistent(fleet, shard) == IDS[:3]
+
+
+def test_sigterm_stops_a_rollback_cleanly_and_resume_finishes_it(fleet: Fleet) -> None:
+    shards = fleet.add_databases(3)
+    files = dict(SET)
+    files["004-address-index.rollback.sql"] = "DROP INDEX person_address;\nSELECT pg_sleep(1.5);"
+    fleet.publish(files)
+    fleet.write_env()
+    assert fleet.cli("apply", "--env", "test").exit_code == EXIT_OK
+    process = fleet.spawn("rollback", "--env", "test", "--to", "002-add-address", "--concurrency", "1",
+                          "--format", "json")  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not fleet.query(shards[0], "SELECT 1 FROM pg_stat_activity WHERE query LIKE '%%pg_sleep%%' "
+                                     "AND pid <> pg_backend_pid()"):  # fmt: skip
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == EXIT_INTERRUPTED, stderr
+    report = json.loads(stdout)
+    first_result = by_target(report)[shards[0]]
+    assert first_result["status"] == "skipped" and first_result["error"]["kind"] == "interrupted"
+    assert [m["id"] for m in first_result["rolled_back"]] == ["004-address-index"]  # in flight: finished
+    assert first_result["to_roll_back"] == ["003-create-order"]
+    assert consistent(fleet, shards[0]) == IDS[:3]
+    for shard in shards:
+        assert fleet.query(shard, "SELECT count(*) FROM yoyo_lock") == [(0,)]
+    for shard in shards[1:]:
+        assert consistent(fleet, shard) == IDS
+
+    code, resumed = run_json(fleet, "rollback", "--env", "test", "--resume", report["run_id"])
+    assert code == EXIT_OK, resumed
+    assert resumed["resumed_from"] == report["run_id"]
+    for shard in shards:
+        assert consistent(fleet, shard) == IDS[:2]
