@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import Fleet
 
 from fanout.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PENDING, EXIT_SOURCE, EXIT_TARGETS_FAILED
@@ -505,3 +506,97 @@ def test_sigterm_stops_a_rollback_cleanly_and_resume_finishes_it(fleet: Fleet) -
     assert resumed["resumed_from"] == report["run_id"]
     for shard in shards:
         assert consistent(fleet, shard) == IDS[:2]
+
+
+ORACLE_CASES = {
+    "dependents-first": (SET, "002-add-address"),
+    "several-statements-and-data": (
+        {
+            "001-create-account.sql": "CREATE TABLE account (id INT PRIMARY KEY, plan TEXT);",
+            "001-create-account.rollback.sql": "DROP TABLE account;",
+            "002-seed.sql": """\
+                -- depends: 001-create-account
+                INSERT INTO account VALUES (1, 'free'), (2, 'pro');
+                CREATE TABLE plan (name TEXT PRIMARY KEY);
+                INSERT INTO plan VALUES ('free'), ('pro');
+                """,
+            "002-seed.rollback.sql": "DROP TABLE plan;\nDELETE FROM account WHERE id IN (1, 2);",
+            "003-fk.sql": "-- depends: 002-seed\nALTER TABLE account ADD FOREIGN KEY (plan) REFERENCES plan (name);",
+            "003-fk.rollback.sql": "ALTER TABLE account DROP CONSTRAINT account_plan_fkey;",
+        },
+        "002-seed",
+    ),
+    "non-transactional": (
+        {
+            "001-create-person.sql": SET["001-create-person.sql"],
+            "001-create-person.rollback.sql": SET["001-create-person.rollback.sql"],
+            "002-name-index.sql": "-- transactional: false\nCREATE INDEX CONCURRENTLY person_name ON person (name);",
+            "002-name-index.rollback.sql": "-- transactional: false\nDROP INDEX CONCURRENTLY person_name;",
+        },
+        "002-name-index",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ORACLE_CASES))
+def test_fanout_rolls_back_what_yoyo_rolls_back(fleet: Fleet, tmp_path: Path, case: str) -> None:
+    """yoyo is the oracle: `yoyo rollback -r ID` on one twin, `fanout rollback --migration ID` on the other."""
+    from test_yoyo_parity import _bookkeeping, _dump
+
+    files, migration = ORACLE_CASES[case]
+    files = {name: textwrap.dedent(body) for name, body in files.items()}
+    by_yoyo, by_fanout = fleet.add_databases(2)
+    folder = tmp_path / "set"
+    folder.mkdir()
+    for name, body in files.items():
+        (folder / name).write_text(body)
+    url = fleet.dsn(by_yoyo, password=fleet.postgres.password.reveal())
+    assert yoyo("apply", "-d", url, str(folder), cwd=tmp_path).returncode == 0
+    fleet.publish(files)
+    fleet.write_env([{"id": "twin", "dsn": fleet.dsn(by_fanout)}])
+    assert fleet.cli("apply", "--env", "test").exit_code == EXIT_OK
+
+    done = yoyo("rollback", "-d", url, "-r", migration, str(folder), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    code, report = run_json(fleet, "rollback", "--env", "test", "--migration", migration)
+    assert code == EXIT_OK, report
+    assert report["results"][0]["rolled_back"], "nothing rolled back: the row tests nothing"
+
+    assert _dump(fleet, by_fanout, "--schema-only") == _dump(fleet, by_yoyo, "--schema-only")
+    assert _dump(fleet, by_fanout, "--data-only") == _dump(fleet, by_yoyo, "--data-only")
+    theirs, ours = _bookkeeping(fleet, by_yoyo, None), _bookkeeping(fleet, by_fanout, None)
+    for table in theirs:
+        assert ours[table] == theirs[table], table
+
+
+def test_several_services_are_rolled_back_in_reverse_service_order(fleet: Fleet) -> None:
+    (shard,) = fleet.add_databases(1)
+    fleet.services = ("people", "billing")
+    fleet.publish(first(2), service="people")
+    fleet.publish(
+        {
+            "b001-invoice.sql": "CREATE TABLE invoice (id INT PRIMARY KEY, person_id INT REFERENCES person (id));",
+            "b001-invoice.rollback.sql": "DROP TABLE invoice;",
+            "b002-invoice-address.sql": "-- depends: b001-invoice\nALTER TABLE invoice ADD COLUMN address TEXT;",
+            "b002-invoice-address.rollback.sql": "ALTER TABLE invoice DROP COLUMN address;",
+        },
+        service="billing",
+    )
+    fleet.write_env()
+    assert fleet.cli("apply", "--env", "test").exit_code == EXIT_OK
+
+    # Rolling people back to nothing would fail while billing's invoice references person: billing goes first.
+    code, report = run_json(
+        fleet, "rollback", "--env", "test", "--migration", "001-create-person", "--migration", "b001-invoice"
+    )
+    assert code == EXIT_OK, report
+    assert [(r["service"], [m["id"] for m in r["rolled_back"]]) for r in report["results"]] == [
+        ("billing", ["b002-invoice-address", "b001-invoice"]),
+        ("people", ["002-add-address", "001-create-person"]),
+    ]
+    logged = fleet.query(
+        shard, "SELECT migration_id FROM _yoyo_log WHERE operation = 'rollback' ORDER BY created_at_utc"
+    )
+    assert [m for (m,) in logged] == ["b002-invoice-address", "b001-invoice", "002-add-address", "001-create-person"]
+    assert fleet.applied(shard) == [] and checksummed(fleet, shard) == []
+    assert fleet.query(shard, "SELECT to_regclass('invoice'), to_regclass('person')") == [(None, None)]
