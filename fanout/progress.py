@@ -74,6 +74,7 @@ class Progress:
                 self._event(
                     {"event": "result", "target": result.target, "service": result.service,
                      "status": result.status.value, "ran": [m.id for m in result.ran], "pending": len(result.pending),
+                     "rolled_back": [m.id for m in result.rolled_back],
                      "error": result.error.message if result.error else None, "done": len(self._done),
                      "total": self._total, **self._counts()}
                 )  # fmt: skip

@@ -8,10 +8,12 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import psycopg2
 import pytest
 from conftest import Fleet
 
@@ -600,3 +602,39 @@ def test_several_services_are_rolled_back_in_reverse_service_order(fleet: Fleet)
     assert [m for (m,) in logged] == ["b002-invoice-address", "b001-invoice", "002-add-address", "001-create-person"]
     assert fleet.applied(shard) == [] and checksummed(fleet, shard) == []
     assert fleet.query(shard, "SELECT to_regclass('invoice'), to_regclass('person')") == [(None, None)]
+
+
+def test_a_rollback_behind_a_long_transaction_is_retried_and_succeeds_once_it_ends(fleet: Fleet) -> None:
+    (shard,) = fleet.add_databases(1)
+    fleet.publish(SET)
+    fleet.write_env(extra='[runner]\nlock_timeout = "200ms"\nretries = 8\nretry_backoff = 0.1\n')
+    assert fleet.cli("apply", "--env", "test").exit_code == EXIT_OK
+    blocker = psycopg2.connect(**fleet.postgres.connect_kwargs(shard))
+    blocker.cursor().execute("SELECT count(*) FROM customer_order")
+
+    def release_after_the_first_timeout() -> None:
+        seen_waiting, deadline = False, time.monotonic() + 30
+        while time.monotonic() < deadline:
+            waiting = fleet.query(
+                shard,
+                "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%%customer_order%%'",
+            )
+            if seen_waiting and not waiting:
+                break
+            seen_waiting = seen_waiting or bool(waiting)
+            time.sleep(0.005)
+        blocker.rollback()
+
+    release = threading.Thread(target=release_after_the_first_timeout)
+    release.start()
+    try:
+        code, report = run_json(fleet, "rollback", "--env", "test", "--migration", "003-create-order")
+    finally:
+        release.join()
+        blocker.close()
+    assert code == EXIT_OK, report
+    (row,) = report["results"]
+    assert row["status"] == "rolled-back"
+    assert row["retries"] and all(r["migration"] == "003-create-order" and "55P03" in r["reason"]
+                                  for r in row["retries"])  # fmt: skip
+    assert consistent(fleet, shard) == ["001-create-person", "002-add-address", "004-address-index"]
