@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass
 from enum import StrEnum
 
-from fanout import schema_report
+from fanout import schema, schema_report
 from fanout.report import (
     Mode,
     RunReport,
@@ -357,6 +357,7 @@ def render_html(report: RunReport, *, detailed: bool = False) -> str:
     cols, rows = matrix(report)
     code = exit_code(report, detailed=detailed)
     counts = Counter(r.status for r in rows)
+    schema_notes = schema.target_notes(report.inspection) if report.inspection is not None else {}
     e = html.escape
     verdict = "success" if code == 0 else f"exit {code}"
     title = f"fanout {report.command} · {report.environment} · {report.run_id}"
@@ -399,6 +400,7 @@ def render_html(report: RunReport, *, detailed: bool = False) -> str:
     for row in rows:
         search = " ".join([row.target, row.server, *row.tenants]).lower()
         detail = "; ".join(row.errors) or (f"locked by {row.locked_by}" if row.locked_by else "")
+        detail = "; ".join(filter(None, [detail, schema_notes.get(row.target, "")]))
         tenants = f" title='tenants: {e(', '.join(row.tenants))}'" if row.tenants else ""
         parts.append(
             f"<tr data-target='{e(row.target)}' data-status={row.status.value} data-search='{e(search)}'>"

@@ -559,6 +559,7 @@ def merge(reports: Sequence[RunReport]) -> RunReport:
         parts=tuple(SlicePart(r.slice or "", r.run_id, exit_code(r), r.target_count) for r in ordered),
         missing_slices=tuple(f"{i}/{total}" for i in range(1, total + 1) if i not in by_index),
         rollback=first.rollback,
+        inspection=schema.combine([r.inspection for r in ordered if r.inspection is not None]),
     )
 
 

@@ -13,7 +13,7 @@ import hashlib
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 # The order objects are listed and diffed in: containers before what they contain.
@@ -328,6 +328,42 @@ def group(shards: Sequence[ShardSchema], reference: str = LARGEST, build: ShardS
         notes=tuple(notes),
         build_fingerprint=build.schema.fingerprint if build else None,
     )
+
+
+def combine(inspections: Sequence[Inspection]) -> Inspection | None:
+    """One inspection from those of the slices of one run (`report merge`): their groups, renumbered.
+
+    Each slice chose its references among its own shards, so equal fingerprints may appear in
+    several groups; a note says so. Every outlier of every slice stays an outlier.
+    """
+    if not inspections:
+        return None
+    groups: list[SchemaGroup] = []
+    for inspection in inspections:
+        offset = len(groups)
+        for g in inspection.groups:
+            compared = g.compared_with
+            if compared is not None and compared.startswith("group "):
+                compared = f"group {int(compared.removeprefix('group ')) + offset}"
+            groups.append(replace(g, id=g.id + offset, compared_with=compared))
+    notes = [n for i in inspections for n in i.notes]
+    if len(inspections) > 1:
+        notes.append(f"merged from {len(inspections)} slices, each compared with references among its own shards")
+    first = inspections[0]
+    return Inspection(first.reference, tuple(groups), tuple(dict.fromkeys(notes)), first.build_fingerprint)
+
+
+def target_notes(inspection: Inspection) -> dict[str, str]:
+    """For each outlier target, one line: how its schema differs (for a row of the fleet view)."""
+    notes = {}
+    for g in inspection.groups:
+        if g.reference:
+            continue
+        first = g.differences[0].detail if g.differences else "differs"
+        more = f" (+{len(g.differences) - 1} more)" if len(g.differences) > 1 else ""
+        for target in g.targets:
+            notes[target] = f"schema differs from {g.compared_with}: {first}{more}"
+    return notes
 
 
 # ---- JSON ---------------------------------------------------------------------------------

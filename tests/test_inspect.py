@@ -88,6 +88,7 @@ def test_inspect_groups_the_fleet_and_says_how_each_outlier_differs(fleet: Fleet
     assert "<section class=schema id=schema>" in page
     assert page.count("data-reference=false") == 3 and page.count("data-reference=true") == 2
     assert "index person_name_idx is INVALID" in page
+    assert "schema differs from group 1: extra index person_email_idx2 on person (email)</td>" in page  # its row
 
     verified = fleet.cli("verify", "--env", "test", "--schema", "--format", "json")
     assert verified.exit_code == EXIT_TARGETS_FAILED
@@ -324,3 +325,16 @@ def test_grouping_compares_only_within_a_version_and_breaks_ties_by_directory_or
     named = schema.group(shards, reference="s3")
     assert [g.targets for g in named.groups if g.reference] == [("s1",), ("s3",)]
     assert schema.from_dict(schema.to_dict(inspection)) == inspection
+
+
+def test_merged_slices_keep_every_outlier_of_every_slice() -> None:
+    plain, wide = _column("t", "c", "text"), _column("t", "c", "bigint")
+    first = schema.group([_shard("a1", "002", 1, plain), _shard("a2", "002", 1, plain), _shard("a3", "002", 1, wide)])
+    second = schema.group([_shard("b1", "002", 1, wide), _shard("b2", "002", 1, wide), _shard("b3", "002", 1, plain)])
+
+    merged = schema.combine([first, second])
+
+    assert merged is not None and merged.outliers == ("a3", "b3")
+    assert [(g.id, g.compared_with) for g in merged.groups] == [(1, None), (2, "group 1"), (3, None), (4, "group 3")]
+    assert "merged from 2 slices" in merged.notes[-1]
+    assert schema.combine([]) is None
