@@ -310,6 +310,11 @@ def rollback(
         targets = _resumable_targets(env, previous)
     assert request is not None
     options = replace(_options(env, mode, settings), rollback=request)
+    if request.release is not None and isinstance(env.source, S3Location):
+        kept = {
+            s: source.release_added(env.source, s, env.name, request.release) for s in env.select_services(services)
+        }
+        options = replace(options, release_added={s: added for s, added in kept.items() if added is not None})
     report = _run_on(
         env, services, command, options, targets, part=_slice(settings), on_result=on_result, on_start=on_start,
         interrupt=interrupt, expected_sources=expected, resumed_from=resume,

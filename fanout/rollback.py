@@ -72,7 +72,7 @@ def candidates(request: RollbackRequest, graphs: Sequence[Graph]) -> dict[str, t
             known = sorted({g.release for g in graphs if g.release})
             shown = ", ".join(known) if known else "none: the sets were not published with fanout publish"
             raise ConfigError(
-                f"--release {request.release}: not the published release of any service (current: {shown})"
+                f"--release {request.release}: no service of the run published that release (current: {shown})"
             )
         for graph in matching:
             if graph.added is None:

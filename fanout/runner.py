@@ -132,6 +132,8 @@ class RunOptions:
     rollback: RollbackRequest | None = None
     # verify --at: the version each named migration's service is meant to be at.
     at: tuple[str, ...] = ()
+    # rollback --release R of a release that is no longer a service's current one: service -> ids it added.
+    release_added: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def concurrency(self) -> int:
@@ -174,7 +176,7 @@ def run(
     started_at = datetime.now(UTC)
     plans = load(snapshot.sets)
     if options.rollback is not None:
-        plans = _select_rollback(plans, options.rollback)
+        plans = _select_rollback(plans, options.rollback, options.release_added)
     if options.at:
         graphs = [_graph(p) for p in plans]
         for migration in options.at:
@@ -253,9 +255,16 @@ def _graph(plan: _ServicePlan) -> rollback_selection.Graph:
     )
 
 
-def _select_rollback(plans: tuple[_ServicePlan, ...], request: RollbackRequest) -> tuple[_ServicePlan, ...]:
+def _select_rollback(
+    plans: tuple[_ServicePlan, ...], request: RollbackRequest, release_added: dict[str, tuple[str, ...]]
+) -> tuple[_ServicePlan, ...]:
     """Each plan with what it may roll back; refuses (before any shard is touched) a migration without rollback file."""
-    graphs = [_graph(p) for p in plans]
+    graphs = [
+        replace(_graph(p), release=request.release, added=frozenset(release_added[p.service]))
+        if p.service in release_added
+        else _graph(p)
+        for p in plans
+    ]
     selected = rollback_selection.candidates(request, graphs)
     rollback_selection.refuse_missing_rollback_files(graphs, selected)
     return tuple(replace(p, undo=selected[p.service]) for p in plans)

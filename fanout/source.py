@@ -249,6 +249,14 @@ def execute_publish(location: S3Location, plan: PublishPlan, *, force_reason: st
         ],
     }
     body = json.dumps(manifest, indent=2).encode()
+    # Every release is kept, so `rollback --release` can name one that is no longer current.
+    history = release_key(location, plan.service, plan.environment, release)
+    _s3_call(
+        location,
+        functools.partial(
+            client.put_object, Bucket=location.bucket, Key=history, Body=body, ContentType="application/json"
+        ),
+    )
     key = prefix + MANIFEST_NAME
     _s3_call(
         location,
@@ -559,6 +567,42 @@ def _s3_call(location: S3Location, call: Callable[[], Any]) -> Any:
 
 # A service name cannot start with "_", so run records never mix with migrations.
 RUNS_FOLDER = "_runs"
+RELEASES_FOLDER = "_releases"
+
+
+def release_key(location: S3Location, service: str, environment: str, release: str) -> str:
+    """Where publish keeps every release's manifest, outside the service's prefix (which holds only migrations)."""
+    parts = [p for p in (location.prefix.strip("/"), RELEASES_FOLDER, service, environment) if p]
+    return "/".join(parts) + f"/{release}.json"
+
+
+def release_added(location: S3Location, service: str, environment: str, release: str) -> tuple[str, ...] | None:
+    """The migration ids a published release of a service added, from its kept manifest.
+
+    None when the service has no such release (or it was published before fanout kept them).
+    """
+    from botocore.exceptions import ClientError
+
+    client = s3_client(location)
+    key = release_key(location, service, environment, release)
+
+    def get() -> bytes | None:
+        try:
+            body: bytes = client.get_object(Bucket=location.bucket, Key=key)["Body"].read()
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise
+        return body
+
+    body: bytes | None = _s3_call(location, get)
+    if body is None:
+        return None
+    try:
+        added = json.loads(body)["added"]
+        return tuple(str(m) for m in added)
+    except (ValueError, KeyError, TypeError):
+        raise SourceError(f"s3://{location.bucket}/{key} is not a fanout manifest") from None
 
 
 def run_record_key(location: S3Location, environment: str, run_id: str) -> str:

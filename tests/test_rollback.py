@@ -638,3 +638,28 @@ def test_a_rollback_behind_a_long_transaction_is_retried_and_succeeds_once_it_en
     assert row["retries"] and all(r["migration"] == "003-create-order" and "55P03" in r["reason"]
                                   for r in row["retries"])  # fmt: skip
     assert consistent(fleet, shard) == ["001-create-person", "002-add-address", "004-address-index"]
+
+
+def test_an_older_release_is_found_in_the_kept_manifests(fleet: Fleet, tmp_path: Path) -> None:
+    (shard,) = fleet.add_databases(1)
+    fleet.write_env()
+    root = tmp_path / "src"
+    folder = root / "app" / "test"
+    folder.mkdir(parents=True)
+    releases = []
+    for count in (2, 3, 4):  # three releases: 001+002, then 003, then 004
+        for name, body in first(count).items():
+            (folder / name).write_text(textwrap.dedent(body))
+        assert fleet.cli("publish", "--env", "test", "--migrations-dir", str(root)).exit_code == EXIT_OK
+        code, plan = run_json(fleet, "plan", "--env", "test")
+        releases.append(plan["source"]["sets"][0]["release"])
+    assert fleet.cli("apply", "--env", "test").exit_code == EXIT_OK
+
+    # The middle release added 003 alone; 004 (the current release) depends on 002, not on 003.
+    code, report = run_json(fleet, "rollback", "--env", "test", "--release", releases[1])
+    assert code == EXIT_OK, report
+    assert [m["id"] for m in report["results"][0]["rolled_back"]] == ["003-create-order"]
+    assert consistent(fleet, shard) == ["001-create-person", "002-add-address", "004-address-index"]
+    # The first release's migrations are what everything else depends on.
+    code, dry = run_json(fleet, "rollback", "--env", "test", "--release", releases[0], "--dry-run")
+    assert dry["results"][0]["to_roll_back"] == ["004-address-index", "002-add-address", "001-create-person"]
