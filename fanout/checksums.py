@@ -13,7 +13,9 @@ with the migration set of a run finds drift:
 `accept` adopts the current content of a drifted migration (logged in
 `fanout_checksum_log` with who and why); `baseline` adopts a fleet migrated before
 fanout by recording the current content of what is applied, without running anything.
-Every function takes a psycopg2 connection or cursor; this module knows nothing of yoyo.
+Every function takes a psycopg2 connection or cursor and the schema that holds the
+tables (names are qualified, so a migration's `search_path` cannot redirect them); this
+module knows nothing of yoyo.
 """
 
 from __future__ import annotations
@@ -25,21 +27,25 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+from fanout.locking import qualified
 from fanout.report import Drift, DriftKind
 
 TABLE = "fanout_checksums"
 LOG_TABLE = "fanout_checksum_log"
 
-CREATE_SQL = (
-    f'CREATE TABLE IF NOT EXISTS "{TABLE}" ('
-    '"migration_id" TEXT PRIMARY KEY, "sha256" TEXT NOT NULL, "service" TEXT NOT NULL, '
-    '"environment" TEXT NOT NULL, "recorded_at" TIMESTAMP NOT NULL, "how" TEXT NOT NULL)'
-)
-CREATE_LOG_SQL = (
-    f'CREATE TABLE IF NOT EXISTS "{LOG_TABLE}" ('
-    '"id" BIGSERIAL PRIMARY KEY, "migration_id" TEXT NOT NULL, "old_sha256" TEXT, "new_sha256" TEXT NOT NULL, '
-    '"action" TEXT NOT NULL, "reason" TEXT, "by" TEXT NOT NULL, "at" TIMESTAMP NOT NULL)'
-)
+
+def create_sql(schema: str) -> tuple[str, str]:
+    """The statements that create both tables in `schema` when missing."""
+    return (
+        f"CREATE TABLE IF NOT EXISTS {qualified(schema, TABLE)} ("
+        '"migration_id" TEXT PRIMARY KEY, "sha256" TEXT NOT NULL, "service" TEXT NOT NULL, '
+        '"environment" TEXT NOT NULL, "recorded_at" TIMESTAMP NOT NULL, "how" TEXT NOT NULL)',
+        f"CREATE TABLE IF NOT EXISTS {qualified(schema, LOG_TABLE)} ("
+        '"id" BIGSERIAL PRIMARY KEY, "migration_id" TEXT NOT NULL, "old_sha256" TEXT, "new_sha256" TEXT NOT NULL, '
+        '"action" TEXT NOT NULL, "reason" TEXT, "by" TEXT NOT NULL, "at" TIMESTAMP NOT NULL)',
+    )
+
+
 WHO = f"{getpass.getuser()}@{socket.gethostname()}"
 
 
@@ -60,42 +66,57 @@ class Recorded:
     how: str
 
 
-def read(cursor: Any, *, exists: bool | None = None) -> dict[str, Recorded]:
+def read(cursor: Any, schema: str, *, exists: bool | None = None) -> dict[str, Recorded]:
     """Every recorded checksum of the shard; empty when the table does not exist (yet)."""
     if exists is None:
-        cursor.execute("SELECT to_regclass(%s) IS NOT NULL", (f'"{TABLE}"',))
+        cursor.execute("SELECT to_regclass(%s) IS NOT NULL", (qualified(schema, TABLE),))
         exists = bool(cursor.fetchone()[0])
     if not exists:
         return {}
-    cursor.execute(f'SELECT "migration_id", "sha256", "service", "environment", "how" FROM "{TABLE}"')
+    cursor.execute(f'SELECT "migration_id", "sha256", "service", "environment", "how" FROM {qualified(schema, TABLE)}')
     return {row[0]: Recorded(*row) for row in cursor.fetchall()}
 
 
-def record_sql(cursor: Any, migration_id: str, sha256: str, service: str, environment: str, how: How) -> str:
-    """The statement that records (or replaces) a checksum, for inclusion in a larger transaction."""
+def record_sql(
+    cursor: Any,
+    schema: str,
+    migration_id: str,
+    sha256: str,
+    service: str,
+    environment: str,
+    how: How,
+    *,
+    at: Any = None,
+) -> str:
+    """The statement that records (or replaces) a checksum, for inclusion in a larger transaction.
+
+    `at` is the time recorded (default: now), or an SQL expression wrapped in psycopg2's AsIs.
+    """
     sql: bytes = cursor.mogrify(
-        f'INSERT INTO "{TABLE}" ("migration_id", "sha256", "service", "environment", "recorded_at", "how") '
+        f'INSERT INTO {qualified(schema, TABLE)} ("migration_id", "sha256", "service", "environment", "recorded_at", "how") '
         'VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT ("migration_id") DO UPDATE SET '
         '"sha256" = EXCLUDED."sha256", "service" = EXCLUDED."service", "environment" = EXCLUDED."environment", '
         '"recorded_at" = EXCLUDED."recorded_at", "how" = EXCLUDED."how"',
-        (migration_id, sha256, service, environment, _now(), how.value),
+        (migration_id, sha256, service, environment, _now() if at is None else at, how.value),
     )
     return sql.decode()
 
 
-def unrecord_sql(cursor: Any, migration_id: str) -> str:
+def unrecord_sql(cursor: Any, schema: str, migration_id: str) -> str:
     """The statement that forgets a rolled-back migration's checksum, for inclusion in a larger transaction.
 
     Deleted rather than marked: a shard that no longer has the migration has no content
     to compare, and the next apply records it afresh (the log keeps the history).
     """
-    sql: bytes = cursor.mogrify(f'DELETE FROM "{TABLE}" WHERE "migration_id" = %s', (migration_id,))
+    sql: bytes = cursor.mogrify(f'DELETE FROM {qualified(schema, TABLE)} WHERE "migration_id" = %s', (migration_id,))
     return sql.decode()
 
 
-def log_sql(cursor: Any, migration_id: str, old: str | None, new: str, action: How, reason: str | None) -> str:
+def log_sql(
+    cursor: Any, schema: str, migration_id: str, old: str | None, new: str, action: How, reason: str | None
+) -> str:
     sql: bytes = cursor.mogrify(
-        f'INSERT INTO "{LOG_TABLE}" ("migration_id", "old_sha256", "new_sha256", "action", "reason", "by", "at") '
+        f'INSERT INTO {qualified(schema, LOG_TABLE)} ("migration_id", "old_sha256", "new_sha256", "action", "reason", "by", "at") '
         "VALUES (%s, %s, %s, %s, %s, %s, %s)",
         (migration_id, old, new, action.value, reason, WHO, _now()),
     )

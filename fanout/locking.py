@@ -18,7 +18,10 @@ someone's hand): nothing proves it dead, so it is never broken automatically;
 when forced.
 
 Every function takes a psycopg2 connection in autocommit mode, except `read_holder`,
-which only reads and works inside a read-only transaction.
+which only reads and works inside a read-only transaction, and the schema that holds
+the lock tables: every name is qualified with it and the advisory lock is keyed on it,
+so nothing a migration does to the session (`SET search_path`, `set_config`) can move
+fanout's statements to other tables or another lock.
 """
 
 from __future__ import annotations
@@ -41,10 +44,11 @@ YOYO_LOCK_TABLE = "yoyo_lock"
 OWNER_TABLE = "fanout_lock"
 
 # Advisory lock keys: (namespace, hashtext(schema)). One namespace for the held lock,
-# another to serialize the creation of the lock tables by concurrent runners.
+# another to serialize the creation of the lock tables by concurrent runners. The schema
+# is the one the session started in (its current_schema()), as in earlier versions,
+# which computed the key from current_schema() on every call.
 _HELD = 1717661295  # "fano"
 _SETUP = 1717661296
-_SCHEMA_KEY = "hashtext(coalesce(current_schema(), ''))"
 HOSTNAME = socket.gethostname()
 # Test-only: seconds to sleep before each message of the lock's acquisition and release, so a
 # test can prove that no interleaving with a plain yoyo lets both believe they hold the lock.
@@ -62,23 +66,21 @@ class Owner:
     since: datetime | None = None
 
 
-def create_tables(connection: Any, *, schema: str | None, extra: Sequence[str] = ()) -> None:
+def create_tables(connection: Any, schema: str, *, create_schema: bool, extra: Sequence[str] = ()) -> None:
     """Create the schema (for schema-per-tenant targets), both lock tables and `extra` ones, once, race-free.
 
     Concurrent runners would otherwise race inside CREATE ... IF NOT EXISTS and one would
     fail on the catalog's unique index; the transaction-scoped advisory lock orders them.
     A plain yoyo creating `yoyo_lock` at the same instant can still collide; the caller retries.
     """
-    if schema:
-        with connection.cursor() as cursor:
-            lock = cursor.mogrify("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_SETUP, schema)).decode()
-        setup = [lock, f"CREATE SCHEMA IF NOT EXISTS {_quote(schema)}"]
-    else:
-        setup = [f"SELECT pg_advisory_xact_lock({_SETUP}, {_SCHEMA_KEY})"]
+    with connection.cursor() as cursor:
+        setup = [cursor.mogrify("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_SETUP, schema)).decode()]
+    if create_schema:
+        setup.append(f"CREATE SCHEMA IF NOT EXISTS {_quote(schema)}")
     setup += [
-        f'CREATE TABLE IF NOT EXISTS "{YOYO_LOCK_TABLE}" '
+        f"CREATE TABLE IF NOT EXISTS {qualified(schema, YOYO_LOCK_TABLE)} "
         '("locked" INT DEFAULT 1, "ctime" TIMESTAMP, "pid" INT NOT NULL, PRIMARY KEY ("locked"))',
-        f'CREATE TABLE IF NOT EXISTS "{OWNER_TABLE}" ('
+        f"CREATE TABLE IF NOT EXISTS {qualified(schema, OWNER_TABLE)} ("
         '"locked" INT DEFAULT 1 PRIMARY KEY, "pid" INT NOT NULL, "ctime" TIMESTAMP NOT NULL, '
         '"host" TEXT NOT NULL, "run_id" TEXT NOT NULL, "backend_pid" INT NOT NULL)',
         *extra,
@@ -95,7 +97,7 @@ class Attempt:
     holder: LockHolder | None = None
 
 
-def try_acquire(connection: Any, me: Owner) -> Attempt:
+def try_acquire(connection: Any, me: Owner, schema: str) -> Attempt:
     """Take the shard lock if it is free or provably stale; never waits.
 
     Nothing is deleted that was not read under this transaction's row lock: a free lock is
@@ -103,16 +105,17 @@ def try_acquire(connection: Any, me: Owner) -> Attempt:
     INSERT fail on the primary key (or wait for yoyo's commit, then fail) instead of losing
     its row to an unconditional DELETE while both believe they hold the lock.
     """
+    lock_table, owner_table = qualified(schema, YOYO_LOCK_TABLE), qualified(schema, OWNER_TABLE)
     with connection.cursor() as cursor:
-        _send(cursor, f"SELECT pg_try_advisory_lock(%s, {_SCHEMA_KEY})", (_HELD,))
+        _send(cursor, "SELECT pg_try_advisory_lock(%s, hashtext(%s))", (_HELD, schema))
         row = cursor.fetchone()
         if not row or not row[0]:
-            return Attempt(False, holder=_current_holder(cursor, alive=True))
+            return Attempt(False, holder=_current_holder(cursor, schema, alive=True))
         try:
-            holder = _current_holder(cursor, alive=False, for_update=True, after="BEGIN")
+            holder = _current_holder(cursor, schema, alive=False, for_update=True, after="BEGIN")
             if holder is not None and holder.run_id is None:
                 _send(cursor, "ROLLBACK")
-                _unlock_advisory(cursor)
+                _unlock_advisory(cursor, schema)
                 return Attempt(False, holder=holder)  # plain yoyo: alive or not, nothing proves it
             # Either free, or held by a fanout session that has ended (we hold its advisory lock).
             since = me.since or datetime.now(UTC).replace(tzinfo=None)
@@ -121,18 +124,18 @@ def try_acquire(connection: Any, me: Owner) -> Attempt:
                 # Exactly the row read FOR UPDATE above (it cannot have changed since).
                 take.append(
                     cursor.mogrify(
-                        f'DELETE FROM "{YOYO_LOCK_TABLE}" WHERE "pid" = %s AND "ctime" IS NOT DISTINCT FROM %s',
+                        f'DELETE FROM {lock_table} WHERE "pid" = %s AND "ctime" IS NOT DISTINCT FROM %s',
                         (holder.pid, holder.since),
                     ).decode()
                 )
             take += [
                 # Owner rows are written only under the advisory lock we now hold: any left is stale.
-                f'DELETE FROM "{OWNER_TABLE}"',
+                f"DELETE FROM {owner_table}",
                 cursor.mogrify(
-                    f'INSERT INTO "{YOYO_LOCK_TABLE}" ("locked", "ctime", "pid") VALUES (1, %s, %s)', (since, me.pid)
+                    f'INSERT INTO {lock_table} ("locked", "ctime", "pid") VALUES (1, %s, %s)', (since, me.pid)
                 ).decode(),
                 cursor.mogrify(
-                    f'INSERT INTO "{OWNER_TABLE}" ("pid", "ctime", "host", "run_id", "backend_pid") '
+                    f'INSERT INTO {owner_table} ("pid", "ctime", "host", "run_id", "backend_pid") '
                     "VALUES (%s, %s, %s, %s, pg_backend_pid())",
                     (me.pid, since, me.host, me.run_id),
                 ).decode(),
@@ -142,7 +145,7 @@ def try_acquire(connection: Any, me: Owner) -> Attempt:
         except psycopg2.errors.UniqueViolation:
             # A plain yoyo inserted its row between our read and our insert: it holds the lock.
             cursor.execute("ROLLBACK")
-            _unlock_advisory(cursor)
+            _unlock_advisory(cursor, schema)
             return Attempt(False, holder=None)
         except BaseException:
             _rollback_quietly(connection)
@@ -150,26 +153,30 @@ def try_acquire(connection: Any, me: Owner) -> Attempt:
         return Attempt(True, broken=holder)
 
 
-def release(connection: Any, me: Owner) -> None:
-    """Give the lock back: both rows in one transaction, then the advisory lock (one round trip)."""
+def release(connection: Any, me: Owner, schema: str, *, before: Sequence[str] = ()) -> None:
+    """Give the lock back: both rows in one transaction, then the advisory lock (one round trip).
+
+    `before` goes first in the same message (the caller's session reset).
+    """
     with connection.cursor() as cursor:
         statements = [
-            cursor.mogrify(f'DELETE FROM "{YOYO_LOCK_TABLE}" WHERE "pid" = %s', (me.pid,)).decode(),
+            cursor.mogrify(f'DELETE FROM {qualified(schema, YOYO_LOCK_TABLE)} WHERE "pid" = %s', (me.pid,)).decode(),
             cursor.mogrify(
-                f'DELETE FROM "{OWNER_TABLE}" WHERE "pid" = %s AND "run_id" = %s', (me.pid, me.run_id)
+                f'DELETE FROM {qualified(schema, OWNER_TABLE)} WHERE "pid" = %s AND "run_id" = %s', (me.pid, me.run_id)
             ).decode(),
         ]
+        unlock = cursor.mogrify("SELECT pg_advisory_unlock(%s, hashtext(%s))", (_HELD, schema)).decode()
     _pause()
-    in_one_transaction(connection, statements, then=f"SELECT pg_advisory_unlock({_HELD}, {_SCHEMA_KEY})")
+    in_one_transaction(connection, statements, before=before, then=unlock)
 
 
-def read_holder(connection: Any) -> LockHolder | None:
+def read_holder(connection: Any, schema: str) -> LockHolder | None:
     """The current holder, with whether its session is alive (None for plain yoyo: unknowable).
 
     The caller has seen that `yoyo_lock` exists (plan folds that into its first query).
     """
     with connection.cursor() as cursor:
-        return _current_holder(cursor, alive=None)
+        return _current_holder(cursor, schema, alive=None)
 
 
 class UnlockOutcome(StrEnum):
@@ -186,14 +193,14 @@ class Unlock:
     reason: str
 
 
-def unlock(connection: Any, *, force: bool) -> Unlock:
+def unlock(connection: Any, schema: str, *, force: bool) -> Unlock:
     """Remove the lock by hand. Refuses while the holder may be alive, unless `force`."""
     with connection.cursor() as cursor:
-        cursor.execute("SELECT to_regclass(%s) IS NOT NULL", (f'"{YOYO_LOCK_TABLE}"',))
+        cursor.execute("SELECT to_regclass(%s) IS NOT NULL", (qualified(schema, YOYO_LOCK_TABLE),))
         row = cursor.fetchone()
         if not row or not row[0]:
             return Unlock(UnlockOutcome.NOT_LOCKED, None, "never migrated")
-        holder = _current_holder(cursor, alive=None)
+        holder = _current_holder(cursor, schema, alive=None)
         if holder is None:
             return Unlock(UnlockOutcome.NOT_LOCKED, None, "not locked")
         if holder.alive is True:
@@ -207,9 +214,9 @@ def unlock(connection: Any, *, force: bool) -> Unlock:
             return Unlock(UnlockOutcome.REFUSED, holder, reason + " (--force removes it anyway)")
         cursor.execute("BEGIN")
         try:
-            cursor.execute(f'DELETE FROM "{YOYO_LOCK_TABLE}" WHERE "pid" = %s', (holder.pid,))
+            cursor.execute(f'DELETE FROM {qualified(schema, YOYO_LOCK_TABLE)} WHERE "pid" = %s', (holder.pid,))
             if holder.run_id is not None:
-                cursor.execute(f'DELETE FROM "{OWNER_TABLE}" WHERE "run_id" = %s', (holder.run_id,))
+                cursor.execute(f'DELETE FROM {qualified(schema, OWNER_TABLE)} WHERE "run_id" = %s', (holder.run_id,))
             cursor.execute("COMMIT")
         except BaseException:
             _rollback_quietly(connection)
@@ -220,25 +227,26 @@ def unlock(connection: Any, *, force: bool) -> Unlock:
 
 
 def _current_holder(
-    cursor: Any, *, alive: bool | None, for_update: bool = False, after: str | None = None
+    cursor: Any, schema: str, *, alive: bool | None, for_update: bool = False, after: str | None = None
 ) -> LockHolder | None:
     """The lock row joined with its owner row; `alive` None means: ask the server.
 
     `after` is a statement sent in the same round trip, before the first read (a BEGIN).
     """
-    query = f'SELECT "pid", "ctime" FROM "{YOYO_LOCK_TABLE}"' + (" FOR UPDATE" if for_update else "")
+    query = f'SELECT "pid", "ctime" FROM {qualified(schema, YOYO_LOCK_TABLE)}' + (" FOR UPDATE" if for_update else "")
     _send(cursor, f"{after};\n{query}" if after else query)
     row = cursor.fetchone()
     if row is None:
         return None
     pid, since = row
-    _send(cursor, "SELECT to_regclass(%s) IS NOT NULL", (f'"{OWNER_TABLE}"',))
+    _send(cursor, "SELECT to_regclass(%s) IS NOT NULL", (qualified(schema, OWNER_TABLE),))
     has_owner_table = bool(cursor.fetchone()[0])
     owner = None
     if has_owner_table:
         _send(
             cursor,
-            f'SELECT "host", "run_id", "backend_pid" FROM "{OWNER_TABLE}" WHERE "pid" = %s AND "ctime" = %s',
+            f'SELECT "host", "run_id", "backend_pid" FROM {qualified(schema, OWNER_TABLE)} '
+            'WHERE "pid" = %s AND "ctime" = %s',
             (pid, since),
         )
         owner = cursor.fetchone()
@@ -247,10 +255,10 @@ def _current_holder(
     host, run_id, backend_pid = owner
     if alive is None:
         cursor.execute(
-            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid = %s "
-            f"AND classid = %s::oid AND objid = ({_SCHEMA_KEY})::oid AND objsubid = 2 "
-            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))",
-            (backend_pid, _HELD),
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND granted AND pid = %s "
+            "AND classid = %s::oid AND objid = (hashtext(%s))::oid AND objsubid = 2 "
+            "AND database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database()))",
+            (backend_pid, _HELD, schema),
         )
         alive = bool(cursor.fetchone()[0])
     return LockHolder(pid=pid, since=since, host=host, run_id=run_id, alive=alive)
@@ -264,8 +272,8 @@ def _other_sessions(cursor: Any) -> int:
     return int(cursor.fetchone()[0])
 
 
-def _unlock_advisory(cursor: Any) -> None:
-    _send(cursor, f"SELECT pg_advisory_unlock(%s, {_SCHEMA_KEY})", (_HELD,))
+def _unlock_advisory(cursor: Any, schema: str) -> None:
+    _send(cursor, "SELECT pg_advisory_unlock(%s, hashtext(%s))", (_HELD, schema))
 
 
 def _pause() -> None:
@@ -279,14 +287,18 @@ def _send(cursor: Any, query: str, params: Sequence[Any] | None = None) -> None:
     cursor.execute(query, params)
 
 
-def in_one_transaction(connection: Any, statements: Sequence[str], *, then: str | None = None) -> None:
+def in_one_transaction(
+    connection: Any, statements: Sequence[str], *, before: Sequence[str] = (), then: str | None = None
+) -> None:
     """BEGIN; statements; COMMIT (and `then`, after the commit) as one simple-query message: one round trip.
 
-    The server stops at the first error and leaves the transaction aborted; it is rolled
-    back here before the error propagates, so either all of it commits or none of it.
+    `before` runs first in the same message; statements that precede a BEGIN in one message
+    belong to its transaction, so they commit or roll back with it. The server stops at the
+    first error and leaves the transaction aborted; it is rolled back here before the error
+    propagates, so either all of it commits or none of it.
     """
     # A newline before each ';': a statement may end in a -- comment.
-    message = "\n;\n".join(["BEGIN", *statements, "COMMIT", *([then] if then else [])])
+    message = "\n;\n".join([*before, "BEGIN", *statements, "COMMIT", *([then] if then else [])])
     with connection.cursor() as cursor:
         try:
             cursor.execute(message)
@@ -301,6 +313,11 @@ def _rollback_quietly(connection: Any) -> None:
             cursor.execute("ROLLBACK")
     except psycopg2.Error:
         pass
+
+
+def qualified(schema: str, table: str) -> str:
+    """ "schema"."table", immune to the session's search_path."""
+    return f"{_quote(schema)}.{_quote(table)}"
 
 
 def _quote(identifier: str) -> str:

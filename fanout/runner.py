@@ -106,10 +106,15 @@ _load_lock = threading.Lock()
 
 @dataclass(frozen=True, slots=True)
 class SessionSettings:
-    """PostgreSQL settings for every session fanout opens on a shard (None: the server's default)."""
+    """PostgreSQL settings for every session fanout opens on a shard (None: the server's default).
+
+    `settings` are the environment's own (`[session]`): (name, value) pairs, set on every
+    session after fanout's, and again whenever the session is reset between migrations.
+    """
 
     lock_timeout: str | None = None
     statement_timeout: str | None = None
+    settings: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -826,10 +831,12 @@ def unlock(targets: Sequence[Target], *, force: bool, connect_timeout: float, co
             return UnlockResult(target.id, target.display, None, None, _classify_connect_error(e, target).error.message)
         connection.autocommit = True
         try:
-            if target.schema:
-                with connection.cursor() as cursor:
-                    cursor.execute(_quote_schema(target.schema))
-            done = locking.unlock(connection, force=force)
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT coalesce(%s, current_schema())", (target.schema,))
+                schema = cursor.fetchone()[0]
+            if schema is None:
+                return UnlockResult(target.id, target.display, locking.UnlockOutcome.NOT_LOCKED, None, "never migrated")
+            done = locking.unlock(connection, schema, force=force)
             return UnlockResult(target.id, target.display, done.outcome, done.holder, done.reason)
         except psycopg2.Error as e:
             return UnlockResult(target.id, target.display, None, None, _pg_message(e))
@@ -1097,29 +1104,56 @@ def _pg_message(error: psycopg2.Error) -> str:
     return f"{primary}{code}"
 
 
-def _quote_schema(schema: str) -> sql.Composable:
-    return sql.SQL("SET search_path TO {}").format(sql.Identifier(schema))
+# What a fresh connection has, restored before each migration and before fanout's own
+# statements on a connection a migration has used. DISCARD ALL would do the same in one
+# statement but also runs pg_advisory_unlock_all(), which would drop the shard lock, and it
+# cannot run inside the transaction the next migration's message opens. RESET ALL restores
+# the values a new session starts with (server, database and role defaults, startup
+# parameters such as application_name); fanout's own settings are set again after it.
+_FRESH_SESSION = (
+    "CLOSE ALL",
+    "SET SESSION AUTHORIZATION DEFAULT",
+    "RESET ROLE",
+    "RESET ALL",
+    "DEALLOCATE ALL",
+    "UNLISTEN *",
+    "DISCARD PLANS",
+    "DISCARD TEMP",
+    "DISCARD SEQUENCES",
+)
+# Inside a migration's transaction, before the rows that record it: a migration that
+# switched roles must not make fanout record as a role without rights on yoyo's tables.
+_ORIGINAL_ROLE = ("SET SESSION AUTHORIZATION DEFAULT", "RESET ROLE")
+# The time a migration finished: evaluated by the server when the recording rows are
+# inserted, after the migration's statements, even when all of it is one message.
+_FINISHED_AT = psycopg2.extensions.AsIs("(clock_timestamp() AT TIME ZONE 'UTC')")
 
 
-def _apply_settings(cursor: Any, settings: SessionSettings) -> None:
+def _settings_sql(connection: Any, schema: str | None, settings: SessionSettings, *, watch: bool) -> list[str]:
+    """fanout's settings for a shard session, then the environment's, as statements.
+
+    `watch`: make the server notice a dead runner within a second, even mid-statement
+    (PostgreSQL 14+); otherwise a runner killed during a long migration keeps its
+    transaction, and with it the shard lock, until the statement ends.
+    """
+    statements: list[sql.Composable] = []
+    if schema:
+        statements.append(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
     for name in ("lock_timeout", "statement_timeout"):
         value = getattr(settings, name)
         if value is not None:
-            cursor.execute(sql.SQL("SET {} = {}").format(sql.Identifier(name), sql.Literal(value)))
+            statements.append(sql.SQL("SET {} = {}").format(sql.Identifier(name), sql.Literal(value)))
+    if watch:
+        statements.append(sql.SQL(f"SET client_connection_check_interval = '{CLIENT_CHECK_INTERVAL}'"))
+    for name, value in settings.settings:
+        setting = sql.SQL(".").join(sql.Identifier(part) for part in name.split("."))
+        statements.append(sql.SQL("SET {} = {}").format(setting, sql.Literal(value)))
+    return [statement.as_string(connection) for statement in statements]
 
 
-def _watch_client(cursor: Any, server_version: int) -> None:
-    """Make the server notice a dead runner within seconds, even mid-statement (PostgreSQL 14+).
-
-    Otherwise a runner killed during a long migration keeps its transaction, and with it
-    the shard lock, until the statement ends; with this the server rolls back and frees it.
-    """
-    if server_version < 140000:
-        return
-    try:
-        cursor.execute(f"SET client_connection_check_interval = '{CLIENT_CHECK_INTERVAL}'")
-    except psycopg2.Error as e:  # platforms without the check refuse any non-zero value
-        log.debug("client_connection_check_interval unavailable: %s", e)
+def _join(statements: Sequence[str]) -> str:
+    """Statements as one simple-query message (one round trip); a newline before each ';' ends -- comments."""
+    return "\n;\n".join(statements)
 
 
 class _ReadOnlySession:
@@ -1136,28 +1170,27 @@ class _ReadOnlySession:
         except psycopg2.Error as e:
             raise _classify_connect_error(e, target) from None
         self._watch = _Watch(self._connection, interrupt, options, deadline)
-        self._schema = target.schema
         self.initialized = False
         try:
             self._connection.set_session(readonly=True)
             _refuse_transaction_pooling(self._connection, target, kwargs, started)
             with self._connection.cursor() as cursor:
-                _apply_settings(cursor, options.session)
-                if self._schema:
-                    cursor.execute(_quote_schema(self._schema))
-                cursor.execute(
-                    "SELECT to_regclass(%s) IS NOT NULL, to_regclass(%s) IS NOT NULL, to_regclass(%s) IS NOT NULL, "
-                    "to_regclass(%s) IS NOT NULL",
-                    (
-                        _relation(MIGRATION_TABLE),
-                        _relation(VERSION_TABLE),
-                        _relation(locking.YOYO_LOCK_TABLE),
-                        _relation(checksums.TABLE),
-                    ),
-                )
+                # Settings and the probe of yoyo's tables in one round trip; the tables are looked
+                # up in the target's schema, or the one the session starts in (yoyo's default).
+                settings = _settings_sql(self._connection, target.schema, options.session, watch=False)
+                probe = cursor.mogrify(
+                    "SELECT s, "
+                    + ", ".join(["to_regclass(format('%%I.%%I', s, %s)) IS NOT NULL"] * 4)
+                    + " FROM (SELECT coalesce(%s, current_schema()) AS s) AS schema",
+                    (MIGRATION_TABLE, VERSION_TABLE, locking.YOYO_LOCK_TABLE, checksums.TABLE, target.schema),
+                ).decode()
+                cursor.execute(_join([*settings, probe]))
                 row = cursor.fetchone()
             assert row is not None
-            self.initialized, self._has_version_table, self._has_lock_table, self._has_checksums = row
+            self._schema: str = row[0] or ""
+            self.initialized, self._has_version_table, self._has_lock_table, self._has_checksums = (
+                bool(v) for v in row[1:]
+            )
         except psycopg2.Error as e:
             self.close()
             raise self._watch.classify(e) from None
@@ -1168,7 +1201,7 @@ class _ReadOnlySession:
     @contextmanager
     def lock(self, wait: float) -> Iterator[tuple[LockHolder | None, None]]:
         try:
-            holder = locking.read_holder(self._connection) if self._has_lock_table else None
+            holder = locking.read_holder(self._connection, self._schema) if self._has_lock_table else None
         except psycopg2.Error as e:
             raise self._watch.classify(e) from None
         yield holder, None
@@ -1179,9 +1212,9 @@ class _ReadOnlySession:
         try:
             with self._connection.cursor() as cursor:
                 if self._has_version_table:
-                    return _applied(cursor)
+                    return _applied(cursor, self._schema)
                 # yoyo < 6 kept ids, not hashes.
-                cursor.execute(f'SELECT "id" FROM "{MIGRATION_TABLE}"')
+                cursor.execute(f'SELECT "id" FROM {locking.qualified(self._schema, MIGRATION_TABLE)}')
                 return {hashlib.sha256(row[0].encode()).hexdigest(): row[0] for row in cursor.fetchall()}
         except psycopg2.Error as e:
             raise self._watch.classify(e) from None
@@ -1189,7 +1222,7 @@ class _ReadOnlySession:
     def recorded_checksums(self) -> dict[str, checksums.Recorded]:
         try:
             with self._connection.cursor() as cursor:
-                return checksums.read(cursor, exists=self._has_checksums)
+                return checksums.read(cursor, self._schema, exists=self._has_checksums)
         except psycopg2.Error as e:
             raise self._watch.classify(e) from None
 
@@ -1213,8 +1246,8 @@ class _ReadOnlySession:
             pass
 
 
-def _applied(cursor: Any) -> dict[str, str]:
-    cursor.execute(f'SELECT "migration_hash", "migration_id" FROM "{MIGRATION_TABLE}"')
+def _applied(cursor: Any, schema: str) -> dict[str, str]:
+    cursor.execute(f'SELECT "migration_hash", "migration_id" FROM {locking.qualified(schema, MIGRATION_TABLE)}')
     return {row[0]: row[1] for row in cursor.fetchall()}
 
 
@@ -1253,14 +1286,6 @@ def _plain_sql(migration: Migration) -> list[str] | None:
     return statements
 
 
-def _utc_now() -> datetime:
-    return datetime.now(UTC).replace(tzinfo=None)
-
-
-def _relation(name: str) -> str:
-    return '"' + name + '"'
-
-
 class _QuietCursor(psycopg2.extensions.cursor):
     """yoyo prints the rows of any statement that returns some to sys.stdout; a runner never prints."""
 
@@ -1270,12 +1295,19 @@ class _QuietCursor(psycopg2.extensions.cursor):
 
 
 class _Backend(PostgresqlBackend):  # type: ignore[misc]
-    """yoyo's PostgreSQL backend, adjusted for a runner that opens hundreds of them."""
+    """yoyo's PostgreSQL backend, adjusted for a runner that opens hundreds of them.
+
+    Its tables are named with their schema (`bookkeeping`, resolved once per session), so
+    yoyo's own statements, on the paths that use them (Python steps, non-transactional
+    migrations, the upgrade of its tables), reach them whatever a migration did to the
+    session's search_path.
+    """
 
     _driver = psycopg2  # skip yoyo's per-instance driver import and error registration
     _schema_checked = False
     _hostname = socket.getfqdn()
     _username = getpass.getuser()
+    bookkeeping = ""  # the schema of yoyo's tables; set by the session before any use
 
     def connect(self, dburi: DatabaseURI) -> Any:
         kwargs = dict(dburi.args)
@@ -1286,9 +1318,33 @@ class _Backend(PostgresqlBackend):  # type: ignore[misc]
         return connection
 
     def init_connection(self, connection: Any) -> None:
-        if self.schema:
-            with connection.cursor() as cursor:
-                cursor.execute(_quote_schema(self.schema))  # yoyo would interpolate the name unquoted
+        # yoyo calls this after connecting and after every rollback to set search_path; the
+        # session sets it (with everything else a fresh session needs) before each migration.
+        pass
+
+    @property
+    def migration_table_quoted(self) -> str:
+        return locking.qualified(self.bookkeeping, self.migration_table)
+
+    @property
+    def log_table_quoted(self) -> str:
+        return locking.qualified(self.bookkeeping, self.log_table)
+
+    @property
+    def version_table_quoted(self) -> str:
+        return locking.qualified(self.bookkeeping, self.version_table)
+
+    @property
+    def lock_table_quoted(self) -> str:
+        return locking.qualified(self.bookkeeping, self.lock_table)
+
+    def list_tables(self, **kwargs: Any) -> list[str]:
+        # yoyo asks for current_schema first (a round trip); the schema is known.
+        cursor = self.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = :schema",
+            {"schema": self.bookkeeping},
+        )
+        return [row[0] for row in cursor.fetchall()]
 
     def init_database(self) -> None:
         # PostgreSQL has transactional DDL; yoyo's probe costs a table creation per connection.
@@ -1296,7 +1352,10 @@ class _Backend(PostgresqlBackend):  # type: ignore[misc]
         for attempt in range(3):
             try:
                 locking.create_tables(
-                    self.connection, schema=self.schema, extra=(checksums.CREATE_SQL, checksums.CREATE_LOG_SQL)
+                    self.connection,
+                    self.bookkeeping,
+                    create_schema=bool(self.schema),
+                    extra=checksums.create_sql(self.bookkeeping),
                 )
                 return
             except (psycopg2.errors.UniqueViolation, psycopg2.errors.DuplicateObject, psycopg2.errors.DuplicateTable):
@@ -1318,7 +1377,7 @@ class _Backend(PostgresqlBackend):  # type: ignore[misc]
             "migration_hash": migration.hash if migration else None,
             "username": self._username,
             "hostname": self._hostname,
-            "created_at_utc": _utc_now(),
+            "created_at_utc": _FINISHED_AT,
             "operation": operation,
         }
 
@@ -1344,11 +1403,13 @@ class _YoyoSession:
         self._options = options
         self._owner = locking.Owner(pid=os.getpid(), run_id=run_id)
         self._display = target.display
+        # True once a migration may have changed the session (role, search_path, settings,
+        # temporary tables, an open transaction): the next message then starts by restoring it.
+        self._dirty = False
         try:
             _refuse_transaction_pooling(self._connection, target, _connect_kwargs(target, options, run_id), started)
-            with self._connection.cursor() as cursor:
-                _apply_settings(cursor, options.session)
-                _watch_client(cursor, self._connection.server_version)
+            self._settings, self._schema = self._configure(target.schema, options.session)
+            self._backend.bookkeeping = self._schema
             self._backend.init_database()
         except psycopg2.Error as e:
             self.close()
@@ -1358,12 +1419,63 @@ class _YoyoSession:
             raise
         self.initialized = True
 
+    def _configure(self, schema: str | None, settings: SessionSettings) -> tuple[list[str], str]:
+        """Apply the session's settings and find the schema of yoyo's tables, in one round trip.
+
+        Returns the settings as statements (to apply again after each reset) and the schema:
+        the target's, or the one the session starts in, which is where yoyo keeps its tables.
+        """
+        watch = self._connection.server_version >= 140000
+        with self._connection.cursor() as cursor:
+            for attempt in (watch, False) if watch else (False,):
+                statements = _settings_sql(self._connection, schema, settings, watch=attempt)
+                probe = cursor.mogrify("SELECT coalesce(%s, current_schema())", (schema,)).decode()
+                try:
+                    cursor.execute(_join([*statements, probe]))
+                except psycopg2.errors.InvalidParameterValue as e:
+                    if not attempt:
+                        raise
+                    # Platforms without the check refuse any non-zero interval; the rest still applies.
+                    log.debug("client_connection_check_interval unavailable: %s", e)
+                    continue
+                row = cursor.fetchone()
+                break
+        found = row[0] if row else None
+        if not found:
+            raise _Failure(
+                TargetError(ErrorKind.DATABASE, "no schema for yoyo's tables: the search_path names no existing schema")
+            )
+        return statements, str(found)
+
+    def _prologue(self) -> list[str]:
+        """What the next message starts with so that it runs in a fresh session (nothing when it already does)."""
+        statements = []
+        if self._connection.info.transaction_status != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
+            statements.append("ROLLBACK")  # a migration left a transaction open, or aborted
+        if self._dirty:
+            statements += [*_FRESH_SESSION, *self._settings]
+        return statements
+
+    def _clean(self) -> None:
+        """Restore a fresh session now (one round trip; none when it is fresh already)."""
+        prologue = self._prologue()
+        if prologue:
+            with self._connection.cursor() as cursor:
+                cursor.execute(_join(prologue))
+            self._dirty = False
+        self._backend._in_transaction = False
+
+    def _commit_clean(self, statements: Sequence[str], *, then: str | None = None) -> None:
+        """Commit fanout's own `statements` in a fresh session, all in one round trip."""
+        locking.in_one_transaction(self._connection, statements, before=self._prologue(), then=then)
+        self._dirty = False
+
     @contextmanager
     def lock(self, wait: float) -> Iterator[tuple[LockHolder | None, LockHolder | None]]:
         deadline = time.monotonic() + wait
         while True:
             try:
-                attempt = locking.try_acquire(self._connection, self._owner)
+                attempt = locking.try_acquire(self._connection, self._owner, self._schema)
             except psycopg2.Error as e:
                 raise self._watch.classify(e) from None
             if attempt.taken:
@@ -1385,9 +1497,9 @@ class _YoyoSession:
         finally:
             self._backend._is_locked = False
             try:
-                if self._backend._in_transaction:
-                    self._backend.rollback()
-                locking.release(self._connection, self._owner)
+                locking.release(self._connection, self._owner, self._schema, before=self._prologue())
+                self._dirty = False
+                self._backend._in_transaction = False
             except psycopg2.Error:
                 # Only reachable when the connection broke; the lock is then recognizably stale.
                 log.warning("could not release the lock on %s; the next run breaks it", self._display)
@@ -1396,14 +1508,14 @@ class _YoyoSession:
         try:
             self._backend.ensure_internal_schema_updated()  # yoyo creates (or upgrades) its tables here
             with self._connection.cursor() as cursor:
-                return _applied(cursor)
+                return _applied(cursor, self._schema)
         except psycopg2.Error as e:
             raise self._watch.classify(e) from None
 
     def recorded_checksums(self) -> dict[str, checksums.Recorded]:
         try:
             with self._connection.cursor() as cursor:
-                return checksums.read(cursor, exists=True)  # created with the lock tables
+                return checksums.read(cursor, self._schema, exists=True)  # created with the lock tables
         except psycopg2.Error as e:
             raise self._watch.classify(e) from None
 
@@ -1412,23 +1524,25 @@ class _YoyoSession:
         invalid_before: set[str] = set()
         try:
             statements = _plain_sql(migration)
+            records = [*_ORIGINAL_ROLE, *self._records(migration, recording)]
             if statements is not None:
-                # The statements and the rows recording them, in one transaction and one round trip.
-                locking.in_one_transaction(self._connection, [*statements, *self._records(migration, recording)])
+                # A fresh session, the statements and the rows recording them: one transaction, one round trip.
+                prologue = self._prologue()
+                self._dirty = True
+                locking.in_one_transaction(self._connection, [*statements, *records], before=prologue)
             elif migration.use_transactions:
-                # One transaction: the migration's steps (as savepoints) and the row recording them.
+                # One transaction: the migration's steps (as savepoints) and the rows recording them.
+                self._clean()
+                self._dirty = True
                 with backend.transaction():
                     migration.process_steps(backend, "apply")
-                    backend.log_migration(migration, "apply")
-                    backend.mark_one(migration, log=False)
-                    self._execute(self._record_checksum(migration, recording))
+                    self._execute(_join(records))
             else:
+                self._clean()
                 invalid_before = self._invalid_indexes()
+                self._dirty = True
                 migration.process_steps(backend, "apply")
-                with backend.transaction():
-                    backend.log_migration(migration, "apply")
-                    backend.mark_one(migration, log=False)
-                    self._execute(self._record_checksum(migration, recording))
+                self._commit_clean(records)
         except psycopg2.Error as e:
             self._reset()
             failure = self._watch.classify(e, otherwise=ErrorKind.MIGRATION)
@@ -1453,18 +1567,24 @@ class _YoyoSession:
         invalid_before: set[str] = set()
         try:
             statements = _plain_rollback_sql(migration)
-            unrecords = self._unrecords(migration, recorded, reason)
+            unrecords = [*_ORIGINAL_ROLE, *self._unrecords(migration, recorded, reason)]
             if statements is not None:
-                locking.in_one_transaction(self._connection, [*statements, *unrecords])
+                # As for apply: a fresh session, the rollback and its records, one round trip.
+                prologue = self._prologue()
+                self._dirty = True
+                locking.in_one_transaction(self._connection, [*statements, *unrecords], before=prologue)
             elif migration.use_transactions:
+                self._clean()
+                self._dirty = True
                 with backend.transaction():
                     migration.process_steps(backend, "rollback")
-                    for statement in unrecords:
-                        self._execute(statement)
+                    self._execute(_join(unrecords))
             else:
+                self._clean()
                 invalid_before = self._invalid_indexes()
+                self._dirty = True
                 migration.process_steps(backend, "rollback")
-                locking.in_one_transaction(self._connection, unrecords)
+                self._commit_clean(unrecords)
         except psycopg2.Error as e:
             self._reset()
             failure = self._watch.classify(e, otherwise=ErrorKind.MIGRATION)
@@ -1480,17 +1600,16 @@ class _YoyoSession:
         """yoyo's `_yoyo_log` "rollback" row and the removal of its `_yoyo_migration` row, as yoyo's
         `rollback_one` writes them, then the removal of fanout's checksum row, logged."""
         backend = self._backend
-        rows = []
+        rows = [
+            self._yoyo_row(backend.log_migration_sql, backend.get_log_data(migration, "rollback")),
+            self._yoyo_row(backend.unmark_migration_sql, {"migration_hash": migration.hash}),
+        ]
         with self._connection.cursor() as cursor:
-            for template, values in (
-                (backend.log_migration_sql, backend.get_log_data(migration, "rollback")),
-                (backend.unmark_migration_sql, {"migration_hash": migration.hash}),
-            ):
-                query, params = change_param_style(psycopg2.paramstyle, backend.format_sql(template), values)
-                rows.append(cursor.mogrify(query, params).decode())
-            rows.append(checksums.unrecord_sql(cursor, migration.id))
+            rows.append(checksums.unrecord_sql(cursor, self._schema, migration.id))
             rows.append(
-                checksums.log_sql(cursor, migration.id, recorded.sha256 or None, "", checksums.How.ROLLED_BACK, reason)
+                checksums.log_sql(
+                    cursor, self._schema, migration.id, recorded.sha256 or None, "", checksums.How.ROLLED_BACK, reason
+                )
             )
         return rows
 
@@ -1506,8 +1625,8 @@ class _YoyoSession:
     ) -> list[str]:
         with self._connection.cursor() as cursor:
             return [
-                checksums.record_sql(cursor, migration_id, new, service, environment, how),
-                checksums.log_sql(cursor, migration_id, old, new, how, reason),
+                checksums.record_sql(cursor, self._schema, migration_id, new, service, environment, how),
+                checksums.log_sql(cursor, self._schema, migration_id, old, new, how, reason),
             ]
 
     def record(self, statements: Sequence[str]) -> None:
@@ -1515,7 +1634,7 @@ class _YoyoSession:
         if not statements:
             return
         try:
-            locking.in_one_transaction(self._connection, statements)
+            self._commit_clean(statements)
         except psycopg2.Error as e:
             raise self._watch.classify(e) from None
 
@@ -1524,51 +1643,59 @@ class _YoyoSession:
         with self._connection.cursor() as cursor:
             cursor.execute(statement)
 
-    def _record_checksum(self, migration: Migration, recording: _Recording) -> str:
+    def _yoyo_row(self, template: str, values: dict[str, Any]) -> str:
+        """One of yoyo's statements (its SQL template, its values), as text."""
+        backend = self._backend
+        query, params = change_param_style(psycopg2.paramstyle, backend.format_sql(template), values)
         with self._connection.cursor() as cursor:
-            return checksums.record_sql(
-                cursor, migration.id, recording.sha256, recording.service, recording.environment, checksums.How.APPLIED
-            )
+            return str(cursor.mogrify(query, params).decode())
 
     def _records(self, migration: Migration, recording: _Recording) -> list[str]:
-        """yoyo's `_yoyo_log` and `_yoyo_migration` rows and fanout's checksum row, as statements."""
+        """yoyo's `_yoyo_log` and `_yoyo_migration` rows and fanout's checksum row, as statements.
+
+        Their times are the server's clock when they are inserted, after the migration ran.
+        """
         backend = self._backend
-        marked = {"migration_hash": migration.hash, "migration_id": migration.id, "when": _utc_now()}
-        rows = []
+        marked = {"migration_hash": migration.hash, "migration_id": migration.id, "when": _FINISHED_AT}
+        rows = [
+            self._yoyo_row(backend.log_migration_sql, backend.get_log_data(migration, "apply")),
+            self._yoyo_row(backend.mark_migration_sql, marked),
+        ]
         with self._connection.cursor() as cursor:
-            for template, values in (
-                (backend.log_migration_sql, backend.get_log_data(migration, "apply")),
-                (backend.mark_migration_sql, marked),
-            ):
-                query, params = change_param_style(psycopg2.paramstyle, backend.format_sql(template), values)
-                rows.append(cursor.mogrify(query, params).decode())
-        rows.append(self._record_checksum(migration, recording))
+            rows.append(
+                checksums.record_sql(
+                    cursor, self._schema, migration.id, recording.sha256, recording.service, recording.environment,
+                    checksums.How.APPLIED, at=_FINISHED_AT,
+                )
+            )  # fmt: skip
         return rows
 
     def _invalid_indexes(self) -> set[str]:
         """Indexes a failed CREATE INDEX CONCURRENTLY leaves behind, marked INVALID."""
         with self._connection.cursor() as cursor:
             cursor.execute(
-                "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_index i "
-                "JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
-                "WHERE NOT i.indisvalid"
+                "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_catalog.pg_index i "
+                "JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid "
+                "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE NOT i.indisvalid"
             )
             return {row[0] for row in cursor.fetchall()}
 
     def run_hook(self, migration: Migration) -> None:
+        """Run a post-apply hook and log it in `_yoyo_log` as yoyo does (an `apply` row; hooks are never marked)."""
+        backend = self._backend
         try:
-            migration.process_steps(self._backend, "apply")
+            self._clean()
+            self._dirty = True
+            migration.process_steps(backend, "apply")
+            self._commit_clean([self._yoyo_row(backend.log_migration_sql, backend.get_log_data(migration, "apply"))])
         except psycopg2.Error as e:
             self._reset()
             raise self._watch.classify(e, otherwise=ErrorKind.MIGRATION) from None
 
     def _reset(self) -> None:
         """Leave the connection usable (to release the lock) after a failed statement."""
-        try:
-            if self._backend._in_transaction:
-                self._backend.rollback()
-        except psycopg2.Error:
-            pass
+        with contextlib.suppress(psycopg2.Error):
+            self._clean()
 
     def close(self) -> None:
         self._watch.release()

@@ -1,0 +1,224 @@
+"""Each migration starts from the session a fresh connection would have (issue 13, point 1).
+
+yoyo gives every migration a new connection; fanout keeps one per target (the connection
+budget and the advisory lock depend on it) and restores the session instead. What one
+migration does to its session (search_path, role, temporary tables, settings, an open
+transaction) must reach neither the next migration nor fanout's own bookkeeping.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+from conftest import Fleet, unique
+
+from fanout.errors import EXIT_OK
+
+
+@pytest.fixture
+def weak_role(fleet: Fleet) -> Iterator[str]:
+    """A role with no rights on anything fanout or yoyo writes."""
+    role = unique("weak")
+    fleet.query("postgres", f"CREATE ROLE {role} NOLOGIN")
+    yield role
+    fleet.query("postgres", f"DROP ROLE IF EXISTS {role}")
+
+
+def _apply(fleet: Fleet, *args: str) -> dict:  # type: ignore[type-arg]
+    result = fleet.cli("apply", "--env", "test", "--format", "json", *args)
+    assert result.exit_code == EXIT_OK, result.output
+    return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+
+def _lock_rows(fleet: Fleet, database: str, schema: str = "public") -> list[tuple[int, ...]]:
+    return fleet.query(
+        database, f'SELECT (SELECT count(*) FROM "{schema}".yoyo_lock), (SELECT count(*) FROM "{schema}".fanout_lock)'
+    )
+
+
+def test_search_path_set_by_a_migration_does_not_move_the_next_migrations_table(fleet: Fleet) -> None:
+    (database,) = fleet.add_databases(1)
+    fleet.publish(
+        {
+            "001-elsewhere.sql": "CREATE SCHEMA elsewhere;\nSET search_path TO elsewhere;\nCREATE TABLE first (id INT);",
+            "002-next.sql": "-- depends: 001-elsewhere\nCREATE TABLE second (id INT);",
+        }
+    )
+    fleet.write_env()
+
+    _apply(fleet)
+
+    assert fleet.tables(database, "elsewhere") == {"first"}  # the migration itself ran as it asked
+    assert "second" in fleet.tables(database, "public")
+    assert fleet.applied(database) == ["001-elsewhere", "002-next"]
+    assert not {"_yoyo_migration", "_yoyo_log"} & fleet.tables(database, "elsewhere")
+
+
+def test_set_role_to_a_role_without_rights_does_not_break_recording_or_the_next_migration(
+    fleet: Fleet, weak_role: str
+) -> None:
+    (database,) = fleet.add_databases(1)
+    fleet.publish(
+        {
+            "001-become-weak.sql": f"CREATE TABLE before_switch (id INT);\nSET ROLE {weak_role};",
+            "002-as-owner.sql": "-- depends: 001-become-weak\nCREATE TABLE after_switch (id INT);",
+        }
+    )
+    fleet.write_env()
+
+    report = _apply(fleet)
+
+    assert report["totals"]["migrations_applied"] == 2
+    assert fleet.applied(database) == ["001-become-weak", "002-as-owner"]
+    owners = fleet.query(database, "SELECT tableowner FROM pg_tables WHERE tablename = 'after_switch'")
+    assert owners == [("postgres",)]
+    assert fleet.query(database, "SELECT count(*) FROM _yoyo_log WHERE operation = 'apply'") == [(2,)]
+    assert _lock_rows(fleet, database) == [(0, 0)]
+
+
+def test_two_migrations_that_create_the_same_temporary_table_both_apply(fleet: Fleet) -> None:
+    (database,) = fleet.add_databases(1)
+    backfill = (
+        "CREATE TEMP TABLE batch AS SELECT generate_series(1, 3) AS id;\n"
+        "INSERT INTO filled SELECT '{name}', count(*) FROM batch;"
+    )
+    fleet.publish(
+        {
+            "001-filled.sql": "CREATE TABLE filled (migration TEXT, rows INT);",
+            "002-backfill-a.sql": "-- depends: 001-filled\n" + backfill.format(name="a"),
+            "003-backfill-b.sql": "-- depends: 002-backfill-a\n" + backfill.format(name="b"),
+        }
+    )
+    fleet.write_env()
+
+    _apply(fleet)
+
+    assert fleet.query(database, "SELECT migration, rows FROM filled ORDER BY 1") == [("a", 3), ("b", 3)]
+
+
+PG_DUMP_BASELINE = """\
+--
+-- PostgreSQL database dump
+--
+
+SET statement_timeout = 0;
+SET lock_timeout = 0;
+SET client_encoding = 'UTF8';
+SET standard_conforming_strings = on;
+SELECT pg_catalog.set_config('search_path', '', false);
+SET check_function_bodies = false;
+SET client_min_messages = warning;
+
+CREATE TABLE public.person (
+    id integer NOT NULL,
+    name text NOT NULL
+);
+
+CREATE SEQUENCE public.person_id_seq AS integer START WITH 1 INCREMENT BY 1 NO MINVALUE NO MAXVALUE CACHE 1;
+
+ALTER SEQUENCE public.person_id_seq OWNED BY public.person.id;
+
+ALTER TABLE ONLY public.person ALTER COLUMN id SET DEFAULT nextval('public.person_id_seq'::regclass);
+
+ALTER TABLE ONLY public.person
+    ADD CONSTRAINT person_pkey PRIMARY KEY (id);
+"""
+
+
+def test_pg_dump_baseline_applies_and_bootstraps_a_new_shard(fleet: Fleet) -> None:
+    (database,) = fleet.add_databases(1)
+    fleet.publish(
+        {
+            "0001-baseline.sql": PG_DUMP_BASELINE,
+            # Written the usual way, unqualified: it must land in public, not fail on an empty search_path.
+            "0002-address.sql": "-- depends: 0001-baseline\nCREATE TABLE address (person_id INT REFERENCES person);",
+        }
+    )
+    fleet.write_env()
+    new_database = database + "_new"
+    fleet.databases.append(new_database)
+
+    _apply(fleet)
+    boot = fleet.cli(
+        "bootstrap", "--env", "test", "--target", fleet.dsn(new_database), "--create-database", "--format", "json"
+    )
+
+    assert boot.exit_code == EXIT_OK, boot.output
+    for shard in (database, new_database):
+        assert fleet.applied(shard) == ["0001-baseline", "0002-address"]
+        assert {"person", "address", "_yoyo_migration"} <= fleet.tables(shard, "public")
+        assert _lock_rows(fleet, shard) == [(0, 0)]
+
+
+def test_non_transactional_migration_that_changes_role_is_recorded_and_leaves_no_lock(
+    fleet: Fleet, weak_role: str
+) -> None:
+    (database,) = fleet.add_databases(1)
+    fleet.publish(
+        {
+            "001-person.sql": "CREATE TABLE person (id INT, name TEXT);",
+            "002-index.sql": (
+                "-- depends: 001-person\n-- transactional: false\n"
+                "CREATE INDEX CONCURRENTLY person_name ON person (name);\n"
+                f"SET ROLE {weak_role};\nSET search_path TO pg_catalog;"
+            ),
+            "003-after.sql": "-- depends: 002-index\nCREATE TABLE after_index (id INT);",
+        }
+    )
+    fleet.write_env()
+
+    _apply(fleet)
+
+    assert fleet.applied(database) == ["001-person", "002-index", "003-after"]
+    assert "after_index" in fleet.tables(database, "public")
+    assert _lock_rows(fleet, database) == [(0, 0)]
+    checksummed = fleet.query(database, "SELECT migration_id FROM fanout_checksums ORDER BY 1")
+    assert checksummed == [("001-person",), ("002-index",), ("003-after",)]
+
+
+def test_settings_a_migration_changes_are_back_to_fanouts_for_the_next_one(fleet: Fleet) -> None:
+    (database,) = fleet.add_databases(1)
+    fleet.publish(
+        {
+            "001-loosen.sql": (
+                "CREATE TABLE seen (migration TEXT, lock_timeout TEXT, statement_timeout TEXT, work_mem TEXT);\n"
+                "SET lock_timeout = 0;\nSET statement_timeout = 0;\nSET work_mem = '77MB';\nPREPARE leftover AS SELECT 1;"
+            ),
+            "002-look.sql": (
+                "-- depends: 001-loosen\nPREPARE leftover AS SELECT 2;\n"
+                "INSERT INTO seen VALUES ('002', current_setting('lock_timeout'), current_setting('statement_timeout'), "
+                "current_setting('work_mem'));"
+            ),
+        }
+    )
+    fleet.write_env(extra='[runner]\nlock_timeout = "4s"\nstatement_timeout = "10min"\n')
+
+    _apply(fleet)
+
+    [(fresh_work_mem,)] = fleet.query(database, "SELECT current_setting('work_mem')")  # a new session's
+    assert fresh_work_mem != "77MB"
+    seen = fleet.query(database, "SELECT lock_timeout, statement_timeout, work_mem FROM seen")
+    assert seen == [("4s", "10min", fresh_work_mem)]
+
+
+def test_each_tenant_schema_keeps_its_tables_when_a_migration_changes_the_search_path(fleet: Fleet) -> None:
+    (database,) = fleet.add_databases(1)
+    fleet.publish(
+        {
+            "001-account.sql": "CREATE TABLE account (id INT);\nSET search_path TO public;",
+            "002-invoice.sql": "-- depends: 001-account\nCREATE TABLE invoice (id INT);",
+        }
+    )
+    dsn = fleet.dsn(database)
+    fleet.write_env([{"id": "a", "dsn": dsn, "schema": "tenant_a"}, {"id": "b", "dsn": dsn, "schema": "tenant_b"}])
+
+    report = _apply(fleet)
+
+    assert report["totals"]["migrations_applied"] == 4
+    for schema in ("tenant_a", "tenant_b"):
+        assert {"account", "invoice", "_yoyo_migration", "yoyo_lock"} <= fleet.tables(database, schema)
+        assert fleet.query(database, f"SELECT count(*) FROM {schema}._yoyo_migration") == [(2,)]
+        assert _lock_rows(fleet, database, schema) == [(0, 0)]
+    assert not {"invoice", "_yoyo_migration"} & fleet.tables(database, "public")
