@@ -132,7 +132,6 @@ CASES = [
             ),
             "0009-last.sql": "-- depends: 0008-non-transactional-role\nCREATE TABLE last_one (id INT);\n",
         },
-        xfail="migrations share one session: temp tables and roles leak into the next",
     ),
     Case(
         "pg-dump-baseline",
@@ -174,7 +173,6 @@ CASES = [
                 "-- depends: 0001-baseline\nCREATE TABLE address (id INT, person_id INT REFERENCES person (id));\n"
             ),
         },
-        xfail="bookkeeping tables are not schema-qualified: search_path '' breaks them",
     ),
     Case(
         "non-alphabetical-depends-chain",
@@ -257,7 +255,6 @@ CASES = [
             "0002-u.sql": "-- depends: 0001-t\nCREATE TABLE u (id INT);\n",
             "post-apply.sql": "CREATE OR REPLACE VIEW t_count AS SELECT count(*) AS n FROM t;\n",
         },
-        xfail="post-apply hooks get no _yoyo_log row",
     ),
 ]
 
