@@ -316,7 +316,7 @@ def _rollback_quietly(connection: Any) -> None:
 
 
 def qualified(schema: str, table: str) -> str:
-    """ "schema"."table", immune to the session's search_path."""
+    """The table named with its schema (`"schema"."table"`), immune to the session's search_path."""
     return f"{_quote(schema)}.{_quote(table)}"
 
 
