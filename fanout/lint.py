@@ -81,6 +81,17 @@ def lint(
     for name in sorted(files):
         if name.endswith(ROLLBACK_SUFFIX) and name[: -len(ROLLBACK_SUFFIX)] not in migrations:
             problems.append(Problem(name, f"rollback without its migration {name[: -len(ROLLBACK_SUFFIX)]}.sql"))
+        elif (
+            name.endswith(ROLLBACK_SUFFIX)
+            and _non_transactional(files[name].decode("utf-8", "replace"))
+            and not _non_transactional(migrations[name[: -len(ROLLBACK_SUFFIX)]])
+        ):
+            problems.append(Problem(
+                name,
+                "'-- transactional: false' is read from the migration, not its rollback file (as yoyo does): "
+                "this rollback runs inside a transaction",
+                Severity.WARNING,
+            ))  # fmt: skip
     known = set(migrations) | set(published)
     for migration_id, text in migrations.items():
         problems += _directives(f"{migration_id}.sql", text, known)
@@ -129,6 +140,18 @@ def _cycles(migrations: Mapping[str, str]) -> list[Problem]:
 
 def errors(problems: Collection[Problem]) -> list[Problem]:
     return [p for p in problems if p.severity is Severity.ERROR]
+
+
+def _non_transactional(text: str) -> bool:
+    for line in text.splitlines():
+        match = _DIRECTIVE.match(line)
+        if match is None:
+            if _COMMENT_OR_BLANK.match(line):
+                continue
+            return False
+        if match.group(1).lower() == "transactional" and match.group(2).strip().lower() == "false":
+            return True
+    return False
 
 
 def _directives(file: str, text: str, known: set[str]) -> list[Problem]:

@@ -663,3 +663,34 @@ def test_an_older_release_is_found_in_the_kept_manifests(fleet: Fleet, tmp_path:
     # The first release's migrations are what everything else depends on.
     code, dry = run_json(fleet, "rollback", "--env", "test", "--release", releases[0], "--dry-run")
     assert dry["results"][0]["to_roll_back"] == ["004-address-index", "002-add-address", "001-create-person"]
+
+
+def test_lint_warns_that_yoyo_reads_transactional_false_from_the_migration_not_its_rollback_file() -> None:
+    from fanout.lint import Severity, lint
+
+    mismatched = lint({"001-a.sql": b"CREATE TABLE a (id INT);",
+                       "001-a.rollback.sql": b"-- transactional: false\nDROP TABLE a;"})  # fmt: skip
+    assert [(p.file, p.severity) for p in mismatched] == [("001-a.rollback.sql", Severity.WARNING)]
+    assert "runs inside a transaction" in mismatched[0].message
+    matched = {"001-a.sql": b"-- transactional: false\nCREATE INDEX CONCURRENTLY i ON a (id);",
+               "001-a.rollback.sql": b"-- transactional: false\nDROP INDEX CONCURRENTLY i;"}  # fmt: skip
+    assert lint(matched) == []
+
+
+def test_selection_is_newest_first_with_dependents_before_what_they_depend_on() -> None:
+    from fanout.report import RollbackRequest
+    from fanout.rollback import Graph, candidates, on_shard
+
+    graph = Graph(
+        service="app",
+        order=("a", "b", "c", "d"),
+        depends={"b": frozenset({"a"}), "c": frozenset({"a"}), "d": frozenset({"b"})},
+        rollback_files=frozenset("abcd"),
+        release="r2",
+        added=frozenset({"c"}),
+    )
+    assert candidates(RollbackRequest(to=("b",)), [graph]) == {"app": ("d", "c")}
+    assert candidates(RollbackRequest(migrations=("b",)), [graph]) == {"app": ("d", "b")}
+    assert candidates(RollbackRequest(migrations=("a",)), [graph]) == {"app": ("d", "c", "b", "a")}
+    assert candidates(RollbackRequest(release="r2"), [graph]) == {"app": ("c",)}
+    assert on_shard(("d", "c", "b", "a"), {"a", "b", "c"}) == ("c", "b", "a")  # a shard behind: only what it has
