@@ -436,6 +436,11 @@ def apply(
     shard at its last good migration. Safe to run twice at once: the second run waits
     for each lock and finds nothing left to do. Every run is recorded under its run id.
 
+    Each migration starts from a clean session: what one migration does to its session
+    (search_path, role, temporary tables, settings) is undone before the next. Server
+    settings every shard session needs come from the environment's [session] table
+    (e.g. citus.enable_schema_based_sharding = true) and are set again after each reset.
+
     \b
     Example:
       fanout apply --env production --waves 1,10%,100% --max-failures 2 --format json > report.json

@@ -465,7 +465,7 @@ def _options(env: Environment, mode: Mode, settings: RunSettings) -> runner.RunO
         lock_wait=settings.lock_wait if settings.lock_wait is not None else defaults.lock_wait,
         connect_timeout=defaults.connect_timeout,
         session=runner.SessionSettings(
-            lock_timeout=defaults.lock_timeout, statement_timeout=defaults.statement_timeout
+            lock_timeout=defaults.lock_timeout, statement_timeout=defaults.statement_timeout, settings=env.session
         ),
         retries=defaults.retries,
         retry_backoff=defaults.retry_backoff,

@@ -226,6 +226,8 @@ class Environment:
     runner: RunnerSettings
     # True when nothing in the file named the environment and its file name was taken.
     named_after_file: bool = False
+    # [session]: server settings for every shard session, as (name, value) in file order.
+    session: tuple[tuple[str, str], ...] = ()
 
     @property
     def source(self) -> S3Location | FolderLocation:
@@ -329,6 +331,22 @@ _Directory = Annotated[_StaticDirectory | _HttpDirectory | _SqlDirectory | _PgCa
 # PostgreSQL's duration syntax for lock_timeout/statement_timeout: 0 (off), 500ms, 5s, 15min, 1h.
 _PG_DURATION = r"^\d+\s*(ms|s|min|h|d)?$"
 
+# A PostgreSQL setting name: an identifier, or dotted identifiers for an extension's
+# (`citus.enable_schema_based_sharding`) or a custom one (`myapp.tenant_mode`).
+_SETTING_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)*$")
+# Settings fanout sets itself on every shard session, and why [session] cannot.
+OWNED_SETTINGS = {
+    "search_path": "the target's schema decides it (fanout's bookkeeping depends on it)",
+    "lock_timeout": "set it in [runner] lock_timeout",
+    "statement_timeout": "set it in [runner] statement_timeout",
+    "client_connection_check_interval": "fanout sets it so the server notices a dead runner",
+    "application_name": "fanout names its sessions after the run",
+    "default_transaction_read_only": "plan, status and verify rely on read-only sessions",
+    "transaction_read_only": "plan, status and verify rely on read-only sessions",
+    "role": "fanout records migrations as the role it connects as",
+    "session_authorization": "fanout records migrations as the role it connects as",
+}
+
 
 class _Runner(_Strict):
     concurrency: Annotated[int, Field(ge=1, le=512)] = 8
@@ -356,6 +374,7 @@ class _EnvironmentFile(_Strict):
     source: dict[str, Any]
     directory: dict[str, Any]
     runner: _Runner = _Runner()
+    session: dict[str, Any] = {}
 
 
 _SOURCE = pydantic.TypeAdapter(_Source)
@@ -440,6 +459,7 @@ def load_environment(
         directory_table=directory,
         runner=_build_runner(parsed.runner, path),
         named_after_file=parsed.name is None and _is_path(name_or_path),
+        session=_build_session(parsed.session, path),
     )
 
 
@@ -566,6 +586,36 @@ def _build_runner(parsed: _Runner, path: Path) -> RunnerSettings:
     if runner.max_failures is not None:
         FailureBudget.parse(runner.max_failures, what=f"{path}: [runner] max_failures")
     return runner
+
+
+def _build_session(table: dict[str, Any], path: Path, prefix: str = "") -> tuple[tuple[str, str], ...]:
+    """[session] as (name, value) pairs; a dotted key (`citus.x = true`) is a nested table in TOML."""
+    settings: list[tuple[str, str]] = []
+    for key, value in table.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            settings += _build_session(value, path, f"{name}.")
+            continue
+        where = f"{path}: [session] {name!r}"
+        if not _SETTING_NAME.match(name):
+            raise ConfigError(
+                f"{where}: not a PostgreSQL setting name (letters, digits, '_', '$', dot-separated parts)"
+            )
+        owned = OWNED_SETTINGS.get(name.lower())
+        if owned is not None:
+            raise ConfigError(f"{where}: fanout sets this one itself: {owned}")
+        if isinstance(value, bool):
+            text = "on" if value else "off"
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            text = str(value)
+        elif isinstance(value, str):
+            text = value
+        else:
+            raise ConfigError(f"{where}: the value must be a string, a number or true/false")
+        if "\x00" in text:
+            raise ConfigError(f"{where}: the value contains a NUL character")
+        settings.append((name, text))
+    return tuple(settings)
 
 
 def _secret(value: str | None) -> Secret | None:

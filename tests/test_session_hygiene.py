@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 from conftest import Fleet, unique
 
-from fanout.errors import EXIT_OK
+from fanout.errors import EXIT_CONFIG, EXIT_OK
 
 
 @pytest.fixture
@@ -222,3 +222,54 @@ def test_each_tenant_schema_keeps_its_tables_when_a_migration_changes_the_search
         assert fleet.query(database, f"SELECT count(*) FROM {schema}._yoyo_migration") == [(2,)]
         assert _lock_rows(fleet, database, schema) == [(0, 0)]
     assert not {"invoice", "_yoyo_migration"} & fleet.tables(database, "public")
+
+
+def test_session_settings_from_the_environment_reach_every_migration_and_plan(fleet: Fleet) -> None:
+    (database,) = fleet.add_databases(1)
+    look = "INSERT INTO seen VALUES ('{id}', current_setting('fanout_test.flag'), current_setting('work_mem'));"
+    fleet.publish(
+        {
+            "001-first.sql": "CREATE TABLE seen (migration TEXT, flag TEXT, work_mem TEXT);\n"
+            + look.format(id="001")
+            + "\nSET fanout_test.flag = 'changed by 001';\nSET work_mem = '1MB';",
+            "002-second.sql": "-- depends: 001-first\n" + look.format(id="002"),
+        }
+    )
+    fleet.write_env(extra='[session]\nfanout_test.flag = "from the environment"\n"work_mem" = "8MB"\n')
+
+    plan = fleet.cli("plan", "--env", "test", "--format", "json")
+    _apply(fleet)
+
+    assert plan.exit_code == EXIT_OK, plan.output
+    rows = fleet.query(database, "SELECT migration, flag, work_mem FROM seen ORDER BY 1")
+    assert rows == [("001", "from the environment", "8MB"), ("002", "from the environment", "8MB")]
+
+
+@pytest.mark.parametrize(
+    ("session", "fragments"),
+    [
+        ('"work mem" = "8MB"', ["[session] 'work mem'", "not a PostgreSQL setting name"]),
+        ('"1st.flag" = true', ["[session] '1st.flag'", "not a PostgreSQL setting name"]),
+        ('search_path = "tenant_x"', ["[session] 'search_path'", "fanout sets this one itself", "schema"]),
+        ('Lock_Timeout = "1s"', ["[session] 'Lock_Timeout'", "[runner] lock_timeout"]),
+        ("default_transaction_read_only = false", ["'default_transaction_read_only'", "read-only"]),
+        ("work_mem = [1, 2]", ["[session] 'work_mem'", "a string, a number or true/false"]),
+    ],
+    ids=["space-in-name", "leading-digit", "search-path", "lock-timeout", "read-only", "array-value"],
+)
+def test_a_bad_or_fanout_owned_session_setting_is_a_config_error_naming_the_key(
+    fleet: Fleet, session: str, fragments: list[str]
+) -> None:
+    (database,) = fleet.add_databases(1)
+    fleet.publish({"001-t.sql": "CREATE TABLE t (id INT);"})
+    fleet.write_env(extra=f"[session]\n{session}\n")
+
+    result = fleet.cli("apply", "--env", "test")
+
+    assert result.exit_code == EXIT_CONFIG
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+    assert fleet.tables(database) == set()
