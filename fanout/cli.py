@@ -887,7 +887,7 @@ def main() -> None:
 # ---- rollback and reapply ------------------------------------------------------------------
 
 
-_FROM_APPLY = ("per_server", "waves", "max_failures", "fail_fast", "runs_dir")
+_FROM_APPLY = ("per_server", "waves", "max_failures", "fail_fast", "target_timeout", "runs_dir")
 
 
 def _share_apply_options(command: click.Command) -> None:
@@ -903,10 +903,11 @@ def _rollout_settings(
     fail_fast: bool,
     slice_: str | None,
     lock_wait: float | None,
+    target_timeout: float | None,
 ) -> commands.RunSettings:
     return commands.RunSettings(
         concurrency=concurrency, per_server=per_server, lock_wait=lock_wait, waves=waves,
-        max_failures=max_failures, fail_fast=fail_fast, slice=slice_,
+        max_failures=max_failures, fail_fast=fail_fast, slice=slice_, target_timeout=target_timeout,
     )  # fmt: skip
 
 
@@ -955,6 +956,7 @@ def rollback(
     report_to: tuple[str, ...],
     lock_wait: float | None,
     resume: str | None,
+    target_timeout: float | None,
     runs_dir: Path | None,
 ) -> None:
     """Roll back migrations on every shard with their NAME.rollback.sql files, each under its lock.
@@ -979,7 +981,9 @@ def rollback(
         request = RollbackRequest(
             to=to, migrations=migrations, release=release, accept_drift=accept_drift, reason=reason
         )
-    settings = _rollout_settings(concurrency, per_server, waves, max_failures, fail_fast, slice_, lock_wait)
+    settings = _rollout_settings(
+        concurrency, per_server, waves, max_failures, fail_fast, slice_, lock_wait, target_timeout
+    )
     with signals_handled(Interrupt()) as interrupt, shown(_progress()) as progress:
         report = commands.rollback(
             env, request, services, settings=settings, dry_run=dry_run, interrupt=interrupt, resume=resume,
@@ -1019,6 +1023,7 @@ def reapply(
     outputs: tuple[str, ...],
     report_to: tuple[str, ...],
     lock_wait: float | None,
+    target_timeout: float | None,
     runs_dir: Path | None,
 ) -> None:
     """Roll back a migration (and what depends on it), then apply it again, under one lock per shard.
@@ -1031,7 +1036,9 @@ def reapply(
       fanout reapply --env staging --migration 007-refresh-view --reason "view lost rows"
     """
     request = RollbackRequest(migrations=migrations, reapply=True, accept_drift=accept_drift, reason=reason)
-    settings = _rollout_settings(concurrency, per_server, waves, max_failures, fail_fast, slice_, lock_wait)
+    settings = _rollout_settings(
+        concurrency, per_server, waves, max_failures, fail_fast, slice_, lock_wait, target_timeout
+    )
     with signals_handled(Interrupt()) as interrupt, shown(_progress()) as progress:
         report = commands.rollback(
             env, request, services, settings=settings, interrupt=interrupt, runs_dir=runs_dir, **_callbacks(progress)

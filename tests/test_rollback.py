@@ -694,3 +694,39 @@ def test_selection_is_newest_first_with_dependents_before_what_they_depend_on() 
     assert candidates(RollbackRequest(migrations=("a",)), [graph]) == {"app": ("d", "c", "b", "a")}
     assert candidates(RollbackRequest(release="r2"), [graph]) == {"app": ("c",)}
     assert on_shard(("d", "c", "b", "a"), {"a", "b", "c"}) == ("c", "b", "a")  # a shard behind: only what it has
+
+
+def test_a_rollback_past_the_target_timeout_is_cancelled_and_leaves_its_shard_as_it_was(fleet: Fleet) -> None:
+    (shard,) = fleet.add_databases(1)
+    files = dict(SET)
+    files["003-create-order.rollback.sql"] = "DROP INDEX customer_order_person;\nSELECT pg_sleep(30);"
+    fleet.publish(files)
+    fleet.write_env()
+    assert fleet.cli("apply", "--env", "test").exit_code == EXIT_OK
+    started = time.monotonic()
+    code, report = run_json(fleet, "rollback", "--env", "test", "--to", "002-add-address", "--target-timeout", "2")
+    assert time.monotonic() - started < 20
+    assert code == EXIT_TARGETS_FAILED
+    (row,) = report["results"]
+    assert row["error"]["kind"] == "target-timeout", row["error"]
+    assert [m["id"] for m in row["rolled_back"]] == ["004-address-index"]
+    assert consistent(fleet, shard) == IDS[:3]  # 003's rollback was cancelled as a whole
+    assert fleet.query(shard, "SELECT to_regclass('customer_order_person') IS NOT NULL") == [(True,)]
+    assert fleet.query(shard, "SELECT count(*) FROM yoyo_lock") == [(0,)]
+
+
+def test_a_schema_per_tenant_target_is_rolled_back_inside_its_schema(fleet: Fleet) -> None:
+    (database,) = fleet.add_databases(1)
+    fleet.publish(SET)
+    fleet.write_env([{"id": "tenant", "dsn": fleet.dsn(database), "schema": "Tenant-3"}])
+    assert fleet.cli("apply", "--env", "test").exit_code == EXIT_OK
+    code, report = run_json(fleet, "rollback", "--env", "test", "--to", "002-add-address")
+    assert code == EXIT_OK, report
+    assert [m["id"] for m in report["results"][0]["rolled_back"]] == ["004-address-index", "003-create-order"]
+    tables = fleet.tables(database, "Tenant-3")
+    assert "customer_order" not in tables and "person" in tables
+    rows = fleet.query(database, 'SELECT migration_id FROM "Tenant-3"._yoyo_migration ORDER BY 1')
+    assert rows == [("001-create-person",), ("002-add-address",)]
+    sums = fleet.query(database, 'SELECT migration_id FROM "Tenant-3".fanout_checksums ORDER BY 1')
+    assert sums == rows
+    assert fleet.tables(database) == set()  # nothing leaked into public
