@@ -352,6 +352,8 @@ def test_rollback_reports_in_every_format_say_what_was_rolled_back_where(fleet: 
     assert page.count("data-state=rolled-back") == 3
     assert "data-migration='003-create-order' data-state=rolled-back" in page
     assert "rolled back 004-address-index, 003-create-order" in markdown.read_text()
+    dry = fleet.cli("rollback", "--env", "test", "--to", "001-create-person", "--dry-run", "--format", "html")
+    assert dry.stdout.count("data-state=to-roll-back") == 3  # 002 on each shard, marked "would roll back"
     junit = fleet.cli("rollback", "--env", "test", "--to", "002-add-address", "--format", "junit")
     assert junit.exit_code == EXIT_OK and "<failure" not in junit.stdout
     assert len(shards) == 3
@@ -460,17 +462,24 @@ def test_a_dry_run_works_as_a_role_that_can_only_read(fleet: Fleet) -> None:
     assert consistent(fleet, shard) == IDS
 
 
-def test_slices_of_a_rollback_cover_the_fleet_once(fleet: Fleet) -> None:
+def test_slices_of_a_rollback_cover_the_fleet_once(fleet: Fleet, tmp_path: Path) -> None:
     shards = fleet.add_databases(4)
     fleet.publish(SET)
     fleet.write_env()
     assert fleet.cli("apply", "--env", "test").exit_code == EXIT_OK
     seen = []
-    for part in ("1/2", "2/2"):
-        code, report = run_json(fleet, "rollback", "--env", "test", "--to", "003-create-order", "--slice", part)
+    for index, part in enumerate(("1/2", "2/2")):
+        output = tmp_path / f"slice-{index}.json"
+        code, report = run_json(
+            fleet, "rollback", "--env", "test", "--to", "003-create-order", "--slice", part, "--output", str(output)
+        )
         assert code == EXIT_OK and report["slice"] == part
         seen += [r["target"] for r in report["results"] if r["rolled_back"]]
     assert sorted(seen) == sorted(shards)
+    code, merged = run_json(fleet, "report", "merge", str(tmp_path / "slice-0.json"), str(tmp_path / "slice-1.json"))
+    assert code == EXIT_OK, merged
+    assert merged["rollback"]["to"] == ["003-create-order"]
+    assert merged["totals"]["migrations_rolled_back"] == len(shards)
     for shard in shards:
         assert consistent(fleet, shard) == IDS[:3]
 
