@@ -470,6 +470,7 @@ def _options(env: Environment, mode: Mode, settings: RunSettings) -> runner.RunO
         retries=defaults.retries,
         retry_backoff=defaults.retry_backoff,
         target_timeout=settings.target_timeout if settings.target_timeout is not None else defaults.target_timeout,
+        liveness_check=defaults.liveness_check or None,
         tcp=defaults.tcp,
     )
 

@@ -187,6 +187,7 @@ class RunnerSettings:
     waves: str | None = None  # e.g. "1,10%,100%"
     max_failures: str | None = None  # e.g. "0", "5", "2%"
     target_timeout: float | None = None  # seconds one target may take, lock wait included; None: no limit
+    liveness_check: float = 30.0  # seconds of waiting for an answer before checking the session is alive; 0: never
     keepalives: bool = True
     keepalives_idle: int = 30
     keepalives_interval: int = 10
@@ -360,6 +361,7 @@ class _Runner(_Strict):
     waves: str | None = None
     max_failures: str | None = None
     target_timeout: Annotated[float, Field(gt=0)] | None = None
+    liveness_check: Annotated[float, Field(ge=0, le=86400)] = 30.0
     keepalives: bool = True
     keepalives_idle: Annotated[int, Field(ge=1, le=7200)] = 30
     keepalives_interval: Annotated[int, Field(ge=1, le=600)] = 10

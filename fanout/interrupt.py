@@ -53,6 +53,7 @@ class Cancellable(Protocol):
 class Reason(enum.Enum):
     DEADLINE = "deadline"
     ABORT = "abort"
+    SILENT = "silent"  # waited `check_every` for an answer, and a check found the server not working on it
 
 
 @dataclass(slots=True, eq=False)
@@ -61,9 +62,18 @@ class Watched:
 
     connection: Cancellable
     deadline: float | None  # time.monotonic() value; None: only an abort ends it
+    # Liveness: `busy()` is since when the connection waits for an answer (None: it does not);
+    # waiting longer than `check_every`, `alive()` (a blocking check, run on its own thread)
+    # tells whether the server is still working on it. False cuts the connection.
+    busy: Callable[[], float | None] | None = None
+    alive: Callable[[], bool] | None = None
+    check_every: float | None = None
     reason: Reason | None = None  # why it was cancelled, if it was
     cancelled_at: float | None = None
-    abandoned: bool = False  # the cancel went unanswered and the connection was shut down
+    abandoned: bool = False  # the cancel went unanswered (or the peer was silent) and the connection was shut down
+    checking: bool = False
+    checked_at: float = 0.0
+    silent_for: float = 0.0  # seconds without an answer when the check found the server not working on it
 
     def expired(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline
@@ -87,8 +97,16 @@ class Watchdog:
         finally:
             self.release(handle)
 
-    def watch(self, connection: Cancellable, deadline: float | None) -> Watched:
-        handle = Watched(connection, deadline)
+    def watch(
+        self,
+        connection: Cancellable,
+        deadline: float | None,
+        *,
+        busy: Callable[[], float | None] | None = None,
+        alive: Callable[[], bool] | None = None,
+        check_every: float | None = None,
+    ) -> Watched:
+        handle = Watched(connection, deadline, busy=busy, alive=alive, check_every=check_every)
         with self._lock:
             self._watched.add(handle)
             self._ensure_thread()
@@ -128,9 +146,37 @@ class Watchdog:
                         if reason is not None:
                             handle.reason, handle.cancelled_at = reason, now
                             _cancel_off_thread(handle.connection)
+                        else:
+                            self._maybe_check(handle, now)
                     elif not handle.abandoned and now - handle.cancelled_at >= self.grace:
                         handle.abandoned = True
                         _shut_down(handle.connection)
+
+    def _maybe_check(self, handle: Watched, now: float) -> None:
+        if handle.busy is None or handle.alive is None or not handle.check_every or handle.checking:
+            return
+        since = handle.busy()
+        if since is None or now - max(since, handle.checked_at) < handle.check_every:
+            return
+        handle.checking, handle.checked_at = True, now
+        threading.Thread(target=self._check, args=(handle, since), name="fanout-liveness", daemon=True).start()
+
+    def _check(self, handle: Watched, since: float) -> None:
+        assert handle.alive is not None and handle.busy is not None
+        try:
+            alive = handle.alive()
+        except Exception as e:  # a check that fails proves nothing
+            log.debug("liveness check failed: %s", e)
+            alive = True
+        with self._lock:
+            handle.checking = False
+            # Only if the connection still waits for that very answer and nothing else acted on it.
+            if alive or handle not in self._watched or handle.cancelled_at is not None or handle.busy() != since:
+                return
+            now = time.monotonic()
+            handle.reason, handle.cancelled_at, handle.silent_for = Reason.SILENT, now, now - since
+            handle.abandoned = True
+            _shut_down(handle.connection)
 
 
 class PgCancel:

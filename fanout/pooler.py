@@ -33,6 +33,7 @@ import os
 import socket
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 # A backend older than its connection by more than this was there before we connected.
@@ -41,10 +42,16 @@ _pooled: set[str] = set()
 _pooled_lock = threading.Lock()
 
 
-def transaction_pooling(
+@dataclass(frozen=True, slots=True)
+class SessionCheck:
+    backend_pid: int | None  # the server process behind the session (through a pooler, libpq reports another)
+    refused: str | None  # why the session is not fanout's alone across transactions; None when it is
+
+
+def check_session(
     connection: Any, reconnect: Callable[[], Any], connection_age: Callable[[], float], server: str
-) -> str | None:
-    """Why `connection` is not a session of its own, or None when it is.
+) -> SessionCheck:
+    """The session's server process, and why `connection` is not a session of its own (None when it is).
 
     `reconnect()` opens another connection like it (closed here); `connection_age()` is the
     seconds since the connection was started; `server` names it (host:port) for the memo.
@@ -59,14 +66,14 @@ def transaction_pooling(
         row = cursor.fetchone()
     _end_transaction(connection)
     if row is None:  # only a server that hides one's own session would do this
-        return None
+        return SessionCheck(None, None)
     pid, client_host, client_port, backend_age = row
     if _direct(connection, client_host, client_port) and backend_age <= connection_age() + _AGE_TOLERANCE_SECONDS:
-        return None
+        return SessionCheck(pid, None)
     with _pooled_lock:
         known = server in _pooled
     if known:
-        return f"a transaction-mode pooler serves {server} (found earlier in this run)"
+        return SessionCheck(pid, f"a transaction-mode pooler serves {server} (found earlier in this run)")
     other = reconnect()
     try:
         other.autocommit = False
@@ -85,7 +92,7 @@ def transaction_pooling(
     held_by_other = row_b[0] if row_b else None
     now = row_a[0] if row_a else None
     if held_by_other != pid and now == pid:
-        return None
+        return SessionCheck(pid, None)
     with _pooled_lock:
         _pooled.add(server)
     seen = (
@@ -93,7 +100,7 @@ def transaction_pooling(
         if held_by_other == pid
         else f"this session moved from server process {pid} to {now} between two transactions"
     )
-    return f"a transaction-mode pooler serves {server}: {seen}"
+    return SessionCheck(pid, f"a transaction-mode pooler serves {server}: {seen}")
 
 
 def _direct(connection: Any, client_host: str | None, client_port: int | None) -> bool:

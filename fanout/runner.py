@@ -129,6 +129,10 @@ class RunOptions:
     # Seconds one target may take, lock wait included; past it the statement in flight is
     # cancelled and the target fails (target-timeout, or unresponsive if the shard does not answer).
     target_timeout: float | None = None
+    # Seconds an answer may be awaited before a second connection checks that the server is
+    # still working on it (a long migration is; a session whose answer a hung proxy swallowed
+    # is not, and fails `unresponsive`). None or 0: no check.
+    liveness_check: float | None = 30.0
     tcp: TcpSettings = field(default_factory=TcpSettings)
     # Every service of the environment is in the run: a migration yoyo recorded that no
     # set knows is then drift (with a subset, it may belong to a service left out).
@@ -987,22 +991,92 @@ def _connect_kwargs(target: Target, options: RunOptions, run_id: str, *, read_on
     )
 
 
-def _refuse_transaction_pooling(connection: Any, target: Target, kwargs: dict[str, Any], started: float) -> None:
-    """Fail the target before any lock when its session is not its own across transactions."""
-    reason = pooler.transaction_pooling(
+def _check_session(connection: Any, target: Target, kwargs: dict[str, Any], started: float, watch: _Watch) -> None:
+    """Fail the target before any lock when its session is not its own across transactions; arm liveness checks."""
+    checked = pooler.check_session(
         connection,
         reconnect=lambda: psycopg2.connect(**kwargs),
         connection_age=lambda: time.monotonic() - started,
         server=target.server,
     )
-    if reason is not None:
+    if checked.refused is not None:
         raise _Failure(
             TargetError(
                 ErrorKind.POOLER,
-                f"{reason}. fanout's lock and search_path need a session of their own: connect directly or "
+                f"{checked.refused}. fanout's lock and search_path need a session of their own: connect directly or "
                 "through a session-mode pool. Refused before taking any lock",
             )
         )
+    if checked.backend_pid is not None:
+        watch.check_liveness(connection, kwargs, checked.backend_pid)
+
+
+# A session the server shows idle for this long while fanout still waits for its answer lost that answer.
+_IDLE_PROOF_SECONDS = 2.0
+
+
+def _session_alive(kwargs: dict[str, Any], backend_pid: int) -> bool:
+    """Asked on a second connection: is the server still working for the session that waits?
+
+    A long migration shows `active` (or waits on a lock, still `active`): alive. A session the
+    server shows idle while fanout waits for its answer (a hung proxy swallowed it), a session
+    that is gone, or a server that does not even accept a connection: not alive.
+    """
+    try:
+        probe = psycopg2.connect(**kwargs)
+    except psycopg2.OperationalError as e:
+        text = error_line(e).lower()
+        return not ("timeout expired" in text or "connection refused" in text or "could not connect" in text)
+    try:
+        probe.autocommit = True
+        with probe.cursor() as cursor:
+            cursor.execute(
+                "SELECT state, extract(epoch FROM clock_timestamp() - state_change)::float8 "
+                "FROM pg_catalog.pg_stat_activity WHERE pid = %s",
+                (backend_pid,),
+            )
+            row = cursor.fetchone()
+    except psycopg2.Error:
+        return True  # cannot tell: keep waiting
+    finally:
+        probe.close()
+    if row is None:
+        return False
+    state, idle_for = row
+    return state is None or state == "active" or idle_for is None or idle_for < _IDLE_PROOF_SECONDS
+
+
+class _TrackedConnection(psycopg2.extensions.connection):
+    """Knows since when it waits for the server: the watchdog's cue to check the session is alive."""
+
+    busy_since: float | None = None
+
+    def commit(self) -> None:
+        self.busy_since = time.monotonic()
+        try:
+            super().commit()
+        finally:
+            self.busy_since = None
+
+    def rollback(self) -> None:
+        self.busy_since = time.monotonic()
+        try:
+            super().rollback()
+        finally:
+            self.busy_since = None
+
+
+class _TrackedCursor(psycopg2.extensions.cursor):
+    def execute(self, query: Any, vars: Any = None) -> None:
+        connection = self.connection
+        if not isinstance(connection, _TrackedConnection):
+            super().execute(query, vars)
+            return
+        connection.busy_since = time.monotonic()
+        try:
+            super().execute(query, vars)
+        finally:
+            connection.busy_since = None
 
 
 def _timed_out(options: RunOptions, what: str) -> _Failure:
@@ -1019,6 +1093,14 @@ class _Watch:
         self._cancel = PgCancel(connection)
         self.handle: Watched = self._watchdog.watch(self._cancel, deadline)
         self._released = False
+
+    def check_liveness(self, connection: Any, kwargs: dict[str, Any], backend_pid: int) -> None:
+        """From now on, an answer awaited longer than `liveness_check` is checked for on a second connection."""
+        if not self._options.liveness_check or not isinstance(connection, _TrackedConnection):
+            return
+        self.handle.alive = lambda: _session_alive(kwargs, backend_pid)
+        self.handle.check_every = self._options.liveness_check
+        self.handle.busy = lambda: connection.busy_since
 
     def release(self) -> None:
         if not self._released:
@@ -1038,6 +1120,15 @@ class _Watch:
         if handle.reason is Reason.ABORT:
             message = "cancelled by a second interrupt" + (f"; {cut}" if handle.abandoned else "")
             return _Failure(TargetError(ErrorKind.INTERRUPTED, message))
+        if handle.reason is Reason.SILENT:
+            return _Failure(
+                TargetError(
+                    ErrorKind.UNRESPONSIVE,
+                    f"the shard stopped answering: no answer for {handle.silent_for:.0f}s, and a second connection "
+                    "found the server no longer working on it; connection abandoned (the server frees the "
+                    "shard's lock when it ends the session)",
+                )
+            )
         if handle.abandoned:
             return _Failure(
                 TargetError(
@@ -1166,14 +1257,15 @@ class _ReadOnlySession:
         kwargs = _connect_kwargs(target, options, run_id, read_only=True)
         started = time.monotonic()
         try:
-            self._connection = psycopg2.connect(**kwargs)
+            self._connection = psycopg2.connect(**kwargs, connection_factory=_TrackedConnection)
         except psycopg2.Error as e:
             raise _classify_connect_error(e, target) from None
+        self._connection.cursor_factory = _TrackedCursor
         self._watch = _Watch(self._connection, interrupt, options, deadline)
         self.initialized = False
         try:
             self._connection.set_session(readonly=True)
-            _refuse_transaction_pooling(self._connection, target, kwargs, started)
+            _check_session(self._connection, target, kwargs, started, self._watch)
             with self._connection.cursor() as cursor:
                 # Settings and the probe of yoyo's tables in one round trip; the tables are looked
                 # up in the target's schema, or the one the session starts in (yoyo's default).
@@ -1286,7 +1378,7 @@ def _plain_sql(migration: Migration) -> list[str] | None:
     return statements
 
 
-class _QuietCursor(psycopg2.extensions.cursor):
+class _QuietCursor(_TrackedCursor):
     """yoyo prints the rows of any statement that returns some to sys.stdout; a runner never prints."""
 
     @property
@@ -1312,7 +1404,7 @@ class _Backend(PostgresqlBackend):  # type: ignore[misc]
     def connect(self, dburi: DatabaseURI) -> Any:
         kwargs = dict(dburi.args)
         self.schema = kwargs.pop("schema", None)
-        connection = psycopg2.connect(**kwargs)
+        connection = psycopg2.connect(**kwargs, connection_factory=_TrackedConnection)
         connection.autocommit = True
         connection.cursor_factory = _QuietCursor
         return connection
@@ -1407,7 +1499,7 @@ class _YoyoSession:
         # temporary tables, an open transaction): the next message then starts by restoring it.
         self._dirty = False
         try:
-            _refuse_transaction_pooling(self._connection, target, _connect_kwargs(target, options, run_id), started)
+            _check_session(self._connection, target, _connect_kwargs(target, options, run_id), started, self._watch)
             self._settings, self._schema = self._configure(target.schema, options.session)
             self._backend.bookkeeping = self._schema
             self._backend.init_database()

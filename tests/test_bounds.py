@@ -76,6 +76,41 @@ def test_a_shard_that_stops_answering_mid_apply_fails_unresponsive_while_the_fle
     assert (runs_dir / "test" / f"{run_id}.json").is_file()
 
 
+def test_without_a_target_timeout_a_liveness_check_finds_the_silent_shard_and_the_fleet_finishes(
+    fleet: Fleet,
+) -> None:
+    upstream = (fleet.postgres.host, fleet.postgres.port)
+    with StallingProxy(upstream, MARKER.encode()) as proxy:
+        names, stalled = _proxied_fleet(fleet, proxy, extra="[runner]\nliveness_check = 1\n")
+        started = time.monotonic()
+        result = fleet.cli("apply", "--env", "test", "--format", "json")
+        elapsed = time.monotonic() - started
+        assert proxy.stalled.is_set()
+
+    assert result.exit_code == EXIT_TARGETS_FAILED, result.output
+    assert elapsed < 1 + 2 + SLACK_SECONDS  # the check, the proof that the session sits idle
+    rows = _rows(result.stdout)
+    error = rows[stalled]["error"]
+    assert isinstance(error, dict)
+    assert error["kind"] == "unresponsive"
+    assert "a second connection found the server no longer working on it" in error["message"]
+    assert all(rows[n]["status"] == "applied" for n in names[:-1])
+
+
+def test_a_long_migration_passes_its_liveness_checks(fleet: Fleet) -> None:
+    (name,) = fleet.add_databases(1)
+    slow = dict(MIGRATIONS)
+    slow["002-add-address.sql"] = "-- depends: 001-create-person\nALTER TABLE person ADD COLUMN address TEXT; " \
+        "SELECT pg_sleep(4);"  # fmt: skip
+    fleet.publish(slow)
+    fleet.write_env(extra="[runner]\nliveness_check = 0.5\n")
+
+    result = fleet.cli("apply", "--env", "test", "--format", "json")
+
+    assert result.exit_code == 0, result.output
+    assert fleet.applied(name) == ["001-create-person", "002-add-address", "003-create-order"]
+
+
 def test_a_target_still_working_at_its_timeout_is_cancelled_rolled_back_and_unlocked(fleet: Fleet) -> None:
     (name,) = fleet.add_databases(1)
     slow = {**MIGRATIONS, "002-add-address.sql": "ALTER TABLE person ADD COLUMN address TEXT; SELECT pg_sleep(60);"}
