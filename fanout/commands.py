@@ -22,11 +22,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from fanout import inspection, lint, runner, runs, schema, source
-from fanout.config import Environment, S3Location, interpolate, load_environment
+from fanout.config import Environment, S3Location, UnpublishedPolicy, interpolate, load_environment
 from fanout.directory import Target, list_targets
 from fanout.errors import ConfigError, DirectoryError, SourceError
 from fanout.interrupt import Interrupt
-from fanout.report import Mode, RollbackRequest, RunReport, TargetResult, merge
+from fanout.report import Finding, Mode, RollbackRequest, RunReport, TargetResult, merge
 from fanout.report import from_dict as report_from_dict
 from fanout.rollout import WHOLE_FLEET, FailureBudget, Limits, Slice, Waves
 
@@ -142,11 +142,12 @@ def inspect(
         raise ConfigError(f"--reference {reference!r}: no such target in environment {env.name!r} (or its slice)")
     with tempfile.TemporaryDirectory(prefix="fanout-snapshot-") as workdir:
         snapshot = source.take_snapshot(env, env.select_services(services), Path(workdir))
-        lint_snapshot(snapshot)
+        findings = lint_snapshot(snapshot, env)
         report = inspection.inspect(
             snapshot, targets, options, run_id=new_run_id(), environment=env.name, reference=reference,
             on_result=on_result, on_start=on_start, interrupt=interrupt,
         )  # fmt: skip
+    report = replace(report, warnings=tuple(findings))
     return replace(report, slice=str(part)) if part.count > 1 else report
 
 
@@ -402,7 +403,12 @@ def publish(
     if not isinstance(env.source, S3Location):
         raise ConfigError(f"environment {env.name!r} reads migrations from a folder; there is nothing to publish to")
     location = env.source
-    plans = [source.plan_publish(location, migrations_dir, s, env.name) for s in env.select_services(services)]
+    plans = [
+        source.plan_publish(
+            location, migrations_dir, s, env.name, python=env.rules.python_migrations, raised=env.rules.lint_errors
+        )
+        for s in env.select_services(services)
+    ]
     for plan in plans:
         _refuse_lint_errors(plan.service, plan.problems)
         if plan.refused and not force_reason:
@@ -428,17 +434,41 @@ def _refuse_lint_errors(service: str, problems: Sequence[lint.Problem]) -> None:
             log.warning("service %r: %s", service, problem)
     found = lint.errors(problems)
     if found:
-        shown = "; ".join(str(p) for p in found[:10]) + (f"; and {len(found) - 10} more" if len(found) > 10 else "")
-        raise SourceError(f"service {service!r}: {len(found)} lint error(s): {shown}")
+        raise SourceError(f"service {service!r}: {len(found)} lint error(s): {'; '.join(str(p) for p in found)}")
 
 
-def lint_snapshot(snapshot: source.Snapshot) -> None:
-    """Lint what a run is about to apply, before any shard is touched. Raises SourceError."""
+def lint_snapshot(snapshot: source.Snapshot, env: Environment) -> list[Finding]:
+    """Lint what a run is about to apply: every finding, errors and warnings, per service."""
+    findings = []
     for migration_set in snapshot.sets:
-        files = {f.name: (migration_set.folder / f.name).read_bytes() for f in migration_set.files}
+        files = {migration_set.display(f): migration_set.local(f).read_bytes() for f in migration_set.files}
         files.update({name: b"" for name in migration_set.ignored if not name.endswith("/")})
         folders = [name for name in migration_set.ignored if name.endswith("/")]
-        _refuse_lint_errors(migration_set.service, lint.lint(files, folders=folders))
+        problems = lint.lint(files, folders=folders, python=env.rules.python_migrations, errors=env.rules.lint_errors)
+        findings += [
+            Finding(migration_set.service, p.file, p.rule.value, p.severity.value, p.message) for p in problems
+        ]
+    return findings
+
+
+def _refuse_before_any_shard(findings: Sequence[Finding], snapshot: source.Snapshot) -> None:
+    """apply and bootstrap: lint errors, and unpublished migrations under the "refuse" policy, stop the run."""
+    for finding in findings:
+        if finding.severity == "warning":
+            log.warning("%s", finding.describe())
+    errors = [f for f in findings if f.severity == "error"]
+    if errors:
+        raise SourceError(
+            f"{len(errors)} lint error(s), nothing was applied: "
+            + "; ".join(f"{f.service}: {f.file}: {f.message} [{f.rule}]" for f in errors)
+        )
+    for migration_set in snapshot.sets:
+        if migration_set.unpublished and migration_set.unpublished_policy == UnpublishedPolicy.REFUSE:
+            raise SourceError(
+                f"service {migration_set.service!r}: {', '.join(migration_set.unpublished)} in the bucket but not in "
+                f"release {migration_set.release} (uploaded outside fanout publish); nothing was applied. "
+                'Publish them with fanout publish, delete them, or choose [source] unpublished = "report" or "apply"'
+            )
 
 
 def _slice(settings: RunSettings) -> Slice:
@@ -472,6 +502,7 @@ def _options(env: Environment, mode: Mode, settings: RunSettings) -> runner.RunO
         target_timeout=settings.target_timeout if settings.target_timeout is not None else defaults.target_timeout,
         liveness_check=defaults.liveness_check or None,
         tcp=defaults.tcp,
+        python_migrations=env.rules.python_migrations,
     )
 
 
@@ -504,7 +535,9 @@ def _run_on(
         snapshot = interrupt.until_stopped(
             lambda: source.take_snapshot(env, selected, Path(workdir)), "reading the migrations"
         )
-        lint_snapshot(snapshot)
+        findings = lint_snapshot(snapshot, env)
+        if options.mode is Mode.APPLY:
+            _refuse_before_any_shard(findings, snapshot)
         if expected_sources is not None:
             runs.check_same_sources(expected_sources, snapshot, resumed_from or "")
         report = runner.run(
@@ -519,6 +552,10 @@ def _run_on(
             interrupt=interrupt,
             resumed_from=resumed_from,
         )
+    # The runner names files yoyo could not load; lint has usually named them already.
+    flagged = {(f.service, f.file) for f in findings if f.severity == "error"}
+    extra = tuple(w for w in report.warnings if (w.service, w.file) not in flagged)
+    report = replace(report, warnings=(*findings, *extra))
     return replace(report, slice=str(part)) if part.count > 1 else report
 
 

@@ -16,12 +16,14 @@ import tomllib
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
+from fanout import lint
 from fanout.errors import ConfigError
 from fanout.rollout import FailureBudget, Waves
 from fanout.secret import Secret
@@ -40,9 +42,29 @@ _DEFERRED_TABLES = ("source", "directory")
 # ---- the public, frozen model -------------------------------------------------------
 
 
+DEFAULT_LAYOUT = "{prefix}/{service}/{env}"
+LAYOUT_PLACEHOLDERS = ("prefix", "service", "env")
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+
+
+class UnpublishedPolicy(StrEnum):
+    """What a run does with migrations in the bucket that the release manifest does not list."""
+
+    REFUSE = "refuse"  # apply refuses (exit 3); plan/status/verify list them, verify fails
+    REPORT = "report"  # apply runs the release without them; every report lists them, verify fails
+    APPLY = "apply"  # applied like published ones (pinned by the listing's ETag), and listed
+
+
+def layout_prefix(template: str, *, prefix: str, service: str, environment: str) -> str:
+    """A layout template filled in: a key prefix ending in "/" (or "" for the bucket's root)."""
+    filled = template.format(prefix=prefix, service=service, env=environment)
+    parts = [p for p in filled.split("/") if p]
+    return "/".join(parts) + "/" if parts else ""
+
+
 @dataclass(frozen=True, slots=True)
 class S3Location:
-    """Migrations live at s3://bucket/prefix/<service>/<env>/."""
+    """Where each service's migrations live: by default s3://bucket/prefix/<service>/<env>/."""
 
     bucket: str
     prefix: str = ""
@@ -54,23 +76,59 @@ class S3Location:
     connect_timeout: float = 5.0
     read_timeout: float = 15.0
     max_attempts: int = 3
+    layout: str = DEFAULT_LAYOUT
+    # service -> its paths (templates like `layout`), merged in order as yoyo-cloud's paths=[...]
+    paths: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    python_migrations: bool = False  # .py migrations run code inside the runner: opt-in
+    unpublished: UnpublishedPolicy = UnpublishedPolicy.REFUSE
 
     def url(self, service: str, environment: str) -> str:
         return f"s3://{self.bucket}/{self.key_prefix(service, environment)}"
 
+    def urls(self, service: str, environment: str) -> tuple[str, ...]:
+        return tuple(f"s3://{self.bucket}/{p}" for p in self.key_prefixes(service, environment))
+
     def key_prefix(self, service: str, environment: str) -> str:
-        parts = [p for p in (self.prefix.strip("/"), service, environment) if p]
-        return "/".join(parts) + "/"
+        """The service's first path: where its release manifest lives."""
+        return self.key_prefixes(service, environment)[0]
+
+    def key_prefixes(self, service: str, environment: str) -> tuple[str, ...]:
+        templates = dict(self.paths).get(service, (self.layout,))
+        return tuple(
+            layout_prefix(t, prefix=self.prefix.strip("/"), service=service, environment=environment) for t in templates
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class FolderLocation:
-    """Migrations live in a local folder laid out like the bucket: <path>/<service>/<env>/."""
+    """Migrations in a local folder laid out like the bucket: by default <path>/<service>/<env>/."""
 
     path: Path
+    layout: str = DEFAULT_LAYOUT
+    paths: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    python_migrations: bool = False
+    unpublished: UnpublishedPolicy = UnpublishedPolicy.REFUSE
 
     def url(self, service: str, environment: str) -> str:
-        return str(self.path / service / environment) + "/"
+        return self.urls(service, environment)[0]
+
+    def urls(self, service: str, environment: str) -> tuple[str, ...]:
+        return tuple(str(p) + "/" for p in self.folders(service, environment))
+
+    def folders(self, service: str, environment: str) -> tuple[Path, ...]:
+        templates = dict(self.paths).get(service, (self.layout,))
+        return tuple(
+            self.path / layout_prefix(t, prefix="", service=service, environment=environment) for t in templates
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SourceRules:
+    """How a run treats what it finds in the source (`[source]` and `[lint]`)."""
+
+    python_migrations: bool = False  # .py migrations run code inside the runner: opt-in
+    unpublished: UnpublishedPolicy = UnpublishedPolicy.REFUSE
+    lint_errors: frozenset[str] = frozenset()  # warning rules raised to errors
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +287,13 @@ class Environment:
     named_after_file: bool = False
     # [session]: server settings for every shard session, as (name, value) in file order.
     session: tuple[tuple[str, str], ...] = ()
+    lint_errors: frozenset[str] = frozenset()  # [lint] errors: warning rules raised to errors
+
+    @property
+    def rules(self) -> SourceRules:
+        """How runs treat what the source holds ([source] and [lint]); reads the source table."""
+        source = self.source
+        return SourceRules(source.python_migrations, source.unpublished, self.lint_errors)
 
     @property
     def source(self) -> S3Location | FolderLocation:
@@ -272,6 +337,14 @@ class _Source(_Strict):
     read_timeout: Annotated[float, Field(gt=0, le=3600)] | None = None
     max_attempts: Annotated[int, Field(ge=1, le=20)] | None = None
     folder: str | None = None
+    layout: str = DEFAULT_LAYOUT
+    paths: dict[str, str | Annotated[tuple[str, ...], Field(min_length=1)]] = {}
+    python_migrations: bool = False
+    unpublished: Literal["refuse", "report", "apply"] = "refuse"
+
+
+class _Lint(_Strict):
+    errors: tuple[str, ...] = ()
 
 
 class _StaticTarget(_Strict):
@@ -377,6 +450,7 @@ class _EnvironmentFile(_Strict):
     directory: dict[str, Any]
     runner: _Runner = _Runner()
     session: dict[str, Any] = {}
+    lint: _Lint = _Lint()
 
 
 _SOURCE = pydantic.TypeAdapter(_Source)
@@ -449,7 +523,9 @@ def load_environment(
         raise ConfigError(f"{path}: {_describe(e)}") from None
     name = _name(parsed.name, path, name_or_path)
     services = _services(parsed.services, path)
-    location = unresolved.get("source") or _build_source(_validated(_SOURCE, parsed.source, "source", path), path)
+    location = unresolved.get("source") or _build_source(
+        _validated(_SOURCE, parsed.source, "source", path), path, services
+    )
     directory = unresolved.get("directory") or _build_directory(
         _validated(_DIRECTORY, parsed.directory, "directory", path), path
     )
@@ -462,7 +538,18 @@ def load_environment(
         runner=_build_runner(parsed.runner, path),
         named_after_file=parsed.name is None and _is_path(name_or_path),
         session=_build_session(parsed.session, path),
+        lint_errors=_lint_errors(parsed.lint, path),
     )
+
+
+def _lint_errors(parsed: _Lint, path: Path) -> frozenset[str]:
+    unknown = [r for r in parsed.errors if r not in lint.WARNING_RULES]
+    if unknown:
+        hint = "an error already" if unknown[0] in lint.ERROR_RULES else "no such rule"
+        raise ConfigError(
+            f"{path}: lint.errors: {unknown[0]!r} is {hint} (warning rules: {', '.join(sorted(lint.WARNING_RULES))})"
+        )
+    return frozenset(parsed.errors)
 
 
 def _name(key: str | None, path: Path, asked: str) -> str:
@@ -546,9 +633,11 @@ def _describe(error: pydantic.ValidationError, prefix: tuple[str, ...] = ()) -> 
     return "; ".join(problems)
 
 
-def _build_source(source: _Source, path: Path) -> S3Location | FolderLocation:
+def _build_source(source: _Source, path: Path, services: Sequence[str]) -> S3Location | FolderLocation:
     if (source.bucket is None) == (source.folder is None):
         raise ConfigError(f"{path}: source: set exactly one of 'bucket' (S3) or 'folder' (local)")
+    layout, paths = _build_layout(source, services, path)
+    policy = UnpublishedPolicy(source.unpublished)
     if source.folder is not None:
         extras = [
             k
@@ -558,7 +647,13 @@ def _build_source(source: _Source, path: Path) -> S3Location | FolderLocation:
         if extras or source.prefix:
             raise ConfigError(f"{path}: source: {', '.join(extras or ['prefix'])} only apply to an S3 source")
         folder = Path(source.folder)
-        return FolderLocation(folder if folder.is_absolute() else (path.parent / folder).resolve())
+        return FolderLocation(
+            folder if folder.is_absolute() else (path.parent / folder).resolve(),
+            layout=layout,
+            paths=paths,
+            python_migrations=source.python_migrations,
+            unpublished=policy,
+        )
     assert source.bucket is not None
     s3 = S3Location(
         bucket=source.bucket,
@@ -566,6 +661,10 @@ def _build_source(source: _Source, path: Path) -> S3Location | FolderLocation:
         region=source.region,
         endpoint_url=source.endpoint_url or None,
         profile=source.profile,
+        layout=layout,
+        paths=paths,
+        python_migrations=source.python_migrations,
+        unpublished=policy,
     )
     return dataclasses.replace(
         s3,
@@ -573,6 +672,44 @@ def _build_source(source: _Source, path: Path) -> S3Location | FolderLocation:
         read_timeout=source.read_timeout or s3.read_timeout,
         max_attempts=source.max_attempts or s3.max_attempts,
     )
+
+
+def _check_template(template: str, where: str) -> None:
+    for name in _PLACEHOLDER.findall(template):
+        if name not in LAYOUT_PLACEHOLDERS:
+            raise ConfigError(
+                f"{where}: unknown placeholder {{{name}}} in {template!r} "
+                f"(known: {', '.join('{' + p + '}' for p in LAYOUT_PLACEHOLDERS)})"
+            )
+    if template.count("{") != template.count("}"):
+        raise ConfigError(f"{where}: unbalanced braces in {template!r}")
+    if ".." in template.split("/"):
+        raise ConfigError(f"{where}: '..' is not allowed in {template!r}")
+
+
+def _build_layout(
+    source: _Source, services: Sequence[str], path: Path
+) -> tuple[str, tuple[tuple[str, tuple[str, ...]], ...]]:
+    layout = source.layout.strip()
+    _check_template(layout, f"{path}: source.layout")
+    paths: list[tuple[str, tuple[str, ...]]] = []
+    for service, value in source.paths.items():
+        if service not in services:
+            raise ConfigError(f"{path}: source.paths: {service!r} is not a service of this environment")
+        templates = (value,) if isinstance(value, str) else tuple(value)
+        for template in templates:
+            _check_template(template, f"{path}: source.paths.{service}")
+        if len(set(templates)) != len(templates):
+            raise ConfigError(f"{path}: source.paths.{service}: a path is listed twice")
+        paths.append((service, templates))
+    without_paths = [s for s in services if s not in source.paths]
+    if len(without_paths) > 1 and "{service}" not in layout:
+        raise ConfigError(
+            f"{path}: source.layout {layout!r} has no {{service}}, so services "
+            f"{', '.join(map(repr, without_paths))} would read the same files; "
+            "add {service} or give each service its paths in [source.paths]"
+        )
+    return layout, tuple(paths)
 
 
 def _services(services: tuple[str, ...], path: Path) -> tuple[str, ...]:

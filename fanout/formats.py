@@ -24,6 +24,7 @@ from fanout.report import (
     exit_code,
     render_json,
     render_text,
+    source_notes,
 )
 from fanout.secret import redact
 
@@ -100,7 +101,7 @@ def columns(report: RunReport) -> list[Column]:
     """Every migration of the run's sets, per service in the environment's order."""
     out = []
     for source in report.sources:
-        ids = [f.name.removesuffix(".sql") for f in source.files if not f.name.endswith(".rollback.sql")]
+        ids = [f.name.rsplit(".", 1)[0] for f in source.files if not f.name.endswith(".rollback.sql")]
         out += [Column(source.service, m) for m in ids if not m.startswith("post-apply")]
     return out
 
@@ -236,6 +237,11 @@ def render_markdown(report: RunReport, *, detailed: bool = False) -> str:
                 "|---|---|---|---|"]  # fmt: skip
         out += [_md_row(r, report.mode) for r in problems]
         out.append("")
+    notes = source_notes(report)
+    if notes:
+        out += [f"**Migration set ({len(notes)})**", ""]
+        out += [f"- {_md(note)}" for note in notes]
+        out.append("")
     rows = [r for r in report.results if r not in problems]
     if rows:
         shown = rows[:MARKDOWN_ROW_LIMIT]
@@ -294,6 +300,19 @@ def render_junit(report: RunReport) -> str:
         suites.append(schema_suite)
         for key in ("tests", "failures", "skipped"):
             total[key] += int(schema_suite.get(key, "0"))
+    notes = source_notes(report)
+    if notes:
+        # Lint errors and left-out unpublished migrations fail the set's own suite; warnings are its output.
+        suite = ET.SubElement(suites, "testsuite", name=f"{report.environment}.migration-set")
+        case = ET.SubElement(suite, "testcase", classname=f"fanout.{report.environment}", name="migration-set")
+        failing = [n for n in notes if n.startswith("error") or n.startswith("unpublished")]
+        if failing:
+            failure = ET.SubElement(case, "failure", type="migration-set", message=failing[0][:500])
+            failure.text = "\n".join(failing)
+        ET.SubElement(case, "system-out").text = "\n".join(notes)
+        for key, value in (("tests", 1), ("failures", 1 if failing else 0), ("skipped", 0), ("errors", 0)):
+            suite.set(key, str(value))
+            total[key] += value
     for key in ("tests", "failures", "skipped"):
         suites.set(key, str(total[key]))
     suites.set("errors", "0")
@@ -339,7 +358,7 @@ table.matrix{border-collapse:separate;border-spacing:0}
 .badge.rolled-back{background:var(--back)}.card.rolled-back b{color:var(--back)}
 .badge.pending{background:var(--pend)}.badge.applied{background:var(--ran)}.badge.up-to-date{background:var(--ok)}
 td.err{text-align:left;color:var(--fail);font-size:12px;white-space:normal;min-width:320px;max-width:640px}
-tr.hidden{display:none}.count{color:#495057}
+tr.hidden{display:none}.count{color:#495057}ul.notes{margin:10px 0 0;padding-left:18px;color:#862e9c}
 """
 
 _JS = """
@@ -377,7 +396,11 @@ def render_html(report: RunReport, *, detailed: bool = False) -> str:
     for status in _WORST:
         if counts[status]:
             parts.append(f"<div class='card {status.value}'><b>{counts[status]}</b>{status.value}</div>")
-    parts.append("</div></header>")
+    parts.append("</div>")
+    notes = source_notes(report)
+    if notes:
+        parts.append("<ul class=notes>" + "".join(f"<li>{e(note)}</li>" for note in notes) + "</ul>")
+    parts.append("</header>")
     if report.inspection is not None:
         parts.append(schema_report.render_html(report.inspection))
     parts.append("<div class=tools><input id=q type=search placeholder='filter by shard, tenant or server'>")

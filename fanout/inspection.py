@@ -65,7 +65,9 @@ def inspect(
     `reference`: "largest", "build" (raises TargetFailed when the set cannot be built) or a target id.
     """
     started_at = datetime.now(UTC)
-    plans = [_Set(p.service, tuple(m.id for m in p.migrations)) for p in runner.load(snapshot.sets)]
+    # Read-only: a set with lint errors is still inspected (they are in the report), unless it is built.
+    loaded = runner.load(snapshot.sets, python=options.python_migrations, tolerant=reference != schema.BUILD)
+    plans = [_Set(p.service, tuple(m.id for m in p.migrations)) for p in loaded]
     interrupt = interrupt or Interrupt()
     built = _build(snapshot, targets[0], plans, options, run_id, environment) if reference == schema.BUILD else None
     limits = rollout.Limits(concurrency=options.concurrency, per_server=options.limits.per_server)

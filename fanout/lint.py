@@ -1,16 +1,18 @@
 """Lint of a migration folder (local before publish, the S3 snapshot before a run). Pure: names and bytes in.
 
-Errors stop publish and every run before any shard is touched; warnings are shown.
-Each problem names its file. The rules catch what yoyo would silently get wrong:
+The rules follow what yoyo 9 itself does with a folder, checked against the real `yoyo`
+CLI on PostgreSQL:
 
-- a file that looks like a migration but that yoyo ignores (`.SQL`, `.sql.bak`, a nested folder);
-- an empty migration (nothing but comments and blanks);
-- a directive yoyo cannot use: `-- transactional:` other than true/false, `-- depends:` on an
-  id that is not in the set;
-- a `NAME.rollback.sql` without `NAME.sql`;
-- two migrations with the same id or the same number (`002-a.sql`, `002-b.sql`): their order is a coin toss;
-- a new migration that sorts before one already published: shards that have the later one
-  would run it out of order.
+- **Errors** are what yoyo rejects or would apply wrongly. They stop `publish` and `apply`
+  (exit 3, each file named) before any shard is touched; `plan`, `status` and `verify`
+  report them and still show the fleet. So a set that passes fanout also passes yoyo.
+- **Warnings** are fanout's advice on sets yoyo applies correctly. Each has a stable rule
+  name, shown in every report; an environment can raise chosen ones to errors
+  (`[lint] errors = [...]`).
+
+yoyo reads the files directly in a folder whose suffix is exactly `.py` or `.sql`
+(`NAME.rollback.sql` being the rollback of `NAME.sql`) and ignores everything else: a
+`.SQL` or `.sql.bak` file, a nested folder. fanout reads the same files.
 """
 
 from __future__ import annotations
@@ -19,18 +21,19 @@ import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import PurePosixPath
+
+import sqlparse
 
 SQL_SUFFIX = ".sql"
+PY_SUFFIX = ".py"
 ROLLBACK_SUFFIX = ".rollback.sql"
 HOOK_PREFIX = "post-apply"
+# `yoyo new` writes its editor's file with this prefix into the folder; yoyo skips such files.
+YOYO_TEMP_PREFIX = "_tmp_yoyonew"
 # Names fanout itself keeps beside the migrations.
 OWN_FILES = frozenset({"_manifest.json"})
-
-_DIRECTIVE = re.compile(r"^\s*--\s*([A-Za-z_-]+)\s*:\s*(.*)$")
-_COMMENT_OR_BLANK = re.compile(r"^\s*(--.*)?$")
-_NUMBER = re.compile(r"^(\d+)")
-# Misspelt directives yoyo would silently take for comments.
-_NEAR_MISSES = frozenset({"depend", "depends-on", "dependencies", "requires", "transaction", "transactions"})
+OWN_FOLDERS = frozenset({"_runs/"})
 
 
 class Severity(StrEnum):
@@ -38,14 +41,79 @@ class Severity(StrEnum):
     WARNING = "warning"
 
 
+class Rule(StrEnum):
+    """Stable rule names (public: reports and `[lint] errors` use them)."""
+
+    # Errors: yoyo fails on the set, or applies it differently from what it says.
+    NOT_UTF8 = "not-utf8"  # yoyo reads files as UTF-8 and crashes
+    BAD_TRANSACTIONAL = "bad-transactional"  # '-- transactional: maybe': yoyo crashes (KeyError)
+    UNKNOWN_DEPENDENCY = "unknown-dependency"  # '-- depends:' on an id not in the set: yoyo refuses
+    EMPTY_STATEMENT = "empty-statement"  # a statement that is only a comment: "can't execute an empty query"
+    DUPLICATE_ID = "duplicate-id"  # NAME.sql and NAME.py, or one name in two merged paths: yoyo refuses
+    DEPENDENCY_CYCLE = "dependency-cycle"  # '-- depends:' lines that form a cycle: yoyo refuses
+    PYTHON_DISABLED = "python-disabled"  # a .py migration in an environment that does not allow them
+    BAD_MIGRATION = "bad-migration"  # yoyo cannot load it (a Python error, a dependency cycle)
+    # Warnings: yoyo applies the set correctly; fanout's advice.
+    IGNORED_FILE = "ignored-file"  # yoyo does not read it (.SQL, .sql.bak, README.md)
+    NESTED_FOLDER = "nested-folder"  # yoyo does not read what is inside
+    EMPTY_MIGRATION = "empty-migration"  # nothing but comments: recorded as applied, runs nothing
+    MISSPELT_DIRECTIVE = "misspelt-directive"  # '-- Depends:', '-- depend:': a comment to yoyo
+    ORPHAN_ROLLBACK = "orphan-rollback"  # NAME.rollback.sql without NAME.sql: never used
+    SAME_NUMBER = "same-number"  # 003-a and 003-b: applied in name order
+    CASE_COLLISION = "case-collision"  # ids equal but for case: clash on a case-insensitive checkout
+    OUT_OF_ORDER = "out-of-order"  # new, sorts before a published one (publish only)
+    # a rollback file says '-- transactional: false' and its migration does not: yoyo reads the migration's
+    ROLLBACK_TRANSACTIONAL = "rollback-transactional"
+
+
+ERROR_RULES = frozenset(
+    {
+        Rule.NOT_UTF8,
+        Rule.BAD_TRANSACTIONAL,
+        Rule.UNKNOWN_DEPENDENCY,
+        Rule.EMPTY_STATEMENT,
+        Rule.DUPLICATE_ID,
+        Rule.DEPENDENCY_CYCLE,
+        Rule.PYTHON_DISABLED,
+        Rule.BAD_MIGRATION,
+    }
+)
+WARNING_RULES = frozenset(set(Rule) - ERROR_RULES)
+
+# yoyo's own directive syntax: lower-case names only (checked against yoyo 9).
+_YOYO_DIRECTIVE = re.compile(r"^\s*--\s*(transactional|depends)\s*:\s*(.*)$")
+_ANY_DIRECTIVE = re.compile(r"^\s*--\s*([A-Za-z_-]+)\s*:\s*(.*)$")
+_COMMENT_OR_BLANK = re.compile(r"^(\s*|\s*--.*)$")
+# The leading number of a migration id: `003-x` -> 003, `yoyo new`'s `20240101_01_abcde-x` -> 20240101_01.
+_NUMBER = re.compile(r"^\d+(?:[_.]\d+)*")
+# Spellings of a directive that yoyo takes for a plain comment.
+_NEAR_MISSES = frozenset({"depends", "depend", "depends-on", "dependencies", "transactional", "transaction"})
+
+
 @dataclass(frozen=True, slots=True)
 class Problem:
     file: str
     message: str
-    severity: Severity = Severity.ERROR
+    rule: Rule
+    severity: Severity
 
     def __str__(self) -> str:
-        return f"{self.file}: {self.message}"
+        return f"{self.file}: {self.message} [{self.rule.value}]"
+
+
+def is_migration_file(name: str) -> bool:
+    """What yoyo's `read_migrations` reads from a folder (rollbacks included; they are paired by name)."""
+    suffix = PurePosixPath(name).suffix
+    return suffix in (SQL_SUFFIX, PY_SUFFIX) and not name.startswith(YOYO_TEMP_PREFIX)
+
+
+def migration_id(name: str) -> str:
+    """yoyo's id: the file name without its extension."""
+    return name.rsplit(".", 1)[0]
+
+
+def is_python(name: str) -> bool:
+    return name.endswith(PY_SUFFIX)
 
 
 def lint(
@@ -53,69 +121,96 @@ def lint(
     *,
     folders: Collection[str] = (),
     published: Collection[str] = (),
+    python: bool = False,
+    errors: Collection[str] = (),
 ) -> list[Problem]:
-    """Problems of one service's folder: `files` maps names to content, `folders` are nested
-    folder names, `published` the migration ids already published (for the order rule)."""
-    problems: list[Problem] = []
+    """Problems of one service's set.
+
+    `files` maps each file to its content; a key may carry a folder (`path/NAME.sql`) when a
+    service merges several paths. `folders` are nested folder names, `published` the
+    migration ids already published (for the order rule), `python` whether the environment
+    allows Python migrations, `errors` the warning rules the environment raises to errors.
+    """
+    found: list[tuple[str, str, Rule]] = []
+
+    def add(file: str, message: str, rule: Rule) -> None:
+        found.append((file, message, rule))
+
     for folder in sorted(folders):
-        problems.append(Problem(folder.rstrip("/") + "/", "nested folder: yoyo ignores what is inside"))
-    migrations: dict[str, str] = {}  # id -> text
-    for name in sorted(files):
+        if folder not in OWN_FOLDERS:
+            add(folder.rstrip("/") + "/", "nested folder: yoyo does not read what is inside", Rule.NESTED_FOLDER)
+    texts: dict[str, str] = {}  # file -> text, of migrations that decode
+    rollbacks: list[str] = []  # rollback files whose migration is there
+    owners: dict[str, str] = {}  # migration id -> its first file
+    for key in sorted(files):
+        name = PurePosixPath(key).name
         if name in OWN_FILES:
             continue
-        if not name.endswith(SQL_SUFFIX):
-            if ".sql" in name.lower():
-                problems.append(Problem(name, "not a .sql file: yoyo ignores it (rename it to end in .sql)"))
+        if not is_migration_file(name):
+            looks = ".sql" in name.lower() or name.lower().endswith(".py")
+            hint = " (only NAME.sql and NAME.py are migrations)" if looks else ""
+            add(key, f"not a migration: yoyo does not read it{hint}", Rule.IGNORED_FILE)
+            continue
+        if name.endswith(ROLLBACK_SUFFIX):
+            if key[: -len(ROLLBACK_SUFFIX)] + SQL_SUFFIX in files:
+                rollbacks.append(key)
             else:
-                problems.append(Problem(name, "not a migration: ignored", Severity.WARNING))
+                add(
+                    key,
+                    f"rollback without {name[: -len(ROLLBACK_SUFFIX)]}{SQL_SUFFIX}: never used",
+                    Rule.ORPHAN_ROLLBACK,
+                )
+            continue
+        ident = migration_id(name)
+        if ident in owners:
+            add(key, f"same id {ident!r} as {owners[ident]}: yoyo refuses the set", Rule.DUPLICATE_ID)
+        owners.setdefault(ident, key)
+        if is_python(name):
+            if not python:
+                add(
+                    key,
+                    "Python migration: it would run code inside the runner, which holds every shard's "
+                    "credentials; allow it with [source] python_migrations = true",
+                    Rule.PYTHON_DISABLED,
+                )
             continue
         try:
-            text = files[name].decode("utf-8")
+            texts[key] = files[key].decode("utf-8")
         except UnicodeDecodeError as e:
-            problems.append(Problem(name, f"not UTF-8 text ({e.reason} at byte {e.start})"))
-            continue
-        if all(_COMMENT_OR_BLANK.match(line) for line in text.splitlines()):
-            problems.append(Problem(name, "empty: no SQL statement"))
-        if not name.endswith(ROLLBACK_SUFFIX):
-            migrations[name[: -len(SQL_SUFFIX)]] = text
-    for name in sorted(files):
-        if name.endswith(ROLLBACK_SUFFIX) and name[: -len(ROLLBACK_SUFFIX)] not in migrations:
-            problems.append(Problem(name, f"rollback without its migration {name[: -len(ROLLBACK_SUFFIX)]}.sql"))
-        elif (
-            name.endswith(ROLLBACK_SUFFIX)
-            and _non_transactional(files[name].decode("utf-8", "replace"))
-            and not _non_transactional(migrations[name[: -len(ROLLBACK_SUFFIX)]])
-        ):
-            problems.append(Problem(
-                name,
+            add(key, f"not UTF-8 text ({e.reason} at byte {e.start}): yoyo cannot read it", Rule.NOT_UTF8)
+    known = set(owners) | set(published)
+    for key, text in texts.items():
+        for message, rule in _sql_problems(text, known):
+            add(key, message, rule)
+    for key, message, rule in [*_identity(owners, published), *_cycles(owners, texts)]:
+        add(key, message, rule)
+    for key in rollbacks:
+        migration = texts.get(key[: -len(ROLLBACK_SUFFIX)] + SQL_SUFFIX)
+        rollback_only = (
+            migration is not None
+            and _non_transactional(files[key].decode("utf-8", "replace"))
+            and not _non_transactional(migration)
+        )
+        if rollback_only:
+            add(
+                key,
                 "'-- transactional: false' is read from the migration, not its rollback file (as yoyo does): "
                 "this rollback runs inside a transaction",
-                Severity.WARNING,
-            ))  # fmt: skip
-    known = set(migrations) | set(published)
-    for migration_id, text in migrations.items():
-        problems += _directives(f"{migration_id}.sql", text, known)
-    problems += _identity(migrations, published)
-    problems += _cycles(migrations)
-    return problems
+                Rule.ROLLBACK_TRANSACTIONAL,
+            )
+    raised = set(errors)
+    return [
+        Problem(file, message, rule, Severity.ERROR if rule in ERROR_RULES or rule in raised else Severity.WARNING)
+        for file, message, rule in found
+    ]
 
 
-def _depends(text: str) -> list[str]:
-    found: list[str] = []
-    for line in text.splitlines():
-        match = _DIRECTIVE.match(line)
-        if match is None:
-            if _COMMENT_OR_BLANK.match(line):
-                continue
-            break
-        if match.group(1).lower() == "depends":
-            found += match.group(2).split()
-    return found
-
-
-def _cycles(migrations: Mapping[str, str]) -> list[Problem]:
-    """A `-- depends:` cycle has no order to apply in: name the first one found."""
-    graph = {m: [d for d in _depends(text) if d in migrations] for m, text in migrations.items()}
+def _cycles(owners: Mapping[str, str], texts: Mapping[str, str]) -> list[tuple[str, str, Rule]]:
+    """A `-- depends:` cycle has no order to apply in (yoyo refuses it): name the first one found."""
+    graph: dict[str, list[str]] = {}
+    for ident, key in owners.items():
+        depends = statements(texts[key])[0].get("depends", "").split() if key in texts else []
+        graph[ident] = [d for d in depends if d in owners]
     state: dict[str, int] = {}  # 1: on the current path, 2: done
 
     def visit(node: str, path: list[str]) -> list[str] | None:
@@ -134,7 +229,8 @@ def _cycles(migrations: Mapping[str, str]) -> list[Problem]:
         if start not in state:
             cycle = visit(start, [start])
             if cycle:
-                return [Problem(f"{cycle[0]}.sql", f"'-- depends:' lines form a cycle: {' -> '.join(cycle)}")]
+                message = f"'-- depends:' lines form a cycle: {' -> '.join(cycle)}"
+                return [(owners[cycle[0]], message, Rule.DEPENDENCY_CYCLE)]
     return []
 
 
@@ -143,66 +239,115 @@ def errors(problems: Collection[Problem]) -> list[Problem]:
 
 
 def _non_transactional(text: str) -> bool:
-    for line in text.splitlines():
-        match = _DIRECTIVE.match(line)
-        if match is None:
-            if _COMMENT_OR_BLANK.match(line):
-                continue
-            return False
-        if match.group(1).lower() == "transactional" and match.group(2).strip().lower() == "false":
-            return True
-    return False
+    return statements(text)[0].get("transactional", "").lower() == "false"
 
 
-def _directives(file: str, text: str, known: set[str]) -> list[Problem]:
-    """yoyo reads `-- key: value` lines until the first SQL line."""
-    problems = []
+def statements(text: str) -> tuple[dict[str, str], list[str]]:
+    """yoyo's reading of a .sql file: its directives, and the statements it executes one by one."""
+    chunks = [str(c) for c in sqlparse.split(text)]
+    directives: dict[str, str] = {}
+    if chunks:
+        lines = chunks[0].splitlines()
+        for index, line in enumerate(lines):
+            match = _YOYO_DIRECTIVE.match(line)
+            if match:
+                key, value = match.groups()
+                directives[key] = f"{directives[key]} {value}" if key in directives else value
+            elif not _COMMENT_OR_BLANK.match(line):
+                chunks[0] = "\n".join(lines[index:])
+                break
+        else:
+            chunks[0] = ""
+    return directives, [c for c in chunks if c.strip()]
+
+
+def _sql_problems(text: str, known: set[str]) -> list[tuple[str, Rule]]:
+    problems: list[tuple[str, Rule]] = []
+    directives, executed = statements(text)
+    transactional = directives.get("transactional")
+    # yoyo compares the raw value: even a trailing space makes it crash.
+    if transactional is not None and transactional.lower() not in ("true", "false"):
+        problems.append(
+            (f"'-- transactional: {transactional!r}': must be exactly true or false", Rule.BAD_TRANSACTIONAL)
+        )
+    for dependency in directives.get("depends", "").split():
+        if dependency not in known:
+            problems.append((f"'-- depends: {dependency}': no such migration", Rule.UNKNOWN_DEPENDENCY))
+    for index, statement in enumerate(executed, 1):
+        if not re.sub(r"[\s;]", "", sqlparse.format(statement, strip_comments=True)):
+            where = "the last statement" if index == len(executed) else f"statement {index}"
+            problems.append(
+                (
+                    f"{where} is only a comment ({_excerpt(statement)}): yoyo executes it alone and PostgreSQL "
+                    'answers "can\'t execute an empty query"; remove it or move it before a statement',
+                    Rule.EMPTY_STATEMENT,
+                )
+            )
+    if not executed:
+        problems.append(("empty: no SQL statement (yoyo records it as applied and runs nothing)", Rule.EMPTY_MIGRATION))
+    in_header = True
     for line in text.splitlines():
-        match = _DIRECTIVE.match(line)
+        if in_header and not _COMMENT_OR_BLANK.match(line):
+            in_header = False
+        match = _ANY_DIRECTIVE.match(line)
         if match is None:
-            if _COMMENT_OR_BLANK.match(line):
-                continue
-            break
-        key, value = match.group(1).lower(), match.group(2).strip()
-        if key == "transactional" and value.lower() not in ("true", "false"):
-            problems.append(Problem(file, f"'-- transactional: {value}': must be true or false"))
-        elif key == "depends":
-            for dependency in value.split():
-                if dependency not in known:
-                    problems.append(Problem(file, f"'-- depends: {dependency}': no such migration"))
-        elif key in _NEAR_MISSES:
-            problems.append(Problem(file, f"'-- {key}:' is not a directive: yoyo reads only depends and transactional"))
+            continue
+        key = match.group(1)
+        if in_header and key.lower() in _NEAR_MISSES and not _YOYO_DIRECTIVE.match(line):
+            problems.append(
+                (f"'-- {key}:' is a comment to yoyo, which reads only '-- depends:' and '-- transactional:' "
+                 "(lower case)", Rule.MISSPELT_DIRECTIVE)
+            )  # fmt: skip
+        elif not in_header and _YOYO_DIRECTIVE.match(line):
+            problems.append(
+                (
+                    f"'-- {key}:' after the first statement: yoyo reads directives only before it",
+                    Rule.MISSPELT_DIRECTIVE,
+                )
+            )
     return problems
 
 
-def _identity(migrations: Mapping[str, str], published: Collection[str]) -> list[Problem]:
+def _excerpt(statement: str) -> str:
+    line = statement.strip().splitlines()[0]
+    return repr(line if len(line) <= 40 else line[:37] + "...")
+
+
+def _number(ident: str) -> tuple[int, ...] | None:
+    match = _NUMBER.match(ident)
+    return tuple(int(part) for part in re.split(r"[_.]", match.group(0))) if match else None
+
+
+def _identity(owners: Mapping[str, str], published: Collection[str]) -> list[tuple[str, str, Rule]]:
     problems = []
-    ordered = sorted(m for m in migrations if not m.startswith(HOOK_PREFIX))
+    ordered = sorted(m for m in owners if not m.startswith(HOOK_PREFIX))
     seen: dict[str, str] = {}
-    numbers: dict[str, str] = {}
-    for migration_id in ordered:
-        folded = migration_id.lower()
+    numbers: dict[tuple[int, ...], str] = {}
+    for ident in ordered:
+        file = owners[ident]
+        folded = ident.lower()
         if folded in seen:
-            problems.append(Problem(f"{migration_id}.sql", f"same id as {seen[folded]}.sql but for case"))
-        seen[folded] = migration_id
-        number = _NUMBER.match(migration_id)
-        if number:
-            value = str(int(number.group(1)))
-            if value in numbers:
+            problems.append((file, f"same id as {seen[folded]} but for case", Rule.CASE_COLLISION))
+        seen.setdefault(folded, ident)
+        number = _number(ident)
+        if number is not None:
+            if number in numbers:
                 problems.append(
-                    Problem(f"{migration_id}.sql", f"same number as {numbers[value]}.sql: their order is undefined")
-                )
-            numbers.setdefault(value, migration_id)
+                    (file, f"same number as {numbers[number]}: yoyo applies them in name order "
+                     f"({numbers[number]} first)", Rule.SAME_NUMBER)
+                )  # fmt: skip
+            numbers.setdefault(number, ident)
     already = sorted(p for p in published if not p.startswith(HOOK_PREFIX))
     if already:
         last = already[-1]
-        for migration_id in ordered:
-            if migration_id not in published and migration_id < last:
+        for ident in ordered:
+            if ident not in published and ident < last:
                 problems.append(
-                    Problem(
-                        f"{migration_id}.sql",
+                    (
+                        owners[ident],
                         f"new, but sorts before {last}, which is already published: shards that have it "
-                        "would run this one out of order (give it a later number)",
+                        "run this one after it (give it a later name if the order matters)",
+                        Rule.OUT_OF_ORDER,
                     )
                 )
     return problems

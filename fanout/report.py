@@ -16,7 +16,14 @@ from io import StringIO
 from typing import Any
 
 from fanout import schema
-from fanout.errors import EXIT_INTERRUPTED, EXIT_NOT_STORED, EXIT_OK, EXIT_PENDING, EXIT_TARGETS_FAILED
+from fanout.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_NOT_STORED,
+    EXIT_OK,
+    EXIT_PENDING,
+    EXIT_SOURCE,
+    EXIT_TARGETS_FAILED,
+)
 from fanout.secret import redact
 
 SCHEMA = "fanout/report/v1"
@@ -197,6 +204,30 @@ class SourceSummary:
     files: tuple[SourceFile, ...]
     manifest: str | None = None  # the release manifest that pinned the files (fanout publish)
     release: str | None = None
+    # Migrations in the bucket the manifest does not list (uploaded outside publish), and the
+    # environment's policy for them: "refuse" and "report" leave them out, "apply" runs them.
+    unpublished: tuple[str, ...] = ()
+    unpublished_policy: str | None = None
+    paths: tuple[str, ...] = ()  # every path of the service, merged in this order (url is the first)
+
+    @property
+    def left_out(self) -> tuple[str, ...]:
+        """Unpublished migrations this run did not apply."""
+        return self.unpublished if self.unpublished_policy != "apply" else ()
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """A lint problem of the migration set (see fanout.lint): an error, or a warning with its rule."""
+
+    service: str
+    file: str
+    rule: str
+    severity: str  # "error" | "warning"
+    message: str
+
+    def describe(self) -> str:
+        return f"{self.severity} [{self.rule}] {self.service}: {self.file}: {self.message}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +283,16 @@ class RunReport:
     # "$GITHUB_STEP_SUMMARY". The work itself is done; exit 6 says the record is not.
     not_stored: tuple[str, ...] = ()
     rollback: RollbackRequest | None = None  # what a rollback (or reapply) run was asked to undo
+    warnings: tuple[Finding, ...] = ()  # lint findings of the migration sets
+
+    @property
+    def lint_errors(self) -> tuple[Finding, ...]:
+        return tuple(w for w in self.warnings if w.severity == "error")
+
+    @property
+    def unpublished(self) -> tuple[tuple[str, str], ...]:
+        """(service, file) of every unpublished migration this run left out."""
+        return tuple((s.service, name) for s in self.sources for name in s.left_out)
 
     def count(self, status: Status) -> int:
         return sum(1 for r in self.results if r.status is status)
@@ -269,11 +310,18 @@ def exit_code(report: RunReport, *, detailed: bool = False) -> int:
     report misses a slice; or, for verify, a shard is behind or unverified; or an inspected
     shard's schema differs from its reference); 130 when interrupted.
 
+    3 when the migration set has lint errors (plan, status and verify still report the
+    fleet), and, for verify and `plan --detailed-exitcode`, when the bucket holds
+    migrations outside the release that the run left out (unpublished).
     With `detailed` (plan --detailed-exitcode), 10 tells CI that migrations are pending.
     6 when the run's record or a requested report could not be stored and nothing worse happened.
     """
     if report.interrupted:
         return EXIT_INTERRUPTED
+    if report.lint_errors:
+        return EXIT_SOURCE
+    if report.unpublished and (detailed or report.command == "verify"):
+        return EXIT_SOURCE
     if report.missing_slices or any(r.status in _NOT_DONE for r in report.results):
         return EXIT_TARGETS_FAILED
     if report.command == "verify" and any(r.pending or r.unverified or r.to_roll_back for r in report.results):
@@ -328,6 +376,9 @@ def to_dict(report: RunReport, *, detailed: bool = False) -> dict[str, Any]:
                     "url": s.url,
                     "manifest": s.manifest,
                     "release": s.release,
+                    "paths": list(s.paths or (s.url,)),
+                    "unpublished": list(s.unpublished),
+                    "unpublished_policy": s.unpublished_policy,
                     "files": [
                         {
                             "name": f.name,
@@ -342,6 +393,10 @@ def to_dict(report: RunReport, *, detailed: bool = False) -> dict[str, Any]:
                 for s in report.sources
             ],
         },
+        "warnings": [
+            {"service": w.service, "file": w.file, "rule": w.rule, "severity": w.severity, "message": w.message}
+            for w in report.warnings
+        ],
         "results": [_result_dict(r) for r in report.results],
         "inspection": None if report.inspection is None else schema.to_dict(report.inspection),
     }
@@ -423,7 +478,14 @@ def from_dict(data: dict[str, Any]) -> RunReport:
         results=tuple(_result_from_dict(r) for r in data["results"]),
         sources=tuple(
             SourceSummary(
-                s["service"], s["url"], tuple(SourceFile(**f) for f in s["files"]), s.get("manifest"), s.get("release")
+                s["service"],
+                s["url"],
+                tuple(SourceFile(**f) for f in s["files"]),
+                s.get("manifest"),
+                s.get("release"),
+                tuple(s.get("unpublished", ())),
+                s.get("unpublished_policy"),
+                tuple(s.get("paths", ())),
             )
             for s in data["source"]["sets"]
         ),
@@ -439,6 +501,7 @@ def from_dict(data: dict[str, Any]) -> RunReport:
         inspection=schema.from_dict(data["inspection"]) if data.get("inspection") else None,
         not_stored=tuple(data.get("not_stored", ())),
         rollback=_rollback_from_dict(data.get("rollback")),
+        warnings=tuple(Finding(**w) for w in data.get("warnings", ())),
     )
 
 
@@ -560,6 +623,7 @@ def merge(reports: Sequence[RunReport]) -> RunReport:
         missing_slices=tuple(f"{i}/{total}" for i in range(1, total + 1) if i not in by_index),
         rollback=first.rollback,
         inspection=schema.combine([r.inspection for r in ordered if r.inspection is not None]),
+        warnings=first.warnings,
     )
 
 
@@ -641,7 +705,22 @@ def render_text(report: RunReport, *, width: int = 120, color: bool = False) -> 
         console.print("interrupted: in-flight migrations finished or rolled back, every lock was released")
     if report.not_stored:
         console.print(f"the work is done, but not stored: {', '.join(report.not_stored)}")
+    for line in source_notes(report):
+        console.print(line, markup=False)
     return redact(buffer.getvalue())
+
+
+def source_notes(report: RunReport) -> list[str]:
+    """One line per lint finding and per unpublished migration: every format shows them."""
+    lines = [w.describe() for w in report.warnings]
+    for s in report.sources:
+        if s.unpublished:
+            handling = "applied" if s.unpublished_policy == "apply" else "not applied"
+            lines.append(
+                f"unpublished [{s.unpublished_policy}] {s.service}: {', '.join(s.unpublished)}: in the bucket but "
+                f"not in release {s.release} ({handling}; publish them with fanout publish)"
+            )
+    return lines
 
 
 def describe(result: TargetResult, mode: Mode) -> str:

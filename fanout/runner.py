@@ -70,6 +70,7 @@ from fanout.report import (
     Drift,
     DriftKind,
     ErrorKind,
+    Finding,
     LockHolder,
     Mode,
     Retry,
@@ -143,6 +144,8 @@ class RunOptions:
     at: tuple[str, ...] = ()
     # rollback --release R of a release that is no longer a service's current one: service -> ids it added.
     release_added: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # `.py` migrations may be imported and run (their code runs inside the runner).
+    python_migrations: bool = False
 
     @property
     def concurrency(self) -> int:
@@ -162,6 +165,8 @@ class _ServicePlan:
     undo: tuple[str, ...] = ()  # rollback: what this service may roll back on a shard, newest first
     release: str | None = None
     added: tuple[str, ...] | None = None  # what the release added (from its manifest)
+    # Files yoyo could not load, as (file, message): only in a read-only run, which reports them.
+    problems: tuple[tuple[str, str], ...] = ()
 
 
 def run(
@@ -183,7 +188,7 @@ def run(
     called from worker threads.
     """
     started_at = datetime.now(UTC)
-    plans = load(snapshot.sets)
+    plans = load(snapshot.sets, python=options.python_migrations, tolerant=options.mode is Mode.PLAN)
     if options.rollback is not None:
         plans = _select_rollback(plans, options.rollback, options.release_added)
     if options.at:
@@ -250,6 +255,9 @@ def run(
         interrupted=interrupt.stopping.is_set(),
         resumed_from=resumed_from,
         rollback=options.rollback,
+        warnings=tuple(
+            Finding(p.service, file, "bad-migration", "error", message) for p in plans for file, message in p.problems
+        ),
     )
 
 
@@ -279,27 +287,53 @@ def _select_rollback(
     return tuple(replace(p, undo=selected[p.service]) for p in plans)
 
 
-def load(sets: Sequence[MigrationSet]) -> tuple[_ServicePlan, ...]:
-    """Parse every migration of every set now, so a broken file stops the run before any shard is touched."""
+def load(sets: Sequence[MigrationSet], *, python: bool = False, tolerant: bool = False) -> tuple[_ServicePlan, ...]:
+    """Parse every migration of every set now, so a broken file stops the run before any shard is touched.
+
+    Reads the set's paths as yoyo's `read_migrations(*paths)` does (merged in order). A `.py`
+    migration is imported (its code runs here) only when `python` allows it. `tolerant`
+    (plan, status, verify) keeps a file that cannot be loaded in the set, with no step and
+    no dependency, and names it in the plan's `problems` instead of raising SourceError.
+    """
     plans = []
     owner: dict[str, str] = {}
     for migration_set in sets:
+        problems: list[tuple[str, str]] = []
+        service = migration_set.service
+        folders = migration_set.folders or (migration_set.folder,)
         with _load_lock:
+            # yoyo resolves dependencies through a process-wide registry of ids: without this,
+            # a `__depends__` could silently resolve to another service's migration.
+            Migration._Migration__all_migrations.clear()
             try:
-                migrations: MigrationList = read_migrations(str(migration_set.folder))
-                for m in [*migrations, *migrations.post_apply]:
-                    m.load()
+                migrations: MigrationList = read_migrations(*(str(f) for f in folders))
+            except yoyo_exceptions.MigrationConflict as e:
+                raise SourceError(f"service {service!r}: migration id {e.args[0]!r} is in two files") from None
+            members = {*migrations, *migrations.post_apply}
+            for m in [*migrations, *migrations.post_apply]:
+                file = os.path.basename(m.path)
+                if not m.is_raw_sql() and not python:
+                    problem = (file, "Python migration, not allowed by [source] python_migrations")
+                elif (loading := _try_load(m, members)) is not None:
+                    problem = (file, loading)
+                else:
+                    continue
+                if not tolerant:
+                    raise SourceError(f"service {service!r}: {problem[0]}: {problem[1]}")
+                problems.append(problem)
+                _stub(m)
+            try:
                 ordered = tuple(topological_sort(migrations))
-            except yoyo_exceptions.BadMigration as e:
-                raise SourceError(f"service {migration_set.service!r}: bad migration: {_bad_migration(e)}") from None
-            except UnicodeDecodeError as e:
-                raise SourceError(f"service {migration_set.service!r}: a migration is not UTF-8 text: {e}") from None
-            except CycleError as e:
+            except (yoyo_exceptions.BadMigration, CycleError) as e:
+                # yoyo's topological_sort is lazy: a cycle escapes as the sorter's own CycleError.
                 cycle = " -> ".join(str(getattr(m, "id", m)) for m in (e.args[1] if len(e.args) > 1 else ()))
-                raise SourceError(
-                    f"service {migration_set.service!r}: '-- depends:' lines form a cycle"
-                    + (f": {cycle}" if cycle else "")
-                ) from None
+                message = f"'-- depends:' lines form a cycle{': ' + cycle if cycle else ''}"
+                if not tolerant:
+                    raise SourceError(f"service {service!r}: {message}") from None
+                problems.append(("(dependencies)", message))
+                for m in migrations:
+                    m._depends = set()
+                ordered = tuple(migrations)
         for m in ordered:
             if m.id in owner:
                 raise SourceError(
@@ -317,11 +351,36 @@ def load(sets: Sequence[MigrationSet]) -> tuple[_ServicePlan, ...]:
         }
         plans.append(
             _ServicePlan(
-                migration_set.service, ordered, tuple(migrations.post_apply), files, sha256,
+                service, ordered, tuple(migrations.post_apply), files, sha256,
                 rollback_files=rollbacks, release=migration_set.release, added=migration_set.added,
+                problems=tuple(problems),
             )
         )  # fmt: skip
     return tuple(plans)
+
+
+def _try_load(migration: Migration, members: set[Migration]) -> str | None:
+    """Load one migration as yoyo does; what went wrong, or None."""
+    try:
+        migration.load()
+    except yoyo_exceptions.BadMigration as e:
+        cause = e.args[1] if len(e.args) > 1 else None
+        return f"yoyo cannot load it: {type(cause).__name__}: {cause}" if cause else _bad_migration(e)
+    except UnicodeDecodeError as e:
+        return f"not UTF-8 text: {e}"
+    except KeyError as e:  # yoyo's lookup of '-- transactional:'
+        return f"'-- transactional: {e.args[0]}' must be true or false"
+    outside = sorted(d.id for d in migration.depends if d not in members)
+    if outside:
+        return f"depends on {', '.join(outside)}, which this service's set does not have"
+    return None
+
+
+def _stub(migration: Migration) -> None:
+    """A migration kept by id only (a read-only run lists it): no step, no known dependency."""
+    migration.steps = []
+    migration._depends = {d for d in (migration._depends or ()) if d is not None}
+    migration.use_transactions = True
 
 
 def _bad_migration(error: yoyo_exceptions.BadMigration) -> str:
@@ -578,7 +637,7 @@ def _migrate_service(
             try:
                 session.run_hook(hook)
             except _Failure as failure:
-                error = replace(failure.error, migration=hook.id, file=f"{hook.id}.sql")
+                error = replace(failure.error, migration=hook.id, file=os.path.basename(hook.path))
                 break
     still_pending = tuple(m.id for m in pending[ran_now:])
     if error is not None and error.kind is ErrorKind.INTERRUPTED:
@@ -808,6 +867,9 @@ def _summary(migration_set: MigrationSet) -> SourceSummary:
         files=tuple(SourceFile(f.name, f.sha256, f.size, f.etag, f.version_id) for f in migration_set.files),
         manifest=migration_set.manifest,
         release=migration_set.release,
+        unpublished=migration_set.unpublished,
+        unpublished_policy=migration_set.unpublished_policy,
+        paths=migration_set.urls,
     )
 
 
@@ -881,7 +943,7 @@ def adopt(
     them). Without (baseline): record the current content of every applied migration
     that has no checksum yet, as for a fleet migrated before fanout.
     """
-    plans = load(snapshot.sets)
+    plans = load(snapshot.sets, python=options.python_migrations)
     current = {m_id: (p.service, sha) for p in plans for m_id, sha in p.sha256.items()}
     interrupt = interrupt or Interrupt()
 

@@ -5,10 +5,13 @@ fetched once, in parallel, whatever the number of shards. The bytes are written 
 private folder and checksummed; that folder is the only thing any shard sees during
 the run, so an object overwritten in S3 mid-run cannot reach half the fleet.
 
-Layout and conventions are yoyo-cloud's, so an existing yoyo-cloud bucket works as it
-is: only `*.sql` objects directly under `<prefix>/<service>/<env>/` are migrations,
-`NAME.rollback.sql` is the rollback of `NAME.sql`, names starting with `post-apply`
-are post-apply hooks, and the migration id is the file name without `.sql`.
+Conventions are yoyo's and yoyo-cloud's, so an existing bucket works as it is: the
+objects directly under a service's path whose name ends in `.sql` or `.py` are
+migrations (`.py` ones only where the environment allows them), `NAME.rollback.sql` is
+the rollback of `NAME.sql`, names starting with `post-apply` are post-apply hooks, and
+the migration id is the file name without its extension. Where a service's files are
+is the environment's choice (`layout`, or several `paths` merged in order, as
+yoyo-cloud's `paths=[...]`); by default `<prefix>/<service>/<env>/`.
 This module knows nothing of databases.
 """
 
@@ -28,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fanout import lint
-from fanout.config import Environment, FolderLocation, S3Location
+from fanout.config import Environment, FolderLocation, S3Location, UnpublishedPolicy
 from fanout.errors import SourceError
 
 log = logging.getLogger(__name__)
@@ -53,6 +56,7 @@ class MigrationFile:
     sha256: str
     etag: str | None = None
     version_id: str | None = None
+    path: int = 0  # which of the service's paths it comes from (several are merged in order)
 
     @property
     def is_rollback(self) -> bool:
@@ -60,7 +64,7 @@ class MigrationFile:
 
     @property
     def migration_id(self) -> str:
-        return self.name[: -len(SQL_SUFFIX)]
+        return lint.migration_id(self.name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +83,21 @@ class MigrationSet:
     release: str | None = None
     # The migration ids that release added to the set (None: no manifest, or one written before fanout recorded it).
     added: tuple[str, ...] | None = None
+    # Every path of the service, in yoyo's order, and the local folder holding each one's files.
+    urls: tuple[str, ...] = ()
+    folders: tuple[Path, ...] = ()
+    # Migrations in the bucket that the manifest does not list (uploaded outside publish),
+    # and what the environment does with them (config.UnpublishedPolicy).
+    unpublished: tuple[str, ...] = ()
+    unpublished_policy: str | None = None
+
+    def local(self, file: MigrationFile) -> Path:
+        """Where the run's copy of `file` is."""
+        return (self.folders[file.path] if self.folders else self.folder) / file.name
+
+    def display(self, file: MigrationFile) -> str:
+        """How lint and errors name `file`: its name, with its path when the service merges several."""
+        return file.name if len(self.folders) <= 1 else file.key
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +117,7 @@ def take_snapshot(env: Environment, services: Sequence[str], workdir: Path) -> S
     """Fetch every selected service's migrations once into `workdir`. Raises SourceError."""
     if isinstance(env.source, FolderLocation):
         return _snapshot_folder(env.source, env.name, services, workdir)
-    return _snapshot_s3(env.source, env.name, services, workdir)
+    return _snapshot_s3(env.source, env.name, services, workdir, env.rules.unpublished)
 
 
 def s3_client(location: S3Location) -> S3Client:
@@ -154,7 +173,15 @@ class PublishPlan:
         return self.changed + self.removed
 
 
-def plan_publish(location: S3Location, folder: Path, service: str, environment: str) -> PublishPlan:
+def plan_publish(
+    location: S3Location,
+    folder: Path,
+    service: str,
+    environment: str,
+    *,
+    python: bool = False,
+    raised: frozenset[str] = frozenset(),
+) -> PublishPlan:
     """Compare `folder/<service>/<environment>/` with what is published; lint it. Writes nothing."""
     local_folder = folder / service / environment
     if not local_folder.is_dir():
@@ -172,9 +199,11 @@ def plan_publish(location: S3Location, folder: Path, service: str, environment: 
     problems = lint.lint(
         {f.name: f.data for f in files},
         folders=nested,
-        published=[name[: -len(SQL_SUFFIX)] for name in published if not name.endswith(ROLLBACK_SUFFIX)],
+        published=[lint.migration_id(name) for name in published if not name.endswith(ROLLBACK_SUFFIX)],
+        python=python,
+        errors=raised,
     )
-    local = {f.name: f for f in files if f.name.endswith(SQL_SUFFIX)}
+    local = {f.name: f for f in files if lint.is_migration_file(f.name)}
     same = {
         n: _same_content(client, location, prefix + n, etag, local[n]) for n, etag in published.items() if n in local
     }
@@ -280,7 +309,7 @@ def _published(client: S3Client, location: S3Location, prefix: str) -> dict[str,
     for page in _s3_iter(location, paginator.paginate(Bucket=location.bucket, Prefix=prefix, Delimiter="/")):
         for obj in page.get("Contents", []):
             name = obj["Key"][len(prefix) :]
-            if name.endswith(SQL_SUFFIX):
+            if lint.is_migration_file(name):
                 found[name] = obj["ETag"].strip('"')
     return found
 
@@ -319,55 +348,93 @@ def _latest_versions(client: S3Client, location: S3Location, prefix: str) -> dic
 def _snapshot_folder(location: FolderLocation, environment: str, services: Sequence[str], workdir: Path) -> Snapshot:
     sets = []
     for service in services:
-        origin = location.path / service / environment
-        url = location.url(service, environment)
-        if not origin.is_dir():
-            raise SourceError(
-                f"no migrations for service {service!r} in environment {environment!r}: {url} does not exist"
-            )
-        folder = _service_folder(workdir, service)
+        origins = location.folders(service, environment)
+        root = _service_folder(workdir, service)
+        folders = tuple(root / str(i) for i in range(len(origins)))
         files, ignored = [], []
-        for path in sorted(origin.iterdir()):
-            if not (path.is_file() and path.name.endswith(SQL_SUFFIX)):
-                ignored.append(path.name)
+        for index, (origin, folder) in enumerate(zip(origins, folders, strict=True)):
+            folder.mkdir()
+            if not origin.is_dir():
                 continue
-            data = path.read_bytes()
-            (folder / path.name).write_bytes(data)
-            files.append(MigrationFile(path.name, str(path), len(data), hashlib.sha256(data).hexdigest()))
-        sets.append(_migration_set(service, environment, url, files, folder, ignored))
+            for path in sorted(origin.iterdir()):
+                shown = path.name if len(origins) == 1 else str(path)
+                if path.is_dir():
+                    ignored.append(shown + "/")
+                elif not (path.is_file() and lint.is_migration_file(path.name)):
+                    ignored.append(shown)
+                else:
+                    data = path.read_bytes()
+                    (folder / path.name).write_bytes(data)
+                    sha256 = hashlib.sha256(data).hexdigest()
+                    files.append(MigrationFile(path.name, str(path), len(data), sha256, path=index))
+        urls = location.urls(service, environment)
+        sets.append(_migration_set(service, environment, urls, files, root, folders, ignored))
     return Snapshot(tuple(sets), FetchStats())
 
 
-def _snapshot_s3(location: S3Location, environment: str, services: Sequence[str], workdir: Path) -> Snapshot:
+@dataclass(frozen=True, slots=True)
+class _Listing:
+    """What one service's paths hold: migration objects (path index, listing entry), the rest, LIST pages."""
+
+    objects: list[tuple[int, dict[str, Any]]]
+    ignored: list[str]
+    pages: int
+    has_manifest: bool
+
+
+def _snapshot_s3(
+    location: S3Location,
+    environment: str,
+    services: Sequence[str],
+    workdir: Path,
+    policy: UnpublishedPolicy = UnpublishedPolicy.REFUSE,
+) -> Snapshot:
     client = s3_client(location)
     listings = {service: _list(client, location, service, environment) for service in services}
-    list_requests = sum(pages for _, _, pages in listings.values())
+    list_requests = sum(listing.pages for listing in listings.values())
     manifests = {
         service: _manifest(client, location, location.key_prefix(service, environment))
-        for service, (_, ignored, _) in listings.items()
-        if MANIFEST_NAME in ignored
+        for service, listing in listings.items()
+        if listing.has_manifest
     }
-    wanted = []
-    for service, (objects, _, _) in listings.items():
+    wanted: list[tuple[str, int, dict[str, Any]]] = []
+    unpublished: dict[str, tuple[str, ...]] = {}
+    for service, listing in listings.items():
         manifest = manifests.get(service)
         if manifest is None:
-            wanted += [(service, obj) for obj in objects]
+            wanted += [(service, index, obj) for index, obj in listing.objects]
             continue
-        listed = {obj["Key"] for obj in objects}
-        prefix = location.key_prefix(service, environment)
-        pinned = [_pinned_object(prefix, entry) for entry in manifest["files"]]
-        unpublished = sorted(listed - {obj["Key"] for obj in pinned})
-        if unpublished:
+        prefixes = location.key_prefixes(service, environment)
+        pinned = [_pinned_object(location, prefixes, entry) for entry in manifest["files"]]
+        pinned_keys = {obj["Key"] for _, obj in pinned}
+        outside = [(index, obj) for index, obj in listing.objects if obj["Key"] not in pinned_keys]
+        if outside:
+            names = tuple(_shown(prefixes, index, obj["Key"]) for index, obj in outside)
+            unpublished[service] = names
+            handling = {
+                UnpublishedPolicy.REFUSE: 'refused by [source] unpublished = "refuse"',
+                UnpublishedPolicy.REPORT: "not applied",
+                UnpublishedPolicy.APPLY: 'applied, as [source] unpublished = "apply" says',
+            }[policy]
             log.warning(
-                "service %r: %s in S3 but not in release %s: uploaded outside fanout publish, not applied",
-                service, ", ".join(k.rsplit("/", 1)[-1] for k in unpublished), manifest["release"],
+                "service %r: %s in S3 but not in release %s (uploaded outside fanout publish): %s",
+                service, ", ".join(names), manifest["release"], handling,
             )  # fmt: skip
-        wanted += [(service, obj) for obj in pinned]
-    folders = {service: _service_folder(workdir, service) for service in services}
+            if policy is UnpublishedPolicy.APPLY:
+                pinned += outside
+        wanted += [(service, index, obj) for index, obj in pinned]
+    roots = {service: _service_folder(workdir, service) for service in services}
+    folders = {
+        service: tuple(roots[service] / str(i) for i in range(len(location.key_prefixes(service, environment))))
+        for service in services
+    }
+    for service_folders in folders.values():
+        for folder in service_folders:
+            folder.mkdir()
 
-    def fetch(item: tuple[str, dict[str, Any]]) -> tuple[str, MigrationFile]:
-        service, obj = item
-        return service, _fetch(client, location, obj, folders[service])
+    def fetch(item: tuple[str, int, dict[str, Any]]) -> tuple[str, MigrationFile]:
+        service, index, obj = item
+        return service, dataclasses.replace(_fetch(client, location, obj, folders[service][index]), path=index)
 
     with ThreadPoolExecutor(max_workers=FETCH_WORKERS, thread_name_prefix="fanout-s3") as pool:
         fetched = list(pool.map(fetch, wanted))
@@ -375,9 +442,14 @@ def _snapshot_s3(location: S3Location, environment: str, services: Sequence[str]
     sets = []
     for service in services:
         files = [f for s, f in fetched if s == service]
-        _, ignored, _ = listings[service]
         migration_set = _migration_set(
-            service, environment, location.url(service, environment), files, folders[service], ignored
+            service,
+            environment,
+            location.urls(service, environment),
+            files,
+            roots[service],
+            folders[service],
+            listings[service].ignored,
         )
         manifest = manifests.get(service)
         if manifest is not None:
@@ -386,6 +458,7 @@ def _snapshot_s3(location: S3Location, environment: str, services: Sequence[str]
             migration_set = dataclasses.replace(
                 migration_set, manifest=url, release=manifest["release"],
                 added=None if added is None else tuple(str(m) for m in added),
+                unpublished=unpublished.get(service, ()), unpublished_policy=policy.value,
             )  # fmt: skip
         sets.append(migration_set)
     stats = FetchStats(
@@ -410,41 +483,55 @@ def _manifest(client: S3Client, location: S3Location, prefix: str) -> dict[str, 
     return manifest
 
 
-def _pinned_object(prefix: str, entry: dict[str, Any]) -> dict[str, Any]:
-    """A manifest entry in the shape of a listing entry, carrying what pins it."""
-    return {
-        "Key": prefix + entry["name"],
+def _pinned_object(location: S3Location, prefixes: Sequence[str], entry: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """A manifest entry in the shape of a listing entry, carrying what pins it, with its path's index."""
+    key = entry.get("key") or prefixes[0] + entry["name"]
+    index = next((i for i, p in enumerate(prefixes) if key.startswith(p) and "/" not in key[len(p) :]), None)
+    if index is None:
+        raise SourceError(
+            f"s3://{location.bucket}/{prefixes[0]}{MANIFEST_NAME} lists {key}, which is in none of the "
+            "service's paths (did the layout change? publish again)"
+        )
+    return index, {
+        "Key": key,
         "ETag": entry.get("etag") or "",
         "VersionId": entry.get("version_id"),
         "sha256": entry["sha256"],
     }
 
 
-def _list(
-    client: S3Client, location: S3Location, service: str, environment: str
-) -> tuple[list[dict[str, Any]], list[str], int]:
-    prefix = location.key_prefix(service, environment)
-    objects: list[dict[str, Any]] = []
+def _shown(prefixes: Sequence[str], index: int, key: str) -> str:
+    """A file's name, or its key when the service merges several paths."""
+    return key[len(prefixes[index]) :] if len(prefixes) == 1 else key
+
+
+def _list(client: S3Client, location: S3Location, service: str, environment: str) -> _Listing:
+    prefixes = location.key_prefixes(service, environment)
+    objects: list[tuple[int, dict[str, Any]]] = []
     ignored: list[str] = []
     pages = 0
+    has_manifest = False
     paginator = client.get_paginator("list_objects_v2")
-    # Delimiter="/" keeps nested "folders" out of the listing, as yoyo-cloud does.
-    iterator = paginator.paginate(Bucket=location.bucket, Prefix=prefix, Delimiter="/")
-    for page in _s3_iter(location, iterator):
-        pages += 1
-        _require_s3_answer(location, page)
-        for obj in page.get("Contents", []):
-            name = obj["Key"][len(prefix) :]
-            if name.endswith(SQL_SUFFIX) and name != SQL_SUFFIX:
-                objects.append(obj)
-            else:
-                ignored.append(name)
-        ignored.extend(p["Prefix"][len(prefix) :] for p in page.get("CommonPrefixes", []))
+    for index, prefix in enumerate(prefixes):
+        # Delimiter="/" keeps nested "folders" out of the listing, as yoyo-cloud does.
+        iterator = paginator.paginate(Bucket=location.bucket, Prefix=prefix, Delimiter="/")
+        for page in _s3_iter(location, iterator):
+            pages += 1
+            _require_s3_answer(location, page)
+            for obj in page.get("Contents", []):
+                name = obj["Key"][len(prefix) :]
+                if name and lint.is_migration_file(name):
+                    objects.append((index, obj))
+                elif name:
+                    has_manifest = has_manifest or (index == 0 and name == MANIFEST_NAME)
+                    ignored.append(_shown(prefixes, index, obj["Key"]))
+            ignored.extend(_shown(prefixes, index, p["Prefix"]) for p in page.get("CommonPrefixes", []))
     if not objects:
         raise SourceError(
-            f"no migrations for service {service!r} in environment {environment!r} at {location.url(service, environment)}"
+            f"no migrations for service {service!r} in environment {environment!r} at "
+            + ", ".join(location.urls(service, environment))
         )
-    return objects, ignored, pages
+    return _Listing(objects, ignored, pages, has_manifest)
 
 
 def _require_s3_answer(location: S3Location, page: dict[str, Any]) -> None:
@@ -493,17 +580,25 @@ def _fetch(client: S3Client, location: S3Location, obj: dict[str, Any], folder: 
 
 
 def _migration_set(
-    service: str, environment: str, url: str, files: list[MigrationFile], folder: Path, ignored: list[str]
+    service: str,
+    environment: str,
+    urls: tuple[str, ...],
+    files: list[MigrationFile],
+    root: Path,
+    folders: tuple[Path, ...],
+    ignored: list[str],
 ) -> MigrationSet:
     if not any(not f.is_rollback for f in files):
-        raise SourceError(f"no migrations for service {service!r} in environment {environment!r} at {url}")
+        raise SourceError(f"no migrations for service {service!r} in environment {environment!r} at {', '.join(urls)}")
     return MigrationSet(
         service=service,
         environment=environment,
-        url=url,
-        files=tuple(sorted(files, key=lambda f: f.name)),
-        folder=folder,
+        url=urls[0],
+        files=tuple(sorted(files, key=lambda f: (f.path, f.name))),
+        folder=root,
         ignored=tuple(sorted(ignored)),
+        urls=urls,
+        folders=folders,
     )
 
 

@@ -91,6 +91,7 @@ class Fleet:
         services: Sequence[str] | None = None,
         extra: str = "",
         source: str | None = None,
+        source_extra: str = "",
     ) -> Path:
         """Write environments/<env>.toml; targets default to one per database."""
         if targets is None:
@@ -104,7 +105,8 @@ class Fleet:
             prefix = "migrations"
             region = "us-east-1"
             endpoint_url = "{self.s3.endpoint_url}"
-            """),
+            """)
+            + source_extra,
             '[directory]\nkind = "static"\n',
         ]
         for target in targets:

@@ -222,3 +222,36 @@ def test_text_summarizes_a_large_fleet_but_lists_every_failure() -> None:
     assert "(145 results; only failed, drifted and skipped ones are listed)" in text
     assert all(f"connection refused {n}" in text for n in range(45))  # more than the 40-row limit, all there
     assert "ok-1 " not in text
+
+
+def test_lint_warnings_and_unpublished_migrations_are_in_every_format(fleet: Fleet, tmp_path: Path) -> None:
+    from fanout.report import from_dict, to_dict
+
+    (name,) = fleet.add_databases(1)
+    fleet.s3.client().put_bucket_versioning(Bucket=fleet.bucket, VersioningConfiguration={"Status": "Enabled"})
+    fleet.write_env(source_extra='unpublished = "report"\n')
+    local = tmp_path / "local" / "app" / "test"
+    local.mkdir(parents=True)
+    for file, body in {**MIGRATIONS, "004-later.sql": "-- nothing yet\n"}.items():
+        (local / file).write_text(body)
+    assert fleet.cli("publish", "--env", "test", "--migrations-dir", str(tmp_path / "local")).exit_code == EXIT_OK
+    fleet.publish({"005-by-hand.sql": "CREATE TABLE by_hand (id INT);"})  # a plain PUT, outside publish
+
+    code, formats, _ = run_all_formats(fleet, tmp_path, "plan", "--env", "test")
+    assert code == EXIT_OK  # plan without --detailed-exitcode only reports
+    for fmt, text in formats.items():
+        assert "empty-migration" in text and "004-later.sql" in text, fmt
+        assert "005-by-hand.sql" in text and "unpublished" in text, fmt
+    report = json.loads(formats["json"])
+    assert report["warnings"] == [
+        {"service": "app", "file": "004-later.sql", "rule": "empty-migration", "severity": "warning",
+         "message": "empty: no SQL statement (yoyo records it as applied and runs nothing)"}
+    ]  # fmt: skip
+    (source,) = report["source"]["sets"]
+    assert (source["unpublished"], source["unpublished_policy"]) == (["005-by-hand.sql"], "report")
+    assert source["paths"] == [f"s3://{fleet.bucket}/migrations/app/test/"]
+    assert to_dict(from_dict(report)) == report
+    suites = ET.fromstring(formats["junit"])
+    (set_case,) = [c for c in suites.iter("testcase") if c.get("name") == "migration-set"]
+    assert "005-by-hand.sql" in (set_case.find("failure").text or "")  # type: ignore[union-attr]
+    assert fleet.applied(name) == []
