@@ -64,7 +64,6 @@ CASES = [
                 CREATE INDEX person_email_idx ON person (email);
                 """,
         },
-        xfail='lint refuses two `yoyo new` names of one day as "the same number"',
     ),
     Case(
         "branch-merge-numbers",
@@ -76,7 +75,6 @@ CASES = [
                 "-- depends: 0002-feature-a 0002-feature-b\nCREATE VIEW account_ab AS SELECT a, b FROM account;\n"
             ),
         },
-        xfail="lint refuses two migrations sharing a number",
     ),
     Case(
         "comment-only-and-header-comments",
@@ -85,7 +83,6 @@ CASES = [
             "0002-reverted.sql": "-- depends: 0001-t\n-- this migration was emptied after a revert\n",
             "0003-x.sql": "-- depends: 0002-reverted\nALTER TABLE t ADD COLUMN x INT;\n",
         },
-        xfail="lint refuses comment-only migrations and `-- Requires:` headers",
     ),
     Case(
         "python-steps",
