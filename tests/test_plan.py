@@ -114,7 +114,7 @@ def test_json_report_shape_is_pinned(fleet: Fleet) -> None:
     assert set(report) == {
         "schema", "run_id", "command", "mode", "environment", "services", "started_at", "finished_at",
         "duration_seconds", "exit_code", "interrupted", "resumed_from", "slice", "parts", "missing_slices",
-        "rollout", "totals", "source", "results", "inspection", "not_stored", "rollback",
+        "rollout", "totals", "source", "results", "inspection", "not_stored", "rollback", "warnings",
     }  # fmt: skip
     assert set(report["rollout"]) == {
         "concurrency", "per_server", "waves", "max_failures", "waves_run", "waves_planned", "stop_reason",
@@ -131,7 +131,9 @@ def test_json_report_shape_is_pinned(fleet: Fleet) -> None:
         "applied_before", "ran", "pending", "lock_holder", "broken_lock", "retries", "error", "seconds",
         "drift", "unverified", "rolled_back", "to_roll_back",
     }  # fmt: skip
-    assert set(report["source"]["sets"][0]) == {"service", "url", "manifest", "release", "files"}
+    assert set(report["source"]["sets"][0]) == {
+        "service", "url", "manifest", "release", "files", "paths", "unpublished", "unpublished_policy",
+    }  # fmt: skip
     assert set(report["source"]["sets"][0]["files"][0]) == {"name", "sha256", "size", "etag", "version_id"}
     assert report["exit_code"] == 0
     # A stored report reads back into the same model (report merge relies on it).
