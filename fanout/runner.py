@@ -769,6 +769,13 @@ def _rollback_service(
             if seconds is not None:
                 applied[migration.hash] = migration.id
                 state.ran.append(AppliedMigration(migration.id, seconds))
+        if error is None and state.ran:
+            for hook in plan.post_apply:  # as yoyo's reapply, which applies through apply_migrations
+                try:
+                    session.run_hook(hook)
+                except _Failure as failure:
+                    error = replace(failure.error, migration=hook.id, file=f"{hook.id}.sql")
+                    break
     if error is not None:
         status = Status.SKIPPED if error.kind is ErrorKind.INTERRUPTED else Status.FAILED
     elif options.mode is Mode.PLAN:

@@ -304,7 +304,8 @@ def test_a_rollback_racing_an_apply_leaves_every_shard_consistent(fleet: Fleet) 
 
 def test_reapply_rolls_back_and_applies_again_under_one_lock(fleet: Fleet) -> None:
     (shard,) = fleet.add_databases(1)
-    fleet.publish(SET)
+    hook = "CREATE TABLE IF NOT EXISTS hook_runs (n INT);\nINSERT INTO hook_runs VALUES (1);"
+    fleet.publish({**SET, "post-apply-count.sql": hook})
     fleet.write_env()
     assert fleet.cli("apply", "--env", "test").exit_code == EXIT_OK
     fleet.query(shard, "COMMENT ON INDEX person_address IS 'tampered'")  # 004's effect changed by hand
@@ -321,6 +322,9 @@ def test_reapply_rolls_back_and_applies_again_under_one_lock(fleet: Fleet) -> No
                              "ORDER BY created_at_utc")  # fmt: skip
     assert ops == [("apply",), ("rollback",), ("apply",)]
     assert fleet.cli("verify", "--env", "test").exit_code == EXIT_OK
+    assert fleet.query(shard, "SELECT count(*) FROM hook_runs") == [(2,)]  # after apply, and after reapply
+    assert fleet.cli("rollback", "--env", "test", "--migration", "004-address-index").exit_code == EXIT_OK
+    assert fleet.query(shard, "SELECT count(*) FROM hook_runs") == [(2,)]  # a rollback runs no hook
 
 
 def test_a_non_transactional_rollback_runs_outside_a_transaction(fleet: Fleet) -> None:
