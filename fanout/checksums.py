@@ -55,6 +55,8 @@ class How(StrEnum):
     BASELINED = "baselined"  # applied before fanout, adopted as it is now (fanout baseline)
     RETIRED = "retired"  # accepted although no longer in the set: never reported as missing again
     ROLLED_BACK = "rolled-back"  # fanout rolled it back: the checksum row is gone, the log keeps it
+    MARKED = "marked"  # recorded as applied by an operator (fanout mark), not run by fanout
+    UNMARKED = "unmarked"  # log only: an operator removed the record (fanout unmark) so that it runs again
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,8 +37,9 @@ Exit codes:
   3   migration source error (S3, lint, a published file would change);
       nothing was touched
   4   shard directory error; nothing was touched
-  5   one or more targets failed, drifted or were skipped; the others are done
-      (verify: also behind or unverified; report merge: also a missing slice;
+  5   one or more targets failed, drifted, are in doubt or were skipped; the
+      others are done (verify: also behind, unverified or an INVALID index;
+      report merge: also a missing slice;
       inspect, verify --schema: a shard's schema differs from its reference)
   6   the work is done, but its run record or a requested report (--output,
       --report-to, $GITHUB_STEP_SUMMARY) could not be stored
@@ -411,6 +412,12 @@ lock_wait_option = click.option(
     default=None,
     help="Where run records are kept [default: $FANOUT_RUNS_DIR, else .fanout/runs].",
 )
+@click.option(
+    "--repair-invalid/--no-repair-invalid",
+    default=None,
+    help="A migration in doubt that only builds indexes, whose trace is INVALID indexes it builds: drop them "
+    "(CONCURRENTLY) and run it again [default: the environment's repair_invalid, else off].",
+)
 @_guarded
 def apply(
     env: Environment,
@@ -428,6 +435,7 @@ def apply(
     target_timeout: float | None,
     resume: str | None,
     runs_dir: Path | None,
+    repair_invalid: bool | None,
 ) -> None:
     """Apply outstanding migrations to every target, each under its lock.
 
@@ -455,6 +463,7 @@ def apply(
         fail_fast=fail_fast,
         slice=slice_,
         target_timeout=target_timeout,
+        repair_invalid=repair_invalid,
     )
     with signals_handled(Interrupt()) as interrupt, shown(_progress()) as progress:
         report = commands.apply(
@@ -835,6 +844,97 @@ def baseline(env: Environment, fmt: str, target_ids: tuple[str, ...], lock_wait:
     """
     results = commands.baseline(env, target_ids, settings=commands.RunSettings(lock_wait=lock_wait))
     _emit_adoptions(results, fmt)
+
+
+def _emit_settlements(results: list[runner.Settlement], fmt: str) -> NoReturn:
+    if fmt == "json":
+        payload = [
+            {"target": r.target, "database": r.database, "changed": list(r.changed), "message": r.message,
+             "refused": r.refused, "failed": r.failed}
+            for r in results
+        ]  # fmt: skip
+        click.echo(redact(json.dumps(payload, indent=2)))
+    else:
+        for r in results:
+            outcome = "failed" if r.failed else "refused" if r.refused else "ok"
+            click.echo(redact(f"{r.target:<24} {outcome:<8} {r.message}"))
+    sys.exit(EXIT_TARGETS_FAILED if any(r.failed or r.refused for r in results) else EXIT_OK)
+
+
+settle_migration_option = click.option(
+    "--migration", "migration_ids", multiple=True, required=True, metavar="ID", help="The migration (repeatable)."
+)
+settle_target_option = click.option(
+    "--target", "target_ids", multiple=True, metavar="ID", help="Only this target (repeatable) [default: every one]."
+)
+
+
+@cli.command()
+@env_option
+@format_option
+@settle_migration_option
+@settle_target_option
+@click.option("--reason", required=True, help="Why it is done; logged on each shard with who and when.")
+@click.option("--force", is_flag=True, help="Record it even while an index it builds is INVALID.")
+@lock_wait_option
+@_guarded
+def mark(
+    env: Environment,
+    fmt: str,
+    migration_ids: tuple[str, ...],
+    target_ids: tuple[str, ...],
+    reason: str,
+    force: bool,
+    lock_wait: float | None,
+) -> None:
+    """Record a migration as applied without running it: settles a migration in doubt that is done.
+
+    A non-transactional migration that was interrupted leaves its shard `in-doubt`; when
+    what it does is there (its indexes VALID), `mark` records it (yoyo's rows, logged as
+    `mark`, and the checksum of the published content) and clears the mark, under the
+    shard's lock. Refused on a shard where an index it builds is INVALID, unless --force.
+    Exit 0 when every shard is settled, 5 when one was refused or failed.
+
+    \b
+    Example:
+      fanout mark --env production --migration 012-index-orders --target tenant_acme --reason "index VALID, checked"
+    """
+    results = commands.mark(
+        env, migration_ids, target_ids, reason=reason, force=force, settings=commands.RunSettings(lock_wait=lock_wait)
+    )
+    _emit_settlements(results, fmt)
+
+
+@cli.command()
+@env_option
+@format_option
+@settle_migration_option
+@settle_target_option
+@click.option("--reason", required=True, help="Why it must run again; logged on each shard with who and when.")
+@lock_wait_option
+@_guarded
+def unmark(
+    env: Environment,
+    fmt: str,
+    migration_ids: tuple[str, ...],
+    target_ids: tuple[str, ...],
+    reason: str,
+    lock_wait: float | None,
+) -> None:
+    """Forget that a migration started or was applied, so that the next apply runs it again.
+
+    Clears a migration's in-doubt mark, and removes yoyo's record of it (logged as
+    `unmark`) and its checksum when it was recorded, under the shard's lock. It runs no
+    SQL of the migration: drop what it left behind first (e.g. an INVALID index).
+
+    \b
+    Example:
+      fanout unmark --env production --migration 012-index-orders --reason "dropped the INVALID index by hand"
+    """
+    results = commands.unmark(
+        env, migration_ids, target_ids, reason=reason, settings=commands.RunSettings(lock_wait=lock_wait)
+    )
+    _emit_settlements(results, fmt)
 
 
 @cli.group()

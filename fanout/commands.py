@@ -57,6 +57,7 @@ class RunSettings:
     fail_fast: bool = False  # the same as max_failures "0"
     slice: str | None = None  # "K/N": only the targets of that slice (see rollout.Slice)
     target_timeout: float | None = None  # seconds one target may take (see RunOptions.target_timeout)
+    repair_invalid: bool | None = None  # apply: drop the INVALID indexes of a migration in doubt and run it again
 
 
 def plan(
@@ -202,6 +203,59 @@ def _adopt(
         return runner.adopt(
             snapshot, targets, options, environment=env.name, run_id=new_run_id(),
             migration_ids=migration_ids, reason=reason,
+        )  # fmt: skip
+
+
+def mark(
+    env: Environment,
+    migration_ids: Sequence[str],
+    target_ids: Sequence[str] = (),
+    *,
+    reason: str,
+    force: bool = False,
+    settings: RunSettings = RunSettings(),
+) -> list[runner.Settlement]:
+    """Record migrations as applied without running them (a migration in doubt that is done), with a logged reason.
+
+    Refuses, per shard, while an index the migration builds is INVALID, unless `force`.
+    """
+    return _settle(env, migration_ids, target_ids, record=True, reason=reason, force=force, settings=settings)
+
+
+def unmark(
+    env: Environment,
+    migration_ids: Sequence[str],
+    target_ids: Sequence[str] = (),
+    *,
+    reason: str,
+    settings: RunSettings = RunSettings(),
+) -> list[runner.Settlement]:
+    """Forget that migrations started or were applied, so that the next apply runs them; with a logged reason."""
+    return _settle(env, migration_ids, target_ids, record=False, reason=reason, force=False, settings=settings)
+
+
+def _settle(
+    env: Environment,
+    migration_ids: Sequence[str],
+    target_ids: Sequence[str],
+    *,
+    record: bool,
+    reason: str,
+    force: bool,
+    settings: RunSettings,
+) -> list[runner.Settlement]:
+    verb = "mark" if record else "unmark"
+    if not migration_ids:
+        raise ConfigError(f"{verb}: name at least one --migration")
+    if not reason.strip():
+        raise ConfigError(f"{verb}: --reason must say why; it is logged on each shard")
+    targets = _named_targets(env, target_ids)
+    options = _options(env, Mode.APPLY, settings)
+    with tempfile.TemporaryDirectory(prefix="fanout-snapshot-") as workdir:
+        snapshot = source.take_snapshot(env, env.select_services(()), Path(workdir))
+        return runner.settle(
+            snapshot, targets, options, run_id=new_run_id(), environment=env.name, migration_ids=migration_ids,
+            record=record, reason=reason, force=force,
         )  # fmt: skip
 
 
@@ -503,6 +557,7 @@ def _options(env: Environment, mode: Mode, settings: RunSettings) -> runner.RunO
         liveness_check=defaults.liveness_check or None,
         tcp=defaults.tcp,
         python_migrations=env.rules.python_migrations,
+        repair_invalid=defaults.repair_invalid if settings.repair_invalid is None else settings.repair_invalid,
     )
 
 

@@ -251,6 +251,8 @@ class RunnerSettings:
     keepalives_interval: int = 10
     keepalives_count: int = 3
     tcp_user_timeout: float = 60.0
+    # A migration in doubt whose only trace is INVALID indexes it builds: drop them, run it again.
+    repair_invalid: bool = False
 
     @property
     def tcp(self) -> TcpSettings:
@@ -440,6 +442,7 @@ class _Runner(_Strict):
     keepalives_interval: Annotated[int, Field(ge=1, le=600)] = 10
     keepalives_count: Annotated[int, Field(ge=1, le=100)] = 3
     tcp_user_timeout: Annotated[float, Field(ge=0, le=3600)] = 60.0
+    repair_invalid: bool = False
 
 
 class _EnvironmentFile(_Strict):

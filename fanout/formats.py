@@ -92,7 +92,7 @@ class Row:
 
 
 _WORST = [
-    Status.FAILED, Status.DRIFTED, Status.SKIPPED, Status.PENDING, Status.APPLIED, Status.ROLLED_BACK,
+    Status.FAILED, Status.IN_DOUBT, Status.DRIFTED, Status.SKIPPED, Status.PENDING, Status.APPLIED, Status.ROLLED_BACK,
     Status.UP_TO_DATE,
 ]  # fmt: skip
 
@@ -204,7 +204,7 @@ def render_skew(report: RunReport) -> str:
 
 _ICONS = {
     Status.UP_TO_DATE: "✅", Status.APPLIED: "✅", Status.ROLLED_BACK: "↩️", Status.PENDING: "🟡", Status.FAILED: "❌",
-    Status.DRIFTED: "⚠️", Status.SKIPPED: "⏭️",
+    Status.DRIFTED: "⚠️", Status.SKIPPED: "⏭️", Status.IN_DOUBT: "❓",
 }  # fmt: skip
 
 
@@ -231,7 +231,9 @@ def render_markdown(report: RunReport, *, detailed: bool = False) -> str:
         out.append("")
     if report.inspection is not None:
         out += schema_report.render_markdown(report.inspection)
-    problems = [r for r in report.results if r.status in (Status.FAILED, Status.DRIFTED, Status.SKIPPED)]
+    problems = [
+        r for r in report.results if r.status in (Status.FAILED, Status.IN_DOUBT, Status.DRIFTED, Status.SKIPPED)
+    ]
     if problems:
         out += [f"**Needs attention ({len(problems)})**", "", "| target | service | status | detail |",
                 "|---|---|---|---|"]  # fmt: skip
@@ -281,7 +283,7 @@ def render_junit(report: RunReport) -> str:
             )  # fmt: skip
             counts["tests"] += 1
             output = describe(result, report.mode)
-            if result.status in (Status.FAILED, Status.DRIFTED):
+            if result.status in (Status.FAILED, Status.IN_DOUBT, Status.DRIFTED):
                 counts["failures"] += 1
                 kind = result.error.kind.value if result.error else "drift"
                 failure = ET.SubElement(case, "failure", type=kind, message=output[:500])

@@ -20,7 +20,7 @@ from typing import Any, TextIO
 from fanout.report import Status, TargetResult
 from fanout.secret import redact
 
-_TROUBLE = (Status.FAILED, Status.DRIFTED, Status.SKIPPED)
+_TROUBLE = (Status.FAILED, Status.IN_DOUBT, Status.DRIFTED, Status.SKIPPED)
 
 
 class Progress:

@@ -44,6 +44,8 @@ class Status(StrEnum):
     ROLLED_BACK = "rolled-back"  # rollback: migrations were rolled back in this run
     FAILED = "failed"
     DRIFTED = "drifted"  # plan/status/verify: applied migrations whose content differs from the set (see drift)
+    # a non-transactional migration started and was never recorded (see in_doubt); settle it by hand
+    IN_DOUBT = "in-doubt"
     # not attempted, or stopped before its end: failure budget, interrupt, an earlier service failed
     SKIPPED = "skipped"
 
@@ -66,6 +68,7 @@ class ErrorKind(StrEnum):
     TARGET_TIMEOUT = "target-timeout"  # still working at --target-timeout: cancelled, rolled back, lock released
     UNRESPONSIVE = "unresponsive"  # the shard stopped answering (keepalives, tcp_user_timeout, an unanswered cancel)
     POOLER = "pooler"  # a transaction-mode pooler sits between fanout and the shard: refused before any lock
+    IN_DOUBT = "in-doubt"  # a non-transactional migration started earlier and was never recorded
     INTERNAL = "internal"
 
 
@@ -97,6 +100,37 @@ class LockHolder:
         when = f" since {self.since:%Y-%m-%d %H:%M:%S} UTC" if self.since else ""
         state = {True: "", False: ", session gone", None: ""}[self.alive]
         return f"{who}{when}{state}"
+
+
+@dataclass(frozen=True, slots=True)
+class InDoubt:
+    """A non-transactional migration marked as started and never recorded, and what the shard holds of it."""
+
+    migration: str
+    operation: str  # apply | rollback
+    run_id: str
+    host: str
+    pid: int
+    started_at: datetime
+    invalid_indexes: tuple[str, ...] = ()  # INVALID indexes it builds, or that appeared since it started
+    valid_indexes: tuple[str, ...] = ()  # indexes it builds that exist and are VALID
+    missing_indexes: tuple[str, ...] = ()  # indexes it builds that do not exist
+
+    def describe(self) -> str:
+        found = [
+            f"{label} {', '.join(names)}"
+            for label, names in (
+                ("INVALID index", self.invalid_indexes),
+                ("VALID index", self.valid_indexes),
+                ("missing index", self.missing_indexes),
+            )
+            if names
+        ]
+        return (
+            f"{self.migration} was started ({self.operation}) by fanout run {self.run_id} (pid {self.pid} on "
+            f"{self.host}) at {self.started_at:%Y-%m-%d %H:%M:%S} UTC and never recorded; found: "
+            f"{'; '.join(found) or 'no index it builds'}"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +220,8 @@ class TargetResult:
     # rollback: still to roll back when the run ended (a dry run: what it would roll back);
     # verify --at: applied beyond the version the fleet is meant to be at.
     to_roll_back: tuple[str, ...] = ()
+    in_doubt: InDoubt | None = None  # a non-transactional migration that started and was never recorded
+    invalid_indexes: tuple[str, ...] = ()  # every INVALID index on the shard (on the target's first service)
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,13 +338,13 @@ class RunReport:
         return tuple(r for r in self.results if r.status is Status.FAILED)
 
 
-_NOT_DONE = (Status.FAILED, Status.SKIPPED, Status.DRIFTED)
+_NOT_DONE = (Status.FAILED, Status.SKIPPED, Status.DRIFTED, Status.IN_DOUBT)
 
 
 def exit_code(report: RunReport, *, detailed: bool = False) -> int:
-    """0 when every target succeeded; 5 when any failed, drifted or was skipped (or a merged
-    report misses a slice; or, for verify, a shard is behind or unverified; or an inspected
-    shard's schema differs from its reference); 130 when interrupted.
+    """0 when every target succeeded; 5 when any failed, drifted, is in doubt or was skipped (or a
+    merged report misses a slice; or, for verify, a shard is behind, unverified or has an INVALID
+    index; or an inspected shard's schema differs from its reference); 130 when interrupted.
 
     3 when the migration set has lint errors (plan, status and verify still report the
     fleet), and, for verify and `plan --detailed-exitcode`, when the bucket holds
@@ -324,7 +360,9 @@ def exit_code(report: RunReport, *, detailed: bool = False) -> int:
         return EXIT_SOURCE
     if report.missing_slices or any(r.status in _NOT_DONE for r in report.results):
         return EXIT_TARGETS_FAILED
-    if report.command == "verify" and any(r.pending or r.unverified or r.to_roll_back for r in report.results):
+    if report.command == "verify" and any(
+        r.pending or r.unverified or r.to_roll_back or r.invalid_indexes for r in report.results
+    ):
         return EXIT_TARGETS_FAILED  # verify gates on the whole published set, applied and checksummed
     if report.inspection is not None and report.inspection.differs:
         return EXIT_TARGETS_FAILED  # a shard's live schema differs from its version's reference
@@ -444,7 +482,33 @@ def _result_dict(result: TargetResult) -> dict[str, Any]:
         "unverified": list(result.unverified),
         "rolled_back": [{"id": m.id, "seconds": round(m.seconds, 4)} for m in result.rolled_back],
         "to_roll_back": list(result.to_roll_back),
+        "in_doubt": None if result.in_doubt is None else _in_doubt_dict(result.in_doubt),
+        "invalid_indexes": list(result.invalid_indexes),
     }
+
+
+def _in_doubt_dict(found: InDoubt) -> dict[str, Any]:
+    return {
+        "migration": found.migration,
+        "operation": found.operation,
+        "run_id": found.run_id,
+        "host": found.host,
+        "pid": found.pid,
+        "started_at": found.started_at.isoformat(),
+        "invalid_indexes": list(found.invalid_indexes),
+        "valid_indexes": list(found.valid_indexes),
+        "missing_indexes": list(found.missing_indexes),
+    }
+
+
+def _in_doubt_from_dict(data: dict[str, Any] | None) -> InDoubt | None:
+    if data is None:
+        return None
+    return InDoubt(
+        data["migration"], data["operation"], data["run_id"], data["host"], data["pid"],
+        datetime.fromisoformat(data["started_at"]), tuple(data["invalid_indexes"]), tuple(data["valid_indexes"]),
+        tuple(data["missing_indexes"]),
+    )  # fmt: skip
 
 
 def _holder_dict(holder: LockHolder | None) -> dict[str, Any] | None:
@@ -552,6 +616,8 @@ def _result_from_dict(data: dict[str, Any]) -> TargetResult:
         unverified=tuple(data.get("unverified", ())),
         rolled_back=tuple(AppliedMigration(m["id"], m["seconds"]) for m in data.get("rolled_back", ())),
         to_roll_back=tuple(data.get("to_roll_back", ())),
+        in_doubt=_in_doubt_from_dict(data.get("in_doubt")),
+        invalid_indexes=tuple(data.get("invalid_indexes", ())),
     )
 
 
@@ -650,6 +716,7 @@ _STYLES = {
     Status.FAILED: "bold red",
     Status.SKIPPED: "magenta",
     Status.DRIFTED: "bold yellow",
+    Status.IN_DOUBT: "bold red",
 }
 
 
@@ -725,10 +792,11 @@ def source_notes(report: RunReport) -> list[str]:
 
 def describe(result: TargetResult, mode: Mode) -> str:
     """One line on what happened to a result: its error, else drift, runs, pending, locks, retries."""
+    invalid = f"; INVALID index(es) on the shard: {', '.join(result.invalid_indexes)}" if result.invalid_indexes else ""
     if result.error is not None:
         where = f"{result.error.file}: " if result.error.file else ""
         retried = f" (after {len(result.retries)} retries)" if result.retries else ""
-        return f"{result.error.kind.value}: {where}{result.error.message}{retried}"
+        return f"{result.error.kind.value}: {where}{result.error.message}{retried}{invalid}"
     parts = []
     if not result.initialized and result.status is not Status.SKIPPED:
         parts.append("never migrated")
@@ -756,7 +824,7 @@ def describe(result: TargetResult, mode: Mode) -> str:
         parts.append(f"{len(result.retries)} retr{'y' if len(result.retries) == 1 else 'ies'}")
     if result.status is Status.SKIPPED and not parts:
         parts.append("not attempted")
-    return "; ".join(parts)
+    return "; ".join(parts) + invalid
 
 
 def _shorten(ids: Iterable[str], limit: int = 4) -> str:

@@ -59,7 +59,7 @@ from yoyo.migrations import Migration, MigrationList, MigrationStep, Transaction
 from yoyo.topologicalsort import CycleError
 from yoyo.utils import change_param_style
 
-from fanout import checksums, locking, pooler, rollout
+from fanout import checksums, indoubt, locking, pooler, rollout
 from fanout import rollback as rollback_selection
 from fanout.config import TcpSettings
 from fanout.directory import Target
@@ -71,6 +71,7 @@ from fanout.report import (
     DriftKind,
     ErrorKind,
     Finding,
+    InDoubt,
     LockHolder,
     Mode,
     Retry,
@@ -146,6 +147,8 @@ class RunOptions:
     release_added: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # `.py` migrations may be imported and run (their code runs inside the runner).
     python_migrations: bool = False
+    # A migration in doubt whose only trace is INVALID indexes it builds: drop them and run it again.
+    repair_invalid: bool = False
 
     @property
     def concurrency(self) -> int:
@@ -212,7 +215,7 @@ def run(
         targets,
         work,
         server_of=lambda t: t.server,
-        failed=lambda results: any(r.status is Status.FAILED for r in results),
+        failed=lambda results: any(r.status in (Status.FAILED, Status.IN_DOUBT) for r in results),
         limits=options.limits,
         stop=interrupt.stopping,
     )
@@ -422,10 +425,11 @@ def ensure_database(target: Target, *, connect_timeout: float = 10.0, maintenanc
 class _Failure(Exception):
     """A classified per-target failure; becomes TargetResult.error."""
 
-    def __init__(self, error: TargetError, *, retryable: bool = False) -> None:
+    def __init__(self, error: TargetError, *, retryable: bool = False, in_doubt: InDoubt | None = None) -> None:
         super().__init__(error.message)
         self.error = error
         self.retryable = retryable
+        self.in_doubt = in_doubt
 
 
 @dataclass(slots=True)
@@ -472,18 +476,22 @@ def _migrate_target(
                 context["broken_lock"] = context.get("broken_lock") or broken
                 applied = session.applied()
                 recorded = session.recorded_checksums()
+                marks, invalid = session.marks_and_invalid()
                 unknown = _unknown_to_every_set(applied, plans, recorded) if options.all_services else []
                 for plan in plans:
                     state = progress[plan.service]
                     if state.result is None:
-                        shard = _ShardState(applied, recorded, environment, unknown if plan is plans[0] else [])
+                        first = plan is plans[0]
+                        shard = _ShardState(
+                            applied, recorded, environment, unknown if first else [], marks, invalid if first else ()
+                        )
                         procedure = _migrate_service if options.rollback is None else _rollback_service
                         state.result = _at_level(
                             procedure(session, target, plan, shard, state, options, interrupt, deadline),
                             plan,
                             options.at,
                         )
-                    if state.result.status in (Status.FAILED, Status.SKIPPED):
+                    if state.result.status in _STOPS_TARGET:
                         break
             break
         except _Failure as caught:
@@ -519,11 +527,15 @@ def _migrate_target(
         else:
             reason = f"not attempted: service {blocked_by!r} did not complete on this target"
             result = _result(target, plan.service, Status.SKIPPED, TargetError(ErrorKind.NOT_STARTED, reason))
-        if blocked_by is None and result.status in (Status.FAILED, Status.SKIPPED):
+        if blocked_by is None and result.status in _STOPS_TARGET:
             blocked_by = plan.service
         results.append(replace(result, retries=tuple(state.retries), **_lock_context(context)))
     seconds = time.monotonic() - started
     return [replace(r, seconds=seconds) for r in results]
+
+
+# A service that ends so leaves the services after it on the target not attempted.
+_STOPS_TARGET = (Status.FAILED, Status.SKIPPED, Status.IN_DOUBT)
 
 
 def _outcome(state: _Progress, plan: _ServicePlan, context: dict[str, Any]) -> dict[str, Any]:
@@ -563,6 +575,8 @@ class _ShardState:
     recorded: dict[str, checksums.Recorded]  # fanout's checksums by migration id
     environment: str
     unknown: list[Drift]  # applied migrations no set of the run knows (reported on the first service)
+    marks: dict[str, indoubt.Mark]  # non-transactional migrations started and never recorded
+    invalid: tuple[str, ...]  # every INVALID index (reported on the first service)
 
 
 def _unknown_to_every_set(
@@ -611,8 +625,10 @@ def _migrate_service(
         return _result(
             target, plan.service, Status.FAILED, error, applied_before=state.before, pending=pending_for_drift,
             initialized=session.initialized, drift=tuple(drift), unverified=tuple(unverified),
+            invalid_indexes=shard.invalid,
         )  # fmt: skip
     ran_now = 0
+    doubt: InDoubt | None = None
     for migration in pending:
         if interrupt.stopping.is_set():
             error = TargetError(ErrorKind.INTERRUPTED, f"interrupted before {migration.id}")
@@ -622,11 +638,20 @@ def _migrate_service(
             break
         recording = _Recording(plan.sha256.get(migration.id, ""), plan.service, shard.environment)
         try:
+            mark = shard.marks.get(migration.id)
+            if mark is not None:
+                doubt, repaired = session.in_doubt(migration, mark, repair=options.repair_invalid)
+                if repaired is not None:
+                    state.retries.append(Retry(len(state.retries) + 1, repaired, 0.0, migration.id))
+                    log.warning("%s: %s: %s", target.id, migration.id, repaired)
+                if doubt is not None:
+                    raise _Failure(_in_doubt_error(doubt), in_doubt=doubt)
             seconds = _apply_with_retries(session, migration, recording, state, options, interrupt, deadline)
         except _Failure as failure:
             if failure.retryable and failure.error.kind is ErrorKind.UNREACHABLE:
                 raise  # the connection is gone: the target starts over on a new one
             error = replace(failure.error, migration=migration.id, file=plan.files.get(migration.id))
+            doubt = failure.in_doubt
             break
         if seconds is not None:
             ran_now += 1
@@ -642,6 +667,8 @@ def _migrate_service(
     still_pending = tuple(m.id for m in pending[ran_now:])
     if error is not None and error.kind is ErrorKind.INTERRUPTED:
         status = Status.SKIPPED
+    elif error is not None and error.kind is ErrorKind.IN_DOUBT:
+        status = Status.IN_DOUBT
     elif error is not None:
         status = Status.FAILED
     elif options.mode is Mode.PLAN and drift:
@@ -661,6 +688,17 @@ def _migrate_service(
         initialized=session.initialized,
         drift=tuple(drift),
         unverified=tuple(unverified),
+        in_doubt=doubt,
+        invalid_indexes=shard.invalid,
+    )
+
+
+def _in_doubt_error(doubt: InDoubt) -> TargetError:
+    return TargetError(
+        ErrorKind.IN_DOUBT,
+        f"in doubt: {doubt.describe()}. Not run again: settle it with `fanout mark --migration {doubt.migration}` "
+        f"(it is done) or `fanout unmark --migration {doubt.migration}` (run it again), or `apply --repair-invalid`",
+        invalid_indexes=doubt.invalid_indexes,
     )
 
 
@@ -1014,6 +1052,125 @@ def adopt(
     return [r for r in outcome.results if r is not None]
 
 
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """What `mark` or `unmark` did on one target."""
+
+    target: str
+    database: str
+    changed: tuple[str, ...]  # migration ids whose record or mark changed
+    message: str  # one line per migration, joined
+    failed: bool = False
+    refused: bool = False  # a migration was left as it was (an INVALID index, without --force)
+
+
+def settle(
+    snapshot: Snapshot,
+    targets: Sequence[Target],
+    options: RunOptions,
+    *,
+    run_id: str,
+    environment: str,
+    migration_ids: Sequence[str],
+    record: bool,
+    reason: str,
+    force: bool = False,
+    interrupt: Interrupt | None = None,
+) -> list[Settlement]:
+    """Settle migrations by hand, under each target's lock: record them as applied (`record`) or not.
+
+    Recording (`fanout mark`) writes yoyo's rows (logged as `mark`) and the checksum of the
+    set's content, and clears a started mark; it refuses while an index the migration
+    builds (or one that appeared since it started) is INVALID, unless `force`. Not recording
+    (`fanout unmark`) clears the mark and removes yoyo's record and the checksum, so the
+    next apply runs the migration again. Both are logged in fanout_checksum_log with `reason`.
+    Raises ConfigError, before any shard is touched, for an id that no set of the run has.
+    """
+    plans = load(snapshot.sets)
+    by_id = {m.id: (p, m) for p in plans for m in p.migrations}
+    unknown = [m for m in migration_ids if m not in by_id]
+    if unknown:
+        raise ConfigError(f"no migration {', '.join(map(repr, unknown))} in the migration set of any service")
+    interrupt = interrupt or Interrupt()
+
+    def one(target: Target) -> Settlement:
+        try:
+            session = _YoyoSession(target, options, run_id, interrupt)
+        except _Failure as failure:
+            return Settlement(target.id, target.display, (), failure.error.message, failed=True)
+        notes: list[str] = []
+        changed: list[str] = []
+        refused = False
+        try:
+            with session.lock(options.lock_wait):
+                applied = session.applied()
+                marks, _ = session.marks_and_invalid()
+                recorded = session.recorded_checksums()
+                statements: list[str] = []
+                with session._connection.cursor() as cursor:
+                    for migration_id in migration_ids:
+                        plan, migration = by_id[migration_id]
+                        mark, is_applied = marks.get(migration_id), migration.hash in applied
+                        sha = plan.sha256.get(migration_id, "")
+                        old = recorded[migration_id].sha256 if migration_id in recorded else None
+                        if record and is_applied:
+                            notes.append(f"{migration_id}: already applied" + ("; cleared its mark" if mark else ""))
+                            if mark is None:
+                                continue
+                        elif record:
+                            if mark is not None:
+                                _, found, _ = _examine(cursor, session._schema, session._schema_only, migration, mark)
+                                invalid = found.invalid
+                            else:
+                                builds, _ = indoubt.index_builds(_statements(migration) or [])
+                                invalid = tuple(i for i in indoubt.inspect(cursor, builds, (), ()).invalid)
+                            if invalid and not force:
+                                refused = True
+                                notes.append(
+                                    f"{migration_id}: refused: INVALID index {', '.join(invalid)} (drop it and "
+                                    "`fanout unmark` to run it again, or --force to record it anyway)"
+                                )
+                                continue
+                            recording = _Recording(sha, plan.service, environment)
+                            statements += session._records(migration, recording, "mark", checksums.How.MARKED)
+                            statements.append(checksums.log_sql(cursor, session._schema, migration_id, old, sha, checksums.How.MARKED,
+                                                                reason))  # fmt: skip
+                            notes.append(f"{migration_id}: recorded as applied")
+                        elif is_applied:
+                            statements += session._unmark_rows(migration)
+                            statements.append(
+                                checksums.log_sql(
+                                    cursor, session._schema, migration_id, old, "", checksums.How.UNMARKED, reason
+                                )
+                            )
+                            notes.append(f"{migration_id}: record removed: the next apply runs it")
+                        elif mark is not None:
+                            statements.append(
+                                checksums.log_sql(
+                                    cursor, session._schema, migration_id, old, "", checksums.How.UNMARKED, reason
+                                )
+                            )
+                            notes.append(f"{migration_id}: mark cleared: the next apply runs it")
+                        else:
+                            notes.append(f"{migration_id}: neither applied nor in doubt: nothing to do")
+                            continue
+                        if mark is not None:
+                            statements.append(indoubt.clear_sql(cursor, session._schema, migration_id))
+                        changed.append(migration_id)
+                session.record(statements)
+        except _Failure as failure:
+            return Settlement(target.id, target.display, (), failure.error.message, failed=True)
+        except psycopg2.Error as e:
+            return Settlement(target.id, target.display, (), _classify_database_error(e).error.message, failed=True)
+        finally:
+            session.close()
+        return Settlement(target.id, target.display, tuple(changed), "; ".join(notes), refused=refused)
+
+    limits = rollout.Limits(concurrency=options.concurrency, per_server=options.limits.per_server)
+    outcome = rollout.schedule(targets, one, server_of=lambda t: t.server, failed=lambda s: s.failed, limits=limits)
+    return [r for r in outcome.results if r is not None]
+
+
 # ---- sessions: the one place the mode makes a difference ----------------------------
 
 
@@ -1029,6 +1186,14 @@ class _Session(Protocol):
         ...
 
     def recorded_checksums(self) -> dict[str, checksums.Recorded]: ...
+
+    def marks_and_invalid(self) -> tuple[dict[str, indoubt.Mark], tuple[str, ...]]:
+        """Migrations marked as started and never recorded, and every INVALID index of the target."""
+        ...
+
+    def in_doubt(self, migration: Migration, mark: indoubt.Mark, *, repair: bool) -> tuple[InDoubt | None, str | None]:
+        """What the shard holds of a marked migration; (None, what was done) when `repair` settled it."""
+        ...
 
     def apply(self, migration: Migration, recording: _Recording) -> bool:
         """True when the migration ran (apply), False when it was only planned."""
@@ -1332,6 +1497,7 @@ class _ReadOnlySession:
         self._connection.cursor_factory = _TrackedCursor
         self._watch = _Watch(self._connection, interrupt, options, deadline)
         self.initialized = False
+        self._schema_only = target.schema is not None
         try:
             self._connection.set_session(readonly=True)
             _check_session(self._connection, target, kwargs, started, self._watch)
@@ -1341,15 +1507,22 @@ class _ReadOnlySession:
                 settings = _settings_sql(self._connection, target.schema, options.session, watch=False)
                 probe = cursor.mogrify(
                     "SELECT s, "
-                    + ", ".join(["to_regclass(format('%%I.%%I', s, %s)) IS NOT NULL"] * 4)
+                    + ", ".join(["to_regclass(format('%%I.%%I', s, %s)) IS NOT NULL"] * 5)
                     + " FROM (SELECT coalesce(%s, current_schema()) AS s) AS schema",
-                    (MIGRATION_TABLE, VERSION_TABLE, locking.YOYO_LOCK_TABLE, checksums.TABLE, target.schema),
+                    (
+                        MIGRATION_TABLE,
+                        VERSION_TABLE,
+                        locking.YOYO_LOCK_TABLE,
+                        checksums.TABLE,
+                        indoubt.TABLE,
+                        target.schema,
+                    ),
                 ).decode()
                 cursor.execute(_join([*settings, probe]))
                 row = cursor.fetchone()
             assert row is not None
             self._schema: str = row[0] or ""
-            self.initialized, self._has_version_table, self._has_lock_table, self._has_checksums = (
+            self.initialized, self._has_version_table, self._has_lock_table, self._has_checksums, self._has_marks = (
                 bool(v) for v in row[1:]
             )
         except psycopg2.Error as e:
@@ -1384,6 +1557,21 @@ class _ReadOnlySession:
         try:
             with self._connection.cursor() as cursor:
                 return checksums.read(cursor, self._schema, exists=self._has_checksums)
+        except psycopg2.Error as e:
+            raise self._watch.classify(e) from None
+
+    def marks_and_invalid(self) -> tuple[dict[str, indoubt.Mark], tuple[str, ...]]:
+        try:
+            with self._connection.cursor() as cursor:
+                return indoubt.read(cursor, self._schema, only_schema=self._schema_only, marks=self._has_marks)
+        except psycopg2.Error as e:
+            raise self._watch.classify(e) from None
+
+    def in_doubt(self, migration: Migration, mark: indoubt.Mark, *, repair: bool) -> tuple[InDoubt | None, str | None]:
+        """Plan mode: say what is there; never repair."""
+        try:
+            with self._connection.cursor() as cursor:
+                return _examine(cursor, self._schema, self._schema_only, migration, mark)[0], None
         except psycopg2.Error as e:
             raise self._watch.classify(e) from None
 
@@ -1430,6 +1618,35 @@ def _plain_rollback_sql(migration: Migration) -> list[str] | None:
         if inner._rollback:
             statements.append(inner._rollback)
     return statements
+
+
+def _statements(migration: Migration) -> list[str] | None:
+    """The SQL statements of a .sql migration, in order; None when it has Python steps."""
+    statements = []
+    for step in migration.steps:
+        inner = getattr(step, "step", None)
+        if (
+            not isinstance(inner, MigrationStep)
+            or type(inner) is not MigrationStep
+            or not isinstance(inner._apply, str)
+        ):
+            return None
+        statements.append(inner._apply)
+    return statements
+
+
+def _examine(
+    cursor: Any, schema: str, only_schema: bool, migration: Migration, mark: indoubt.Mark
+) -> tuple[InDoubt, indoubt.Found, bool]:
+    """What the shard holds of a migration in doubt, and whether it is an index-only migration."""
+    builds, only = indoubt.index_builds(_statements(migration) or [])
+    _, invalid_now = indoubt.read(cursor, schema, only_schema=only_schema, marks=False)
+    found = indoubt.inspect(cursor, builds, invalid_now, mark.invalid_before)
+    doubt = InDoubt(
+        migration.id, mark.operation, mark.run_id, mark.host, mark.pid, mark.started_at,
+        found.invalid, found.valid, found.missing,
+    )  # fmt: skip
+    return doubt, found, only
 
 
 def _plain_sql(migration: Migration) -> list[str] | None:
@@ -1516,7 +1733,7 @@ class _Backend(PostgresqlBackend):  # type: ignore[misc]
                     self.connection,
                     self.bookkeeping,
                     create_schema=bool(self.schema),
-                    extra=checksums.create_sql(self.bookkeeping),
+                    extra=(*checksums.create_sql(self.bookkeeping), indoubt.create_sql(self.bookkeeping)),
                 )
                 return
             except (psycopg2.errors.UniqueViolation, psycopg2.errors.DuplicateObject, psycopg2.errors.DuplicateTable):
@@ -1567,6 +1784,8 @@ class _YoyoSession:
         # True once a migration may have changed the session (role, search_path, settings,
         # temporary tables, an open transaction): the next message then starts by restoring it.
         self._dirty = False
+        self._schema_only = target.schema is not None
+        self._repair = options.repair_invalid
         try:
             _check_session(self._connection, target, _connect_kwargs(target, options, run_id), started, self._watch)
             self._settings, self._schema = self._configure(target.schema, options.session)
@@ -1680,9 +1899,30 @@ class _YoyoSession:
         except psycopg2.Error as e:
             raise self._watch.classify(e) from None
 
+    def marks_and_invalid(self) -> tuple[dict[str, indoubt.Mark], tuple[str, ...]]:
+        try:
+            with self._connection.cursor() as cursor:
+                return indoubt.read(cursor, self._schema, only_schema=self._schema_only)
+        except psycopg2.Error as e:
+            raise self._watch.classify(e) from None
+
+    def in_doubt(self, migration: Migration, mark: indoubt.Mark, *, repair: bool) -> tuple[InDoubt | None, str | None]:
+        try:
+            self._clean()
+            with self._connection.cursor() as cursor:
+                doubt, found, only = _examine(cursor, self._schema, self._schema_only, migration, mark)
+                if not (repair and indoubt.repairable(only, found)):
+                    return doubt, None
+                for index in found.own_invalid:
+                    cursor.execute(indoubt.drop_sql(index))
+                cursor.execute(indoubt.clear_sql(cursor, self._schema, migration.id))
+        except psycopg2.Error as e:
+            raise self._watch.classify(e) from None
+        dropped = f"dropped INVALID index {', '.join(found.own_invalid)}, " if found.own_invalid else ""
+        return None, f"in doubt since run {mark.run_id}: {dropped}running it again (--repair-invalid)"
+
     def apply(self, migration: Migration, recording: _Recording) -> bool:
         backend = self._backend
-        invalid_before: set[str] = set()
         try:
             statements = _plain_sql(migration)
             records = [*_ORIGINAL_ROLE, *self._records(migration, recording)]
@@ -1699,23 +1939,10 @@ class _YoyoSession:
                     migration.process_steps(backend, "apply")
                     self._execute(_join(records))
             else:
-                self._clean()
-                invalid_before = self._invalid_indexes()
-                self._dirty = True
-                migration.process_steps(backend, "apply")
-                self._commit_clean(records)
+                self._apply_marked(migration, recording)
         except psycopg2.Error as e:
             self._reset()
-            failure = self._watch.classify(e, otherwise=ErrorKind.MIGRATION)
-            if not migration.use_transactions and not _lost(e):
-                left = tuple(sorted(self._invalid_indexes() - invalid_before))
-                if left:
-                    message = (
-                        f"{failure.error.message}; left INVALID index {', '.join(left)} "
-                        "(DROP INDEX CONCURRENTLY it before the next run)"
-                    )
-                    failure = _Failure(replace(failure.error, message=message, invalid_indexes=left))
-            raise failure from None
+            raise self._watch.classify(e, otherwise=ErrorKind.MIGRATION) from None
         return True
 
     def rollback(self, migration: Migration, recorded: _Recording, reason: str | None) -> bool:
@@ -1774,6 +2001,112 @@ class _YoyoSession:
             )
         return rows
 
+    def _invalid_indexes(self) -> set[str]:
+        """Every INVALID index the session can see (a failed CREATE/DROP INDEX CONCURRENTLY leaves one)."""
+        with self._connection.cursor() as cursor:
+            return set(indoubt.read(cursor, self._schema, only_schema=self._schema_only, marks=False)[1])
+
+    def _apply_marked(self, migration: Migration, recording: _Recording) -> None:
+        """A non-transactional migration: marked as started (committed), run, then recorded with the mark cleared.
+
+        Whatever stops it midway, the mark stays and the next run reports the migration in
+        doubt instead of running it blindly again; only a failure of its first statement
+        that left nothing behind (no new INVALID index) clears the mark, since a single
+        statement outside a transaction is atomic but for the INVALID index of a
+        CONCURRENTLY build. Never records it while an index it builds is INVALID.
+        """
+        backend = self._backend
+        builds, only = indoubt.index_builds(_statements(migration) or [])
+        for attempt in itertools.count():
+            self._clean()
+            with self._connection.cursor() as cursor:
+                _, before = indoubt.read(cursor, self._schema, only_schema=self._schema_only, marks=False)
+                owner = self._owner
+                cursor.execute(
+                    indoubt.mark_sql(
+                        cursor, self._schema, migration.id, operation="apply", run_id=owner.run_id, host=owner.host,
+                        pid=owner.pid, invalid=before,
+                    )
+                )  # fmt: skip
+            executed = []
+            self._dirty = True
+            try:
+                with backend.disable_transactions():
+                    for step in migration.steps:
+                        step.apply(backend)
+                        executed.append(step)
+            except psycopg2.Error as e:
+                raise self._failed_midway(migration, e, executed, builds, only, before) from None
+            self._clean()  # the migration's session changes must not reach what follows (nor its lookups)
+            with self._connection.cursor() as cursor:
+                _, now = indoubt.read(cursor, self._schema, only_schema=self._schema_only, marks=False)
+                found = indoubt.inspect(cursor, builds, now, before)
+                if found.own_invalid and self._repair and attempt == 0 and indoubt.repairable(only, found):
+                    # An INVALID index of the same name that IF NOT EXISTS skipped: build it for real.
+                    for index in found.own_invalid:
+                        cursor.execute(indoubt.drop_sql(index))
+                    continue
+                clear = indoubt.clear_sql(cursor, self._schema, migration.id)
+            if found.own_invalid:
+                doubt = InDoubt(
+                    migration.id, "apply", self._owner.run_id, self._owner.host, self._owner.pid,
+                    datetime.now(UTC).replace(tzinfo=None),
+                    found.invalid, found.valid, found.missing,
+                )  # fmt: skip
+                message = (
+                    f"ran, but index {', '.join(found.own_invalid)} is INVALID (CREATE INDEX ... IF NOT EXISTS "
+                    "skips an INVALID index of that name): not recorded as applied. "
+                    + _in_doubt_error(doubt).message.removeprefix("in doubt: ")
+                )
+                raise _Failure(
+                    TargetError(ErrorKind.IN_DOUBT, message, invalid_indexes=found.own_invalid), in_doubt=doubt
+                )
+            self._commit_clean([*_ORIGINAL_ROLE, *self._records(migration, recording), clear])
+            return
+
+    def _failed_midway(
+        self,
+        migration: Migration,
+        error: psycopg2.Error,
+        executed: list[Any],
+        builds: list[indoubt.IndexBuild],
+        only: bool,
+        before: tuple[str, ...],
+    ) -> _Failure:
+        """Classify a failed non-transactional migration; keep its mark unless nothing can have happened."""
+        failure = self._watch.classify(error, otherwise=ErrorKind.MIGRATION)
+        if _lost(error) or self._watch.handle.reason is not None:
+            return failure  # the mark stays: the retry on a new connection finds it and says what is there
+        for step in reversed(executed):  # as yoyo does: undo the steps that ran, as far as their rollbacks go
+            try:
+                step.rollback(self._backend)
+            except psycopg2.Error as e:
+                log.warning("%s: rollback of a step of %s failed: %s", self._display, migration.id, _pg_message(e))
+        try:
+            self._clean()
+            with self._connection.cursor() as cursor:
+                _, now = indoubt.read(cursor, self._schema, only_schema=self._schema_only, marks=False)
+                found = indoubt.inspect(cursor, builds, now, before)
+                if not executed and found.own_invalid and self._repair and only:
+                    for index in found.own_invalid:
+                        cursor.execute(indoubt.drop_sql(index))
+                    _, now = indoubt.read(cursor, self._schema, only_schema=self._schema_only, marks=False)
+                    found = indoubt.inspect(cursor, builds, now, before)
+                if not executed and not found.invalid:
+                    cursor.execute(
+                        indoubt.clear_sql(cursor, self._schema, migration.id)
+                    )  # nothing happened: not in doubt
+                    return failure
+        except psycopg2.Error:
+            return _Failure(failure.error)  # the mark stays
+        left = f"; left INVALID index {', '.join(found.invalid)}" if found.invalid else ""
+        ran = f"; {len(executed)} of its {len(migration.steps)} statements had run" if executed else ""
+        message = (
+            f"{failure.error.message}{left}{ran}; marked in doubt: the next run reports it until it is settled "
+            "(`fanout mark`/`fanout unmark`, or drop the INVALID index and `fanout unmark`, or `apply --repair-invalid`)"
+        )
+        return _Failure(replace(failure.error, message=message, invalid_indexes=found.invalid))
+
     def checksum_statements(
         self,
         migration_id: str,
@@ -1811,35 +2144,43 @@ class _YoyoSession:
         with self._connection.cursor() as cursor:
             return str(cursor.mogrify(query, params).decode())
 
-    def _records(self, migration: Migration, recording: _Recording) -> list[str]:
+    def _records(
+        self,
+        migration: Migration,
+        recording: _Recording,
+        operation: str = "apply",
+        how: checksums.How = checksums.How.APPLIED,
+    ) -> list[str]:
         """yoyo's `_yoyo_log` and `_yoyo_migration` rows and fanout's checksum row, as statements.
 
         Their times are the server's clock when they are inserted, after the migration ran.
+        `operation` is yoyo's log operation (`apply`, or `mark` for `fanout mark`).
         """
         backend = self._backend
         marked = {"migration_hash": migration.hash, "migration_id": migration.id, "when": _FINISHED_AT}
         rows = [
-            self._yoyo_row(backend.log_migration_sql, backend.get_log_data(migration, "apply")),
+            self._yoyo_row(backend.log_migration_sql, backend.get_log_data(migration, operation)),
             self._yoyo_row(backend.mark_migration_sql, marked),
         ]
         with self._connection.cursor() as cursor:
             rows.append(
                 checksums.record_sql(
                     cursor, self._schema, migration.id, recording.sha256, recording.service, recording.environment,
-                    checksums.How.APPLIED, at=_FINISHED_AT,
+                    how, at=_FINISHED_AT,
                 )
             )  # fmt: skip
         return rows
 
-    def _invalid_indexes(self) -> set[str]:
-        """Indexes a failed CREATE INDEX CONCURRENTLY leaves behind, marked INVALID."""
+    def _unmark_rows(self, migration: Migration) -> list[str]:
+        """yoyo's unmark (its row deleted, `_yoyo_log` says unmark) and fanout's checksum row deleted."""
+        backend = self._backend
+        rows = [
+            self._yoyo_row(backend.log_migration_sql, backend.get_log_data(migration, "unmark")),
+            self._yoyo_row(backend.unmark_migration_sql, {"migration_hash": migration.hash}),
+        ]
         with self._connection.cursor() as cursor:
-            cursor.execute(
-                "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_catalog.pg_index i "
-                "JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid "
-                "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE NOT i.indisvalid"
-            )
-            return {row[0] for row in cursor.fetchall()}
+            rows.append(checksums.unrecord_sql(cursor, self._schema, migration.id))
+        return rows
 
     def run_hook(self, migration: Migration) -> None:
         """Run a post-apply hook and log it in `_yoyo_log` as yoyo does (an `apply` row; hooks are never marked)."""

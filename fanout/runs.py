@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 RUNS_DIR_VARIABLE = "FANOUT_RUNS_DIR"
 DEFAULT_RUNS_DIR = Path(".fanout") / "runs"
-_UNFINISHED = ("failed", "skipped")
+_UNFINISHED = ("failed", "skipped", "in-doubt")
 
 
 def runs_dir(override: Path | None = None) -> Path:

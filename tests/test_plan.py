@@ -124,12 +124,12 @@ def test_json_report_shape_is_pinned(fleet: Fleet) -> None:
         "targets", "results", "by_status", "migrations_applied", "migrations_pending", "migrations_rolled_back",
     }  # fmt: skip
     assert set(report["totals"]["by_status"]) == {
-        "up-to-date", "pending", "applied", "failed", "drifted", "skipped", "rolled-back",
+        "up-to-date", "pending", "applied", "failed", "drifted", "in-doubt", "skipped", "rolled-back",
     }  # fmt: skip
     assert set(report["results"][0]) == {
         "target", "service", "status", "server", "database", "schema", "tenants", "initialized",
         "applied_before", "ran", "pending", "lock_holder", "broken_lock", "retries", "error", "seconds",
-        "drift", "unverified", "rolled_back", "to_roll_back",
+        "drift", "unverified", "rolled_back", "to_roll_back", "in_doubt", "invalid_indexes",
     }  # fmt: skip
     assert set(report["source"]["sets"][0]) == {
         "service", "url", "manifest", "release", "files", "paths", "unpublished", "unpublished_policy",

@@ -128,7 +128,8 @@ def test_every_format_on_a_fleet_with_mixed_outcomes(fleet: Fleet, tmp_path: Pat
     # JSON and text are the same model.
     report = json.loads(apply_formats["json"])
     assert report["totals"]["by_status"] == {"up-to-date": 1, "pending": 0, "applied": 1, "rolled-back": 0,
-                                             "failed": 4, "drifted": 0, "skipped": 2}  # fmt: skip
+                                             "failed": 4, "drifted": 0,
+                                             "in-doubt": 0, "skipped": 2}  # fmt: skip
     assert "locked" in apply_formats["text"] and "lock held by yoyo pid 4242" in apply_formats["text"]
 
 

@@ -1,0 +1,219 @@
+"""Non-transactional migrations: a mark committed before they start, and what a shard holds when one is found.
+
+A `-- transactional: false` migration (CREATE INDEX CONCURRENTLY) commits statement by
+statement. A kill, a server crash or a timeout in the middle leaves the shard anywhere
+between before and after: nothing done, an index left INVALID, or everything done but
+not recorded. yoyo cannot tell these apart, and a re-run then fails forever on "already
+exists", or, with `IF NOT EXISTS`, records the migration while its index stays INVALID.
+
+So fanout commits a row in `fanout_in_doubt` (migration, run id, host, pid, server pid,
+when, and the INVALID indexes that existed before) before such a migration runs, and
+deletes it in the transaction that records the migration. A row found later names a
+migration that started and was never recorded: fanout does not run it again blindly,
+it reports the shard `in-doubt` with what it finds (the indexes the migration creates,
+VALID, INVALID or absent; INVALID indexes that appeared since it started), until an
+operator settles it (`fanout mark` / `fanout unmark`) or, opted in, the common case is
+repaired (drop the INVALID indexes the migration builds, run it again).
+
+Every function takes a psycopg2 cursor; the SQL reads (inspection) work inside a
+read-only transaction. This module knows nothing of yoyo.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from fanout.locking import qualified
+
+TABLE = "fanout_in_doubt"
+
+
+def create_sql(schema: str) -> str:
+    """The statement that creates the marks table in `schema` (with fanout's other tables) when missing."""
+    return (
+        f"CREATE TABLE IF NOT EXISTS {qualified(schema, TABLE)} ("
+        '"migration_id" TEXT PRIMARY KEY, "operation" TEXT NOT NULL, "run_id" TEXT NOT NULL, "host" TEXT NOT NULL, '
+        '"pid" INT NOT NULL, "backend_pid" INT NOT NULL, "started_at" TIMESTAMP NOT NULL, '
+        '"invalid_before" TEXT[] NOT NULL)'
+    )
+
+
+# Every INVALID index fanout can see, as schema.name; `{where}` narrows it to a target's schema.
+_INVALID_SQL = (
+    "SELECT coalesce(array_agg(format('%I.%I', n.nspname, c.relname) ORDER BY 1), '{{}}') FROM pg_catalog.pg_index i "
+    "JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+    "WHERE NOT i.indisvalid AND n.nspname NOT IN ('pg_catalog', 'information_schema') {where}"
+)
+
+
+def invalid_sql(only: str | None) -> str:
+    """A query returning one row, one array: every INVALID index (only those of schema `only`, when given)."""
+    where = "AND n.nspname = '" + only.replace("'", "''") + "'" if only is not None else ""
+    return _INVALID_SQL.format(where=where)
+
+
+@dataclass(frozen=True, slots=True)
+class Mark:
+    """A non-transactional migration that started and was not recorded."""
+
+    migration_id: str
+    operation: str  # apply | rollback
+    run_id: str
+    host: str
+    pid: int
+    started_at: datetime
+    invalid_before: tuple[str, ...]
+
+
+def mark_sql(
+    cursor: Any,
+    schema: str,
+    migration_id: str,
+    *,
+    operation: str,
+    run_id: str,
+    host: str,
+    pid: int,
+    invalid: Sequence[str],
+) -> str:
+    """The statement that marks a migration as started (committed on its own, before the migration runs)."""
+    sql: bytes = cursor.mogrify(
+        f'INSERT INTO {qualified(schema, TABLE)} ("migration_id", "operation", "run_id", "host", "pid", "backend_pid", "started_at", '
+        '"invalid_before") VALUES (%s, %s, %s, %s, %s, pg_backend_pid(), '
+        "(clock_timestamp() AT TIME ZONE 'UTC'), %s::text[]) "
+        'ON CONFLICT ("migration_id") DO UPDATE SET "operation" = EXCLUDED."operation", "run_id" = EXCLUDED."run_id", '
+        '"host" = EXCLUDED."host", "pid" = EXCLUDED."pid", "backend_pid" = EXCLUDED."backend_pid", '
+        '"started_at" = EXCLUDED."started_at", "invalid_before" = EXCLUDED."invalid_before"',
+        (migration_id, operation, run_id, host, pid, list(invalid)),
+    )
+    return sql.decode()
+
+
+def clear_sql(cursor: Any, schema: str, migration_id: str) -> str:
+    """The statement that clears a migration's mark; part of the transaction that records (or unmarks) it."""
+    sql: bytes = cursor.mogrify(f'DELETE FROM {qualified(schema, TABLE)} WHERE "migration_id" = %s', (migration_id,))
+    return sql.decode()
+
+
+def read(cursor: Any, schema: str, *, only_schema: bool, marks: bool = True) -> tuple[dict[str, Mark], tuple[str, ...]]:
+    """Every mark of the shard (when `marks`: the table exists) and every INVALID index, in one round trip.
+
+    `only_schema`: only the INVALID indexes of `schema` (a schema-per-tenant target), else all of the database's.
+    """
+    invalid = invalid_sql(schema if only_schema else None)
+    if not marks:
+        cursor.execute(invalid)
+        return {}, tuple(cursor.fetchone()[0])
+    cursor.execute(
+        'SELECT inv.names, m."migration_id", m."operation", m."run_id", m."host", m."pid", m."started_at", '
+        f'm."invalid_before" FROM ({invalid}) AS inv(names) LEFT JOIN {qualified(schema, TABLE)} m ON true'
+    )
+    rows = cursor.fetchall()
+    found = {
+        row[1]: Mark(row[1], row[2], row[3], row[4], row[5], row[6], tuple(row[7] or ()))
+        for row in rows
+        if row[1] is not None
+    }
+    return found, tuple(rows[0][0]) if rows else ()
+
+
+# ---- what a migration builds ------------------------------------------------------------
+
+_IDENT = r'(?:"(?:[^"]|"")+"|[A-Za-z_][\w$]*)'
+_CREATE_INDEX = re.compile(
+    rf"^\s*CREATE\s+(?:UNIQUE\s+)?INDEX\s+(?P<concurrently>CONCURRENTLY\s+)?(?P<ine>IF\s+NOT\s+EXISTS\s+)?"
+    rf"(?:(?P<name>{_IDENT})\s+)?ON\s+(?:ONLY\s+)?(?P<table>{_IDENT}(?:\s*\.\s*{_IDENT})?)",
+    re.IGNORECASE,
+)
+_COMMENTS = re.compile(r"--[^\n]*|/\*.*?\*/", re.DOTALL)
+
+
+@dataclass(frozen=True, slots=True)
+class IndexBuild:
+    """A CREATE INDEX statement of a migration."""
+
+    name: str | None  # None: PostgreSQL picks the name
+    table: str  # as written (possibly schema-qualified, quoted), resolved like the migration resolves it
+    if_not_exists: bool
+
+
+def index_builds(statements: Sequence[str]) -> tuple[list[IndexBuild], bool]:
+    """The indexes a migration's statements create, and whether index builds are all it does."""
+    builds: list[IndexBuild] = []
+    only = bool(statements)
+    for statement in statements:
+        text = _COMMENTS.sub(" ", statement).strip().rstrip(";").strip()
+        if not text:
+            continue
+        found = _CREATE_INDEX.match(text)
+        if found is None:
+            only = False
+            continue
+        name = found["name"]
+        builds.append(IndexBuild(_unquote(name) if name else None, found["table"], bool(found["ine"])))
+    return builds, only and all(b.name for b in builds)
+
+
+def _unquote(identifier: str) -> str:
+    if identifier.startswith('"'):
+        return identifier[1:-1].replace('""', '"')
+    return identifier.lower()
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    """What a shard holds of a migration in doubt."""
+
+    invalid: tuple[str, ...]  # INVALID indexes it builds, or that appeared since it started
+    valid: tuple[str, ...]  # indexes it builds that exist and are VALID
+    missing: tuple[str, ...]  # indexes it builds that do not exist
+    own_invalid: tuple[str, ...]  # the INVALID ones it builds by name (what a repair drops)
+    blocking: tuple[str, ...]  # VALID ones whose statement has no IF NOT EXISTS: a re-run would fail on them
+
+
+def inspect(cursor: Any, builds: Sequence[IndexBuild], invalid_now: Sequence[str], since: Sequence[str]) -> Found:
+    """Look up each index a migration builds (on its table, as the migration's session would resolve it)."""
+    valid: list[str] = []
+    invalid: list[str] = []
+    missing: list[str] = []
+    blocking: list[str] = []
+    for build in builds:
+        if build.name is None:
+            continue
+        cursor.execute(
+            "SELECT format('%%I.%%I', n.nspname, c.relname), i.indisvalid FROM pg_catalog.pg_index i "
+            "JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid "
+            "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE c.relname = %s AND i.indrelid = to_regclass(%s)",
+            (build.name, build.table),
+        )
+        row = cursor.fetchone()
+        if row is None:
+            missing.append(build.name)
+        elif row[1]:
+            valid.append(row[0])
+            if not build.if_not_exists:
+                blocking.append(row[0])
+        else:
+            invalid.append(row[0])
+    appeared = [name for name in invalid_now if name not in since and name not in invalid]
+    return Found(tuple(invalid + appeared), tuple(valid), tuple(missing), tuple(invalid), tuple(blocking))
+
+
+def repairable(only_indexes: bool, found: Found) -> bool:
+    """True when dropping `found.own_invalid` and running the migration again is exactly what is needed.
+
+    That holds for a migration that only builds named indexes, when every index still
+    there after the drop is one its statement skips (IF NOT EXISTS): nothing else could
+    have happened, and nothing else would fail on "already exists".
+    """
+    return only_indexes and not found.blocking
+
+
+def drop_sql(index: str) -> str:
+    """DROP INDEX CONCURRENTLY for a `schema.name` as `invalid_sql` formats it (already quoted)."""
+    return f"DROP INDEX CONCURRENTLY IF EXISTS {index}"
