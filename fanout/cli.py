@@ -19,7 +19,7 @@ import click
 from fanout import commands, runner
 from fanout.config import Environment, load_environment
 from fanout.config import environments_dir as default_environments_dir
-from fanout.errors import EXIT_INTERNAL, EXIT_OK, EXIT_TARGETS_FAILED, FanoutError
+from fanout.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_TARGETS_FAILED, FanoutError
 from fanout.formats import FORMATS, format_for, render
 from fanout.interrupt import Interrupt, signals_handled
 from fanout.locking import UnlockOutcome
@@ -981,7 +981,18 @@ def merge(
 
 
 def main() -> None:
-    cli(prog_name="fanout")
+    try:
+        cli(prog_name="fanout")
+    except SystemExit as done:
+        if done.code != EXIT_INTERRUPTED:
+            raise
+        # A stopped run may leave threads blocked on a silent peer (a directory request, an S3
+        # GET in a pool); the interpreter would join them at exit for as long as their own
+        # timeouts. Everything worth keeping is written: flush it and go.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(EXIT_INTERRUPTED)
 
 
 # ---- rollback and reapply ------------------------------------------------------------------

@@ -22,6 +22,7 @@ class ShardingState:
     in_flight: int = 0
     max_in_flight: int = 0
     delay: float = 0.0
+    resolve_delay: float = 0.0  # seconds each /write/ answer waits (a directory that stalls mid-resolution)
     next_is_self: bool = False  # every page's `next` points back to the page itself (a pagination loop)
     lock: threading.Lock = field(default_factory=threading.Lock)
     _failed: dict[str, int] = field(default_factory=dict)
@@ -62,6 +63,8 @@ def _handler(state: ShardingState) -> type[BaseHTTPRequestHandler]:
                 items = state.pages[page] if state.pages else []
                 return self._send(200, json.dumps({"tenants": items, "next": next_url}).encode())
             if url.path.startswith("/write/"):
+                if state.resolve_delay:
+                    threading.Event().wait(state.resolve_delay)
                 tenant = unquote(url.path[len("/write/") :])
                 if tenant in state.raw_resolve:
                     return self._send(200, state.raw_resolve[tenant])
