@@ -9,10 +9,13 @@ is gone at the next statement, so yoyo's tables land in `public`.
 
 The probe, in two steps, each cheap where it runs:
 
-1. Every session (one query): the backend reports the address and port of its client
-   (`inet_client_addr()`, `inet_client_port()`) and how long ago it started. Connected
-   directly, the client is this very socket and the backend is no older than the
-   connection. Anything else means something sits in between (a pooler, a proxy, NAT).
+1. Every session (one query): the server process reports its pid and how long ago it
+   started. libpq learned a pid too, from the BackendKeyData message of the connection
+   start. Connected directly, or through a plain TCP proxy or NAT, the two are the same
+   and the process is no older than the connection. A pooler cannot pass the server's
+   key through (a client of a transaction pool has no server of its own to cancel on):
+   PgBouncer, Odyssey and PgCat all send keys of their own, so the pids differ. A
+   process older than the connection was pooled as well.
 2. Only then (one more connection, three queries): session A learns its backend pid
    (step 1 did) and ends its transaction; session B opens a transaction and keeps it;
    A asks for its pid again. A session-mode pool (or a plain proxy) pins A to its server,
@@ -29,8 +32,6 @@ target through.
 
 from __future__ import annotations
 
-import os
-import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,16 +60,15 @@ def check_session(
     """
     with connection.cursor() as cursor:
         cursor.execute(
-            "SELECT pg_backend_pid(), host(inet_client_addr()), inet_client_port(), "
-            "extract(epoch FROM clock_timestamp() - backend_start)::float8 "
+            "SELECT pg_backend_pid(), extract(epoch FROM clock_timestamp() - backend_start)::float8 "
             "FROM pg_catalog.pg_stat_activity WHERE pid = pg_backend_pid()"
         )
         row = cursor.fetchone()
     _end_transaction(connection)
     if row is None:  # only a server that hides one's own session would do this
         return SessionCheck(None, None)
-    pid, client_host, client_port, backend_age = row
-    if _direct(connection, client_host, client_port) and backend_age <= connection_age() + _AGE_TOLERANCE_SECONDS:
+    pid, backend_age = row
+    if connection.info.backend_pid == pid and backend_age <= connection_age() + _AGE_TOLERANCE_SECONDS:
         return SessionCheck(pid, None)
     with _pooled_lock:
         known = server in _pooled
@@ -101,18 +101,6 @@ def check_session(
         else f"this session moved from server process {pid} to {now} between two transactions"
     )
     return SessionCheck(pid, f"a transaction-mode pooler serves {server}: {seen}")
-
-
-def _direct(connection: Any, client_host: str | None, client_port: int | None) -> bool:
-    """Whether the backend's client is this very socket."""
-    try:
-        with socket.socket(fileno=os.dup(connection.fileno())) as own:
-            if own.family == socket.AF_UNIX:
-                return client_host is None
-            host, port = own.getsockname()[:2]
-    except OSError:
-        return False
-    return bool(client_host == host and client_port == port)
 
 
 def _end_transaction(connection: Any) -> None:
