@@ -353,6 +353,14 @@ def plan(
     _read_only(commands.plan, env, services, fmt, concurrency, slice_, outputs + report_to, detailed=detailed_exitcode)
 
 
+up_to_option = click.option(
+    "--to",
+    "to",
+    metavar="ID",
+    default=None,
+    help="Apply only migration ID and the migrations it depends on (-- depends:), as yoyo apply -r does; "
+    "ID is a migration id or a part of one that names a single migration. Only ID's service is in the run.",
+)
 lock_wait_option = click.option(
     "--lock-wait",
     type=click.FloatRange(min=0, min_open=True),
@@ -418,6 +426,7 @@ lock_wait_option = click.option(
     help="A migration in doubt that only builds indexes, whose trace is INVALID indexes it builds: drop them "
     "(CONCURRENTLY) and run it again [default: the environment's repair_invalid, else off].",
 )
+@up_to_option
 @_guarded
 def apply(
     env: Environment,
@@ -436,6 +445,7 @@ def apply(
     resume: str | None,
     runs_dir: Path | None,
     repair_invalid: bool | None,
+    to: str | None,
 ) -> None:
     """Apply outstanding migrations to every target, each under its lock.
 
@@ -453,6 +463,7 @@ def apply(
     Example:
       fanout apply --env production --waves 1,10%,100% --max-failures 2 --format json > report.json
       fanout apply --env production --resume 20261121T101500Z-a1b2c3
+      fanout apply --env staging --to 0042-add-invoice-index
     """
     settings = commands.RunSettings(
         concurrency=concurrency,
@@ -467,7 +478,7 @@ def apply(
     )
     with signals_handled(Interrupt()) as interrupt, shown(_progress()) as progress:
         report = commands.apply(
-            env, services, settings=settings, interrupt=interrupt, resume=resume, runs_dir=runs_dir,
+            env, services, settings=settings, interrupt=interrupt, resume=resume, runs_dir=runs_dir, to=to,
             **_callbacks(progress),
         )  # fmt: skip
     _emit(report, fmt, env=env, destinations=outputs + report_to)
@@ -550,6 +561,7 @@ def status(
     help="Create the target's database first when it does not exist (needs CREATEDB).",
 )
 @lock_wait_option
+@up_to_option
 @_guarded
 def bootstrap(
     env: Environment,
@@ -558,6 +570,7 @@ def bootstrap(
     target: str,
     create_database: bool,
     lock_wait: float | None,
+    to: str | None,
 ) -> None:
     """Bring a new, empty shard to the current schema of every service, then show its status.
 
@@ -571,8 +584,9 @@ def bootstrap(
     """
     with signals_handled(Interrupt()) as interrupt:
         applied, after = commands.bootstrap(
-            env, target, create_database=create_database, services=services, lock_wait=lock_wait, interrupt=interrupt
-        )
+            env, target, create_database=create_database, services=services, lock_wait=lock_wait,
+            interrupt=interrupt, to=to,
+        )  # fmt: skip
     color = sys.stdout.isatty() and fmt == "text"
     if fmt == "json":
         click.echo(redact(json.dumps({"bootstrap": to_dict(applied), "status": to_dict(after)}, indent=2)))

@@ -280,14 +280,16 @@ def apply(
     interrupt: Interrupt | None = None,
     resume: str | None = None,
     runs_dir: Path | None = None,
+    to: str | None = None,
 ) -> RunReport:
     """Apply outstanding migrations on every target, each under its lock, many targets at once.
 
     Every run is recorded (see `runs.save`); when no copy of the record could be written,
     the report's `not_stored` says so (exit 6). With `resume`, only the targets that failed
-    or were skipped in that run are retried, with the same migration set.
+    or were skipped in that run are retried, with the same migration set. With `to`, only
+    that migration and what it depends on are applied (yoyo's `apply -r`).
     """
-    options = _options(env, Mode.APPLY, settings)
+    options = replace(_options(env, Mode.APPLY, settings), up_to=to)
     part = _slice(settings)
     targets: tuple[Target, ...] | None = None
     expected: dict[str, dict[str, str]] | None = None
@@ -406,12 +408,14 @@ def bootstrap(
     services: Sequence[str] = (),
     lock_wait: float | None = None,
     interrupt: Interrupt | None = None,
+    to: str | None = None,
 ) -> tuple[RunReport, RunReport]:
     """Bring one shard, listed in the directory or not yet, to the current schema of every service.
 
     `target` is a target id from the directory or a DSN (which may use ${VARIABLE}s; a
     password is better left to PGPASSWORD or ~/.pgpass than put on a command line).
     Idempotent: a second run applies nothing. Returns the apply report and the status after it.
+    With `to`, only that migration and what it depends on (see `apply`); the status shows the rest.
     """
     if "://" in target:
         chosen = Target.from_dsn("bootstrap", interpolate(target, what="--target"))
@@ -425,10 +429,15 @@ def bootstrap(
                 f"no target {target!r} in environment {env.name!r}; give a DSN to bootstrap an unlisted shard"
             )
         chosen = known[target]
+    if to is not None and create_database:
+        # An unknown --to must leave no database behind: check it before creating one.
+        with tempfile.TemporaryDirectory(prefix="fanout-snapshot-") as workdir:
+            snapshot = source.take_snapshot(env, env.select_services(services), Path(workdir))
+            runner.up_to(snapshot, to, python=env.rules.python_migrations)
     if create_database:
         runner.ensure_database(chosen, connect_timeout=env.runner.connect_timeout)
     options = _options(env, Mode.APPLY, RunSettings(lock_wait=lock_wait))
-    applied = _run_on(env, services, "bootstrap", options, (chosen,), interrupt=interrupt)
+    applied = _run_on(env, services, "bootstrap", replace(options, up_to=to), (chosen,), interrupt=interrupt)
     after = _run_on(env, services, "status", replace(options, mode=Mode.PLAN), (chosen,), interrupt=interrupt)
     return applied, after
 

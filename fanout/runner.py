@@ -55,7 +55,14 @@ from yoyo import exceptions as yoyo_exceptions
 from yoyo import read_migrations
 from yoyo.backends import PostgresqlBackend
 from yoyo.connections import DatabaseURI
-from yoyo.migrations import Migration, MigrationList, MigrationStep, TransactionWrapper, topological_sort
+from yoyo.migrations import (
+    Migration,
+    MigrationList,
+    MigrationStep,
+    TransactionWrapper,
+    ancestors,
+    topological_sort,
+)
 from yoyo.topologicalsort import CycleError
 from yoyo.utils import change_param_style
 
@@ -149,6 +156,8 @@ class RunOptions:
     python_migrations: bool = False
     # A migration in doubt whose only trace is INVALID indexes it builds: drop them and run it again.
     repair_invalid: bool = False
+    # apply --to ID: only that migration and what it depends on, in the service that has it (yoyo's -r).
+    up_to: str | None = None
 
     @property
     def concurrency(self) -> int:
@@ -194,6 +203,9 @@ def run(
     plans = load(snapshot.sets, python=options.python_migrations, tolerant=options.mode is Mode.PLAN)
     if options.rollback is not None:
         plans = _select_rollback(plans, options.rollback, options.release_added)
+    if options.up_to is not None:
+        plans = _up_to(plans, options.up_to)
+        options = replace(options, all_services=False)  # the other services are not in this run
     if options.at:
         graphs = [_graph(p) for p in plans]
         for migration in options.at:
@@ -262,6 +274,32 @@ def run(
             Finding(p.service, file, "bad-migration", "error", message) for p in plans for file, message in p.problems
         ),
     )
+
+
+def up_to(snapshot: Snapshot, wanted: str, *, python: bool = False) -> str:
+    """The id of the migration `apply --to wanted` would stop at; raises ConfigError as that run would."""
+    (plan,) = _up_to(load(snapshot.sets, python=python), wanted)
+    return str(plan.migrations[-1].id)
+
+
+def _up_to(plans: tuple[_ServicePlan, ...], wanted: str) -> tuple[_ServicePlan, ...]:
+    """yoyo's `apply -r`: the one migration `wanted` names and its `-- depends:` ancestors, in yoyo's order.
+
+    As in yoyo, `wanted` may be any part of an id that names exactly one migration; an exact
+    id always names its migration (yoyo refuses it when it is also part of another id). Only
+    the service that has it is in the run. Raises ConfigError, before any shard is touched.
+    """
+    every = [(plan, m) for plan in plans for m in plan.migrations]
+    found = [(plan, m) for plan, m in every if m.id == wanted] or [(plan, m) for plan, m in every if wanted in m.id]
+    services = ", ".join(repr(p.service) for p in plans)
+    if not found:
+        raise ConfigError(f"--to {wanted}: no migration id of the run's services ({services}) is or contains it")
+    if len(found) > 1:
+        listed = ", ".join(m.id for _, m in found[:10])
+        raise ConfigError(f"--to {wanted}: names {len(found)} migrations ({listed}); give one of their ids")
+    plan, target = found[0]
+    keep = ancestors(target, plan.migrations) | {target}
+    return (replace(plan, migrations=tuple(m for m in plan.migrations if m in keep)),)
 
 
 def _graph(plan: _ServicePlan) -> rollback_selection.Graph:
