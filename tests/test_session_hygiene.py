@@ -273,3 +273,35 @@ def test_a_bad_or_fanout_owned_session_setting_is_a_config_error_naming_the_key(
     for fragment in fragments:
         assert fragment in lines[0]
     assert fleet.tables(database) == set()
+
+
+def test_python_migration_that_changes_role_and_search_path_is_recorded_by_yoyos_own_statements(
+    fleet: Fleet, weak_role: str
+) -> None:
+    (database,) = fleet.add_databases(1)
+    fleet.publish(
+        {
+            "001-person.sql": "CREATE TABLE person (id INT);",
+            # yoyo's steps record this one with yoyo's SQL templates, inside the migration's transaction.
+            "002-py.py": f"""\
+                from yoyo import step
+
+                __depends__ = {{"001-person"}}
+
+                steps = [
+                    step("CREATE SCHEMA py_elsewhere"),
+                    step("SET search_path TO py_elsewhere"),
+                    step("SET ROLE {weak_role}"),
+                ]
+                """,
+            "003-after.sql": "-- depends: 002-py\nCREATE TABLE after_py (id INT);",
+        }
+    )
+    fleet.write_env(source_extra="python_migrations = true\n")
+
+    _apply(fleet)
+
+    assert fleet.applied(database) == ["001-person", "002-py", "003-after"]
+    assert "after_py" in fleet.tables(database, "public")
+    assert fleet.tables(database, "py_elsewhere") == set()
+    assert _lock_rows(fleet, database) == [(0, 0)]
