@@ -488,21 +488,35 @@ def apply(
 @env_option
 @plain_format_option
 @click.option("--target", "target_ids", multiple=True, metavar="ID", help="Only this target (repeatable).")
-@click.option("--force", is_flag=True, help="Remove the lock even when its holder may be alive.")
+@click.option("--force", is_flag=True, help="Remove the lock rows even when their holder may be alive.")
+@click.option(
+    "--terminate",
+    is_flag=True,
+    help="End the session of a live fanout holder (its recorded server process: pg_terminate_backend), "
+    "then remove the lock; needs --reason, logged on the shard.",
+)
+@click.option("--reason", default=None, help="Why; logged on the shard with who and when (required with --terminate).")
 @_guarded
-def unlock(env: Environment, fmt: str, target_ids: tuple[str, ...], force: bool) -> None:
+def unlock(
+    env: Environment, fmt: str, target_ids: tuple[str, ...], force: bool, terminate: bool, reason: str | None
+) -> None:
     """Remove shard migration locks left behind, e.g. by a plain yoyo that crashed.
 
     fanout breaks the lock of a fanout run that died by itself; this is for the rest.
-    Refuses while the holder may be alive (its session is connected, or, for a plain
-    yoyo lock, any other session is connected to the database) unless --force.
-    Exit 0 when every lock is gone, 5 when one was refused or a target failed.
+    Refuses while the holder may be alive: its session holds fanout's advisory lock, or,
+    for a plain yoyo lock, another session is connected to the database (counting the
+    sessions of other roles that this role cannot see without pg_read_all_stats).
+    --force removes the rows anyway; a live fanout session (e.g. a half-open one whose
+    client is gone) still holds the advisory lock then, and unlock says so (still-held).
+    --terminate ends that session first. Each removal is logged in fanout_lock_log.
+    Exit 0 when every lock is gone, 5 when one was refused, is still held, or a target failed.
 
     \b
     Example:
       fanout unlock --env staging --target tenant_acme
+      fanout unlock --env staging --target tenant_acme --terminate --reason "runner host lost, session half-open"
     """
-    results = commands.unlock(env, target_ids, force=force)
+    results = commands.unlock(env, target_ids, force=force, terminate=terminate, reason=reason)
     if fmt == "json":
         payload = [
             {
@@ -511,6 +525,10 @@ def unlock(env: Environment, fmt: str, target_ids: tuple[str, ...], force: bool)
                 "outcome": r.outcome.value if r.outcome else "failed",
                 "holder": None if r.holder is None else r.holder.describe(),
                 "message": r.message,
+                "rows_deleted": r.rows_deleted,
+                "advisory_lock_held_by": r.advisory_holder,
+                "terminated": r.terminated,
+                "hidden_sessions": r.hidden_sessions,
             }
             for r in results
         ]
@@ -520,7 +538,7 @@ def unlock(env: Environment, fmt: str, target_ids: tuple[str, ...], force: bool)
             holder = f" ({r.holder.describe()})" if r.holder else ""
             outcome = r.outcome.value if r.outcome else "failed"
             click.echo(redact(f"{r.target:<24} {outcome:<11} {r.message}{holder}"))
-    bad = any(r.outcome is None or r.outcome is UnlockOutcome.REFUSED for r in results)
+    bad = any(r.outcome in (None, UnlockOutcome.REFUSED, UnlockOutcome.STILL_HELD) for r in results)
     sys.exit(EXIT_TARGETS_FAILED if bad else EXIT_OK)
 
 

@@ -392,12 +392,26 @@ def _resumable_targets(env: Environment, previous: runs.RunRecord) -> tuple[Targ
     return tuple(known[t] for t in previous.unfinished)
 
 
-def unlock(env: Environment, target_ids: Sequence[str] = (), *, force: bool = False) -> list[runner.UnlockResult]:
-    """Remove shard locks by hand (all targets, or those named). Refuses while a holder may be alive, unless forced."""
+def unlock(
+    env: Environment,
+    target_ids: Sequence[str] = (),
+    *,
+    force: bool = False,
+    terminate: bool = False,
+    reason: str | None = None,
+) -> list[runner.UnlockResult]:
+    """Remove shard locks by hand (all targets, or those named). Refuses while a holder may be alive, unless forced.
+
+    `terminate` ends the session of a live fanout holder (its recorded server process) first; it needs a `reason`,
+    logged on the shard.
+    """
+    if terminate and not (reason and reason.strip()):
+        raise ConfigError("unlock --terminate needs --reason: it is logged on each shard")
     targets = _named_targets(env, target_ids)
     return runner.unlock(
-        targets, force=force, connect_timeout=env.runner.connect_timeout, concurrency=env.runner.concurrency
-    )
+        targets, force=force, connect_timeout=env.runner.connect_timeout, concurrency=env.runner.concurrency,
+        terminate=reason if terminate else None,
+    )  # fmt: skip
 
 
 def bootstrap(

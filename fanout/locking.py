@@ -26,6 +26,8 @@ fanout's statements to other tables or another lock.
 
 from __future__ import annotations
 
+import getpass
+import logging
 import os
 import socket
 import time
@@ -50,6 +52,8 @@ OWNER_TABLE = "fanout_lock"
 _HELD = 1717661295  # "fano"
 _SETUP = 1717661296
 HOSTNAME = socket.gethostname()
+WHO = f"{getpass.getuser()}@{HOSTNAME}"
+log = logging.getLogger(__name__)
 # Test-only: seconds to sleep before each message of the lock's acquisition and release, so a
 # test can prove that no interleaving with a plain yoyo lets both believe they hold the lock.
 PAUSE_VARIABLE = "FANOUT_TEST_LOCK_PAUSE"
@@ -183,47 +187,189 @@ class UnlockOutcome(StrEnum):
     NOT_LOCKED = "not-locked"
     RELEASED = "released"  # the holder was provably gone
     FORCED = "forced"  # released although the holder may be alive
-    REFUSED = "refused"  # the holder is (or may be) alive; --force to override
+    TERMINATED = "terminated"  # the holder's session was ended (--terminate), then the lock removed
+    STILL_HELD = "still-held"  # rows removed, but a live session still holds fanout's advisory lock
+    REFUSED = "refused"  # the holder is (or may be) alive; --force or --terminate to override
 
 
 @dataclass(frozen=True, slots=True)
 class Unlock:
+    """What unlock found and really did."""
+
     outcome: UnlockOutcome
     holder: LockHolder | None
     reason: str
+    rows_deleted: int = 0  # yoyo_lock rows removed
+    advisory_holder: int | None = None  # server pid holding fanout's advisory lock when unlock ended (None: free)
+    terminated: int | None = None  # server pid ended by --terminate
+    hidden_sessions: int = 0  # sessions of other roles whose details this role cannot see
 
 
-def unlock(connection: Any, schema: str, *, force: bool) -> Unlock:
-    """Remove the lock by hand. Refuses while the holder may be alive, unless `force`."""
+# Seconds to wait for a terminated session to end (and drop its advisory lock).
+TERMINATE_WAIT_SECONDS = 10.0
+
+
+def unlock(connection: Any, schema: str, *, force: bool, terminate: str | None = None) -> Unlock:
+    """Remove the lock by hand. Refuses while the holder may be alive, unless `force` or `terminate`.
+
+    `terminate` (a reason) ends the session that holds fanout's advisory lock (the holder's
+    recorded server process) with pg_terminate_backend, waits for it to be gone, then removes
+    the rows; logged with the reason in fanout_lock_log. A plain yoyo lock records no server
+    process, so it can only be forced. A holder is called gone only on evidence this role
+    can see: pg_locks for a fanout holder; for plain yoyo, no other session on the database,
+    counting those of other roles that pg_stat_activity hides from it.
+    """
     with connection.cursor() as cursor:
         cursor.execute("SELECT to_regclass(%s) IS NOT NULL", (qualified(schema, YOYO_LOCK_TABLE),))
         row = cursor.fetchone()
         if not row or not row[0]:
             return Unlock(UnlockOutcome.NOT_LOCKED, None, "never migrated")
         holder = _current_holder(cursor, schema, alive=None)
-        if holder is None:
+        advisory = _advisory_holder(cursor, schema)
+        if holder is None and advisory is None:
             return Unlock(UnlockOutcome.NOT_LOCKED, None, "not locked")
-        if holder.alive is True:
-            reason = "the holder's session is alive"
+        hidden = 0
+        if holder is None:
+            reason = f"no lock row, but server pid {advisory} holds fanout's advisory lock"
+        elif holder.alive is True:
+            reason = f"the holder's session (server pid {advisory}) is alive"
         elif holder.alive is None:
-            others = _other_sessions(cursor)
-            reason = f"plain yoyo lock; {others} other session(s) connected to this database" if others else ""
+            visible, hidden = _other_sessions(cursor)
+            parts = []
+            if visible:
+                parts.append(f"{visible} other session(s) connected to this database")
+            if hidden:
+                parts.append(
+                    f"{hidden} session(s) of other roles whose details this role cannot see (it lacks "
+                    "pg_read_all_stats): the holder may be one of them"
+                )
+            reason = f"plain yoyo lock; {'; '.join(parts)}" if parts else ""
         else:
             reason = ""
-        if reason and not force:
-            return Unlock(UnlockOutcome.REFUSED, holder, reason + " (--force removes it anyway)")
-        cursor.execute("BEGIN")
-        try:
-            cursor.execute(f'DELETE FROM {qualified(schema, YOYO_LOCK_TABLE)} WHERE "pid" = %s', (holder.pid,))
-            if holder.run_id is not None:
-                cursor.execute(f'DELETE FROM {qualified(schema, OWNER_TABLE)} WHERE "run_id" = %s', (holder.run_id,))
-            cursor.execute("COMMIT")
-        except BaseException:
-            _rollback_quietly(connection)
-            raise
+        terminated = None
+        if terminate is not None and reason:
+            if advisory is None:
+                return Unlock(
+                    UnlockOutcome.REFUSED, holder,
+                    f"{reason}; a plain yoyo lock records no server process, so --terminate cannot tell which "
+                    "session to end (--force removes the row)", hidden_sessions=hidden,
+                )  # fmt: skip
+            try:
+                terminated = _terminate(cursor, advisory, schema)
+            except psycopg2.Error as e:
+                message = getattr(getattr(e, "diag", None), "message_primary", None) or str(e).strip()
+                return Unlock(
+                    UnlockOutcome.REFUSED, holder, f"{reason}; could not end server pid {advisory}: {message}",
+                    advisory_holder=advisory, hidden_sessions=hidden,
+                )  # fmt: skip
+        elif reason and not force:
+            return Unlock(
+                UnlockOutcome.REFUSED, holder, reason + " (--force removes the rows anyway; --terminate ends a "
+                "fanout holder's session)", advisory_holder=advisory, hidden_sessions=hidden,
+            )  # fmt: skip
+        action = "terminated" if terminated else "forced" if reason else "released"
+        deleted = _delete_rows(connection, cursor, schema, holder, action, terminate, terminated)
+        still = _advisory_holder(cursor, schema)
+        what = f"removed {deleted} lock row(s)"
+        if still is not None:
+            return Unlock(
+                UnlockOutcome.STILL_HELD, holder,
+                f"{reason}; {what}, but server pid {still} still holds fanout's advisory lock, so the shard stays "
+                "locked for fanout until that session ends (`fanout unlock --terminate --reason ...` ends it)",
+                deleted, still, terminated, hidden,
+            )  # fmt: skip
+        if terminated:
+            return Unlock(
+                UnlockOutcome.TERMINATED, holder, f"{reason}; ended server pid {terminated}; {what}",
+                deleted, None, terminated, hidden,
+            )  # fmt: skip
         if reason:
-            return Unlock(UnlockOutcome.FORCED, holder, reason)
-        return Unlock(UnlockOutcome.RELEASED, holder, "the holder is gone")
+            return Unlock(UnlockOutcome.FORCED, holder, f"{reason}; {what}", deleted, None, None, hidden)
+        gone = "its session has ended" if holder and holder.run_id else "no other session is connected"
+        return Unlock(UnlockOutcome.RELEASED, holder, f"the holder is gone ({gone}); {what}", deleted)
+
+
+LOG_TABLE = "fanout_lock_log"
+
+
+def _delete_rows(
+    connection: Any,
+    cursor: Any,
+    schema: str,
+    holder: LockHolder | None,
+    action: str,
+    reason: str | None,
+    terminated: int | None,
+) -> int:
+    """Delete the holder's rows (if any) and log what was done, in one transaction; the yoyo_lock rows deleted."""
+    if holder is None and terminated is None:
+        return 0
+    logged = True
+    try:
+        cursor.execute(
+            f"CREATE TABLE IF NOT EXISTS {qualified(schema, LOG_TABLE)} ("
+            '"id" BIGSERIAL PRIMARY KEY, "action" TEXT NOT NULL, "holder_pid" INT, "run_id" TEXT, '
+            '"host" TEXT, "terminated_backend_pid" INT, "reason" TEXT, "by" TEXT NOT NULL, "at" TIMESTAMP NOT NULL)'
+        )
+    except psycopg2.Error as e:
+        logged = False
+        log.warning("cannot log the unlock in %s: %s", LOG_TABLE, str(e).strip())
+    cursor.execute("BEGIN")
+    try:
+        deleted = 0
+        if holder is not None:
+            cursor.execute(
+                f'DELETE FROM {qualified(schema, YOYO_LOCK_TABLE)} WHERE "pid" = %s AND "ctime" IS NOT DISTINCT FROM %s',
+                (holder.pid, holder.since),
+            )
+            deleted = int(cursor.rowcount)
+        if holder is not None and holder.run_id is not None:
+            cursor.execute(f'DELETE FROM {qualified(schema, OWNER_TABLE)} WHERE "run_id" = %s', (holder.run_id,))
+        if logged:
+            cursor.execute(
+                f'INSERT INTO {qualified(schema, LOG_TABLE)} ("action", "holder_pid", "run_id", "host", '
+                '"terminated_backend_pid", "reason", "by", "at") '
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, (clock_timestamp() AT TIME ZONE 'UTC'))",
+                (
+                    action,
+                    holder.pid if holder else None,
+                    holder.run_id if holder else None,
+                    holder.host if holder else None,
+                    terminated,
+                    reason,
+                    WHO,
+                ),
+            )
+        cursor.execute("COMMIT")
+    except BaseException:
+        _rollback_quietly(connection)
+        raise
+    who = holder.describe() if holder else f"server pid {terminated}"
+    log.warning("unlock: %s the migration lock of %s (%s)", action, who, reason or "no reason given")
+    return deleted
+
+
+def _advisory_holder(cursor: Any, schema: str) -> int | None:
+    """The server pid holding fanout's advisory lock on `schema` (pg_locks is visible to every role)."""
+    cursor.execute(
+        "SELECT pid FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND granted "
+        "AND classid = %s::oid AND objid = (hashtext(%s))::oid AND objsubid = 2 "
+        "AND database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database()) LIMIT 1",
+        (_HELD, schema),
+    )
+    row = cursor.fetchone()
+    return int(row[0]) if row else None
+
+
+def _terminate(cursor: Any, pid: int, schema: str) -> int:
+    """End the session `pid` and wait (bounded) until its advisory lock is gone; raises psycopg2.Error if refused."""
+    cursor.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    if not cursor.fetchone()[0]:
+        raise psycopg2.OperationalError(f"pg_terminate_backend({pid}) returned false (no such session?)")
+    deadline = time.monotonic() + TERMINATE_WAIT_SECONDS
+    while _advisory_holder(cursor, schema) == pid and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return pid
 
 
 def _current_holder(
@@ -264,12 +410,20 @@ def _current_holder(
     return LockHolder(pid=pid, since=since, host=host, run_id=run_id, alive=alive)
 
 
-def _other_sessions(cursor: Any) -> int:
+def _other_sessions(cursor: Any) -> tuple[int, int]:
+    """Other client sessions on this database: (visible, hidden).
+
+    pg_stat_activity shows other roles' sessions without pg_read_all_stats, but with
+    backend_type (and most columns) NULL: those are counted as hidden, never as absent.
+    Background processes have no role (usesysid NULL) and are not clients.
+    """
     cursor.execute(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-        "AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+        "SELECT count(*) FILTER (WHERE backend_type = 'client backend'), "
+        "count(*) FILTER (WHERE backend_type IS NULL AND usesysid IS NOT NULL) "
+        "FROM pg_catalog.pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
     )
-    return int(cursor.fetchone()[0])
+    visible, hidden = cursor.fetchone()
+    return int(visible), int(hidden)
 
 
 def _unlock_advisory(cursor: Any, schema: str) -> None:

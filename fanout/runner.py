@@ -966,10 +966,24 @@ class UnlockResult:
     outcome: locking.UnlockOutcome | None  # None: could not connect or query
     holder: LockHolder | None
     message: str
+    rows_deleted: int = 0
+    advisory_holder: int | None = None  # server pid still holding fanout's advisory lock (None: free)
+    terminated: int | None = None  # server pid ended by --terminate
+    hidden_sessions: int = 0  # sessions of other roles this role cannot see
 
 
-def unlock(targets: Sequence[Target], *, force: bool, connect_timeout: float, concurrency: int) -> list[UnlockResult]:
-    """Remove the migration lock of each target by hand; refuses while a holder may be alive, unless forced."""
+def unlock(
+    targets: Sequence[Target],
+    *,
+    force: bool,
+    connect_timeout: float,
+    concurrency: int,
+    terminate: str | None = None,
+) -> list[UnlockResult]:
+    """Remove the migration lock of each target by hand; refuses while a holder may be alive, unless forced.
+
+    `terminate` (a reason) ends the session of a live fanout holder first (see locking.unlock).
+    """
     options = RunOptions(mode=Mode.APPLY, connect_timeout=connect_timeout)
 
     def one(target: Target) -> UnlockResult:
@@ -985,8 +999,11 @@ def unlock(targets: Sequence[Target], *, force: bool, connect_timeout: float, co
                 schema = cursor.fetchone()[0]
             if schema is None:
                 return UnlockResult(target.id, target.display, locking.UnlockOutcome.NOT_LOCKED, None, "never migrated")
-            done = locking.unlock(connection, schema, force=force)
-            return UnlockResult(target.id, target.display, done.outcome, done.holder, done.reason)
+            done = locking.unlock(connection, schema, force=force, terminate=terminate)
+            return UnlockResult(
+                target.id, target.display, done.outcome, done.holder, done.reason, done.rows_deleted,
+                done.advisory_holder, done.terminated, done.hidden_sessions,
+            )  # fmt: skip
         except psycopg2.Error as e:
             return UnlockResult(target.id, target.display, None, None, _pg_message(e))
         finally:

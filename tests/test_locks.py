@@ -12,10 +12,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psycopg2
 import pytest
 from conftest import MIGRATIONS, Fleet
 from yoyo import get_backend
 
+from fanout import locking
 from fanout.errors import EXIT_OK, EXIT_TARGETS_FAILED
 from fanout.locking import PAUSE_VARIABLE
 from fanout.report import from_dict, to_dict
@@ -283,3 +285,81 @@ def test_fanout_and_a_real_yoyo_never_both_hold_the_lock_with_a_pause_between_ev
     assert both == 0, "yoyo saw fanout's lock row while it held its own"
     assert outcomes["applied"] > 0 and yoyo_holds > RACE_ROUNDS
     assert fleet.query(name, "SELECT count(*) FROM yoyo_lock") == [(0,)]
+
+
+def test_unlock_never_calls_a_yoyo_holder_gone_while_another_roles_session_is_hidden(fleet: Fleet) -> None:
+    """Without pg_read_all_stats, pg_stat_activity hides what other roles' sessions are: they still count."""
+    (name,) = fleet.add_databases(1)
+    fleet.publish(MIGRATIONS)
+    suffix = name.rsplit("_", 2)[-2] + "_" + name.rsplit("_", 1)[-1]
+    unlocker, holder_role, password = f"unlocker_{suffix}", f"yoyo_{suffix}", "role-pw-7"
+    for role in (unlocker, holder_role):
+        fleet.query("postgres", f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+    fleet.query(
+        name, "CREATE TABLE yoyo_lock (locked INT DEFAULT 1, ctime TIMESTAMP, pid INT NOT NULL, PRIMARY KEY (locked))"
+    )
+    fleet.query(name, "INSERT INTO yoyo_lock VALUES (1, now(), 515151)")
+    fleet.query(name, f"GRANT SELECT, DELETE ON yoyo_lock TO {unlocker}")
+    fleet.write_env([{"id": name, "dsn": fleet.dsn(name, user=unlocker, password=password)}])
+    try:
+        with fleet.postgres.connect(name, user=holder_role, password=password):  # the yoyo holder, another role
+            refused = fleet.cli("unlock", "--env", "test", "--format", "json")
+        released = fleet.cli("unlock", "--env", "test", "--format", "json")
+    finally:
+        for role in (unlocker, holder_role):
+            fleet.query(name, f"DROP OWNED BY {role}")
+            fleet.query("postgres", f"DROP ROLE {role}")
+
+    assert refused.exit_code == EXIT_TARGETS_FAILED, refused.output
+    (entry,) = json.loads(refused.stdout)
+    assert entry["outcome"] == "refused"
+    assert entry["hidden_sessions"] == 1 and entry["rows_deleted"] == 0
+    assert "cannot see" in entry["message"] and "pg_read_all_stats" in entry["message"]
+    assert released.exit_code == EXIT_OK, released.output  # the holder disconnected: now nobody is there
+    (entry,) = json.loads(released.stdout)
+    assert entry["outcome"] == "released" and entry["rows_deleted"] == 1
+    assert fleet.query(name, "SELECT count(*) FROM yoyo_lock") == [(0,)]
+
+
+def test_a_session_holding_the_advisory_lock_is_freed_only_by_terminate_and_unlock_says_so(fleet: Fleet) -> None:
+    """A half-open holder (its client gone, its server session idle) keeps fanout's advisory lock."""
+    (name,) = fleet.add_databases(1)
+    fleet.publish(MIGRATIONS)
+    fleet.write_env()
+    assert fleet.cli("apply", "--env", "test").exit_code == EXIT_OK
+    fleet.publish({"004-more.sql": "-- depends: 003-create-order\nSELECT 1;"})
+    with fleet.postgres.connect(name) as half_open:
+        held = locking.try_acquire(half_open, locking.Owner(pid=777777, run_id="half-open-run"), "public")
+        assert held.taken
+        backend_pid = half_open.get_backend_pid()
+
+        refused = fleet.cli("unlock", "--env", "test", "--format", "json")
+        forced = fleet.cli("unlock", "--env", "test", "--force", "--format", "json")
+        blocked = fleet.cli("apply", "--env", "test", "--lock-wait", "0.5", "--format", "json")
+        no_reason = fleet.cli("unlock", "--env", "test", "--terminate")
+        terminated = fleet.cli(
+            "unlock", "--env", "test", "--terminate", "--reason", "runner host lost", "--format", "json"
+        )
+        with pytest.raises(psycopg2.OperationalError):
+            half_open.cursor().execute("SELECT 1")
+    applied = fleet.cli("apply", "--env", "test")
+
+    (entry,) = json.loads(refused.stdout)
+    assert refused.exit_code == EXIT_TARGETS_FAILED and entry["outcome"] == "refused"
+    assert entry["advisory_lock_held_by"] == backend_pid and "alive" in entry["message"]
+    (entry,) = json.loads(forced.stdout)
+    assert forced.exit_code == EXIT_TARGETS_FAILED  # --force did not free the shard, and says so
+    assert entry["outcome"] == "still-held" and entry["rows_deleted"] == 1
+    assert entry["advisory_lock_held_by"] == backend_pid and "stays locked" in entry["message"]
+    assert blocked.exit_code == EXIT_TARGETS_FAILED
+    assert json.loads(blocked.stdout)["results"][0]["error"]["kind"] == "locked"
+    assert no_reason.exit_code == 2 and "--reason" in no_reason.stderr
+    (entry,) = json.loads(terminated.stdout)
+    assert terminated.exit_code == EXIT_OK, terminated.output
+    assert entry["outcome"] == "terminated" and entry["terminated"] == backend_pid
+    assert entry["advisory_lock_held_by"] is None
+    assert applied.exit_code == EXIT_OK, applied.output
+    logged = fleet.query(
+        name, "SELECT action, holder_pid, terminated_backend_pid, reason FROM fanout_lock_log ORDER BY id"
+    )
+    assert logged == [("forced", 777777, None, None), ("terminated", None, backend_pid, "runner host lost")]
