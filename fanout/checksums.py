@@ -57,6 +57,9 @@ class How(StrEnum):
     ROLLED_BACK = "rolled-back"  # fanout rolled it back: the checksum row is gone, the log keeps it
     MARKED = "marked"  # recorded as applied by an operator (fanout mark), not run by fanout
     UNMARKED = "unmarked"  # log only: an operator removed the record (fanout unmark) so that it runs again
+    # Log only: a post-apply hook failed (due again on every apply until it runs), or ran after failing.
+    HOOK_FAILED = "hook-failed"
+    HOOK_RAN = "hook-ran"
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +126,20 @@ def log_sql(
         (migration_id, old, new, action.value, reason, WHO, _now()),
     )
     return sql.decode()
+
+
+def failed_hooks(cursor: Any, schema: str) -> set[str]:
+    """Post-apply hooks whose last run on this shard failed: the next apply runs them even with nothing to apply."""
+    cursor.execute("SELECT to_regclass(%s) IS NOT NULL", (qualified(schema, LOG_TABLE),))
+    if not cursor.fetchone()[0]:
+        return set()
+    cursor.execute(
+        'SELECT "migration_id" FROM (SELECT DISTINCT ON ("migration_id") "migration_id", "action" '
+        f'FROM {qualified(schema, LOG_TABLE)} WHERE "action" IN (%s, %s) ORDER BY "migration_id", "id" DESC) AS "last" '
+        'WHERE "action" = %s',
+        (How.HOOK_FAILED.value, How.HOOK_RAN.value, How.HOOK_FAILED.value),
+    )
+    return {row[0] for row in cursor.fetchall()}
 
 
 def compare(

@@ -61,6 +61,8 @@ class ErrorKind(StrEnum):
     LOCK_TIMEOUT = "lock-timeout"  # a migration waited longer than lock_timeout for a table lock
     STATEMENT_TIMEOUT = "statement-timeout"
     MIGRATION = "migration"  # a migration's SQL failed; the shard was rolled back to its last good one
+    # A post-apply hook failed after the migrations were applied and recorded; it is due again on every apply.
+    HOOK = "hook"
     DATABASE = "database"  # any other database error (permissions, missing schema, ...)
     INTERRUPTED = "interrupted"  # SIGINT/SIGTERM: stopped before or between migrations, rolled back
     NOT_STARTED = "not-started"  # the run stopped scheduling (failure budget, --fail-fast, interrupt)

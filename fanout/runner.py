@@ -515,13 +515,20 @@ def _migrate_target(
                 applied = session.applied()
                 recorded = session.recorded_checksums()
                 marks, invalid = session.marks_and_invalid()
+                failed_hooks = frozenset(session.failed_hooks())
                 unknown = _unknown_to_every_set(applied, plans, recorded) if options.all_services else []
                 for plan in plans:
                     state = progress[plan.service]
                     if state.result is None:
                         first = plan is plans[0]
                         shard = _ShardState(
-                            applied, recorded, environment, unknown if first else [], marks, invalid if first else ()
+                            applied,
+                            recorded,
+                            environment,
+                            unknown if first else [],
+                            marks,
+                            invalid if first else (),
+                            failed_hooks,
                         )
                         procedure = _migrate_service if options.rollback is None else _rollback_service
                         state.result = _at_level(
@@ -615,6 +622,7 @@ class _ShardState:
     unknown: list[Drift]  # applied migrations no set of the run knows (reported on the first service)
     marks: dict[str, indoubt.Mark]  # non-transactional migrations started and never recorded
     invalid: tuple[str, ...]  # every INVALID index (reported on the first service)
+    failed_hooks: frozenset[str] = frozenset()  # post-apply hooks whose last run here failed
 
 
 def _unknown_to_every_set(
@@ -695,13 +703,25 @@ def _migrate_service(
             ran_now += 1
             applied[migration.hash] = migration.id
             state.ran.append(AppliedMigration(migration.id, seconds))
-    if error is None and state.ran:
+    # A hook that failed on an earlier run stays due, or the next run would forget it.
+    due = sorted(shard.failed_hooks & {h.id for h in plan.post_apply})
+    if error is None and (state.ran or due):
         for hook in plan.post_apply:
             try:
                 session.run_hook(hook)
             except _Failure as failure:
-                error = replace(failure.error, migration=hook.id, file=os.path.basename(hook.path))
+                error = TargetError(
+                    ErrorKind.HOOK,
+                    f"post-apply hook {hook.id} failed: {failure.error.message}; the migrations before it are "
+                    "applied and recorded, and the hook runs again on the next apply",
+                    migration=hook.id,
+                    file=os.path.basename(hook.path),
+                )
+                session.note_hook(hook.id, plan.sha256.get(hook.id, ""), failed=True, reason=failure.error.message)
                 break
+        else:
+            for hook_id in due:
+                session.note_hook(hook_id, plan.sha256.get(hook_id, ""), failed=False, reason=None)
     still_pending = tuple(m.id for m in pending[ran_now:])
     if error is not None and error.kind is ErrorKind.INTERRUPTED:
         status = Status.SKIPPED
@@ -1260,6 +1280,14 @@ class _Session(Protocol):
 
     def run_hook(self, migration: Migration) -> None: ...
 
+    def failed_hooks(self) -> set[str]:
+        """Post-apply hooks whose last run on the shard failed."""
+        ...
+
+    def note_hook(self, hook_id: str, sha256: str, *, failed: bool, reason: str | None) -> None:
+        """Log that a hook failed (it stays due) or ran after failing; best effort, never raises."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -1640,6 +1668,12 @@ class _ReadOnlySession:
 
     def run_hook(self, migration: Migration) -> None:
         """Plan mode: hooks are not run."""
+
+    def failed_hooks(self) -> set[str]:
+        return set()  # plan runs no hook, so it has none to remember
+
+    def note_hook(self, hook_id: str, sha256: str, *, failed: bool, reason: str | None) -> None:
+        """Plan mode: nothing is written."""
 
     def close(self) -> None:
         self._watch.release()
@@ -2248,6 +2282,24 @@ class _YoyoSession:
         except psycopg2.Error as e:
             self._reset()
             raise self._watch.classify(e, otherwise=ErrorKind.MIGRATION) from None
+
+    def failed_hooks(self) -> set[str]:
+        try:
+            with self._connection.cursor() as cursor:
+                return checksums.failed_hooks(cursor, self._schema)
+        except psycopg2.Error as e:
+            self._reset()
+            raise self._watch.classify(e) from None
+
+    def note_hook(self, hook_id: str, sha256: str, *, failed: bool, reason: str | None) -> None:
+        action = checksums.How.HOOK_FAILED if failed else checksums.How.HOOK_RAN
+        try:
+            with self._connection.cursor() as cursor:
+                statement = checksums.log_sql(cursor, self._schema, hook_id, None, sha256, action, reason)
+            self.record([statement])
+        except (psycopg2.Error, _Failure) as e:
+            # The report still names the failure; only the reminder for the next run is lost.
+            log.warning("%s: could not log post-apply hook %s as %s: %s", self._display, hook_id, action.value, e)
 
     def _reset(self) -> None:
         """Leave the connection usable (to release the lock) after a failed statement."""

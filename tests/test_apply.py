@@ -291,3 +291,29 @@ def test_unknown_role_is_an_authentication_failure_and_missing_database_a_databa
     assert result.exit_code == EXIT_TARGETS_FAILED
     kinds = {r["target"]: r["error"]["kind"] for r in json.loads(result.stdout)["results"]}
     assert kinds == {"no-role": "authentication", "no-db": "database"}
+
+
+def test_a_failing_post_apply_hook_is_its_own_kind_and_stays_due_until_it_runs(fleet: Fleet) -> None:
+    (name,) = fleet.add_databases(1)
+    fleet.publish({**MIGRATIONS, "post-apply-count.sql": "INSERT INTO hook_runs VALUES (1);"})
+    fleet.write_env()
+
+    first = fleet.cli("apply", "--env", "test", "--format", "json")
+    again = fleet.cli("apply", "--env", "test", "--format", "json")  # nothing to apply, the hook is still due
+    fleet.query(name, "CREATE TABLE hook_runs (n INT)")  # the operator fixes the cause
+    fixed = fleet.cli("apply", "--env", "test", "--format", "json")
+    after = fleet.cli("apply", "--env", "test", "--format", "json")
+
+    for result in (first, again):
+        assert result.exit_code == EXIT_TARGETS_FAILED, result.output
+        (row,) = json.loads(result.stdout)["results"]
+        assert row["error"]["kind"] == "hook" and row["error"]["migration"] == "post-apply-count"
+        assert "hook_runs" in row["error"]["message"] and "runs again on the next apply" in row["error"]["message"]
+    assert fleet.applied(name) == ["001-create-person", "002-add-address", "003-create-order"]
+    assert fixed.exit_code == EXIT_OK, fixed.output
+    assert after.exit_code == EXIT_OK, after.output
+    assert fleet.query(name, "SELECT count(*) FROM hook_runs") == [(1,)]  # ran once when due, not again
+    actions = fleet.query(
+        name, "SELECT action FROM fanout_checksum_log WHERE migration_id = 'post-apply-count' ORDER BY id"
+    )
+    assert [a for (a,) in actions] == ["hook-failed", "hook-failed", "hook-ran"]

@@ -202,6 +202,34 @@ def test_a_progress_bar_on_a_terminal_is_erased_before_the_report() -> None:
     assert drawn.endswith("\x1b[2K")  # transient: the last thing written erases the bar
 
 
+def test_progress_counts_skipped_and_drifted_targets_apart_from_failed_ones() -> None:
+    import io
+
+    from fanout.progress import Progress
+    from fanout.report import ErrorKind, Status, TargetError, TargetResult
+
+    def result(target: str, status: Status, service: str = "app") -> TargetResult:
+        error = TargetError(ErrorKind.NOT_STARTED, "not started") if status is Status.SKIPPED else None
+        return TargetResult(target=target, service=service, status=status, server="s", database="d", error=error)
+
+    for log_format in ("text", "json"):
+        stream = io.StringIO()
+        progress = Progress(stream=stream, live=False, log_format=log_format)
+        progress.start(4)
+        progress.result(result("a", Status.FAILED))
+        progress.result(result("a", Status.SKIPPED, service="billing"))  # after its own failure: still one failed
+        progress.result(result("b", Status.SKIPPED))
+        progress.result(result("c", Status.SKIPPED))
+        progress.result(result("d", Status.APPLIED))
+        progress.finish()
+        last = stream.getvalue().strip().splitlines()[-1]
+        if log_format == "json":
+            finish = json.loads(last)
+            assert (finish["failed"], finish["skipped"], finish["drifted"]) == (1, 2, 0)
+        else:
+            assert "4/4 targets, 1 failed, 2 skipped," in last
+
+
 def test_text_summarizes_a_large_fleet_but_lists_every_failure() -> None:
     from datetime import UTC, datetime
 
