@@ -95,7 +95,7 @@ def world(postgres: EmbeddedPostgres, s3: EmbeddedS3, tmp_path_factory: pytest.T
         {"001-a.sql": "-- depends: 002-b\nSELECT 1;", "002-b.sql": "-- depends: 001-a\nSELECT 1;"}, prefix="cycle"
     )
     fleet.publish({"001-a.sql": "-- depends: 000-nothing\nSELECT 1;"}, prefix="unknown-dependency")
-    fleet.publish({"001-a.sql": "-- depend: 000-x\nSELECT 1;"}, prefix="misspelt-directive")
+    fleet.publish({"001-a.sql": "-- transactional: maybe\nSELECT 1;"}, prefix="bad-transactional")
     fleet.s3.client().put_object(Bucket=bucket, Key="not-utf8/app/test/001-a.sql", Body=b"SELECT '\xff\xfe';")
     fleet.query(catalog, "CREATE TABLE shards (shard_id text, host text, port int, dbname text, sslmode text)")
     fleet.query(
@@ -408,28 +408,28 @@ CASES = [
     # ---- the migration source ------------------------------------------------------------
     Case(
         "depends cycle",
-        PLAN,
+        APPLY,
         EXIT_SOURCE,
         "'-- depends:' lines form a cycle",
         env=lambda w: w.static(source=w.source(prefix="cycle")),
     ),
     Case(
         "depends on an unknown migration",
-        PLAN,
+        APPLY,
         EXIT_SOURCE,
         "'-- depends: 000-nothing': no such migration",
         env=lambda w: w.static(source=w.source(prefix="unknown-dependency")),
     ),
     Case(
-        "misspelt directive",
-        PLAN,
+        "transactional directive that is neither true nor false",
+        APPLY,
         EXIT_SOURCE,
-        "'-- depend:' is not a directive",
-        env=lambda w: w.static(source=w.source(prefix="misspelt-directive")),
+        "transactional",
+        env=lambda w: w.static(source=w.source(prefix="bad-transactional")),
     ),
     Case(
         "migration not UTF-8",
-        PLAN,
+        APPLY,
         EXIT_SOURCE,
         "not UTF-8",
         env=lambda w: w.static(source=w.source(prefix="not-utf8")),
