@@ -903,7 +903,7 @@ settle_target_option = click.option(
 
 @cli.command()
 @env_option
-@format_option
+@plain_format_option
 @settle_migration_option
 @settle_target_option
 @click.option("--reason", required=True, help="Why it is done; logged on each shard with who and when.")
@@ -939,7 +939,7 @@ def mark(
 
 @cli.command()
 @env_option
-@format_option
+@plain_format_option
 @settle_migration_option
 @settle_target_option
 @click.option("--reason", required=True, help="Why it must run again; logged on each shard with who and when.")

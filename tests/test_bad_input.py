@@ -33,6 +33,7 @@ BOOKKEEPING = {
     "fanout_lock",
     "fanout_checksums",
     "fanout_checksum_log",
+    "fanout_in_doubt",
 }
 
 
@@ -175,6 +176,18 @@ CASES = [
         ("baseline", "--env", "test", "--format", "markdown"),
         EXIT_CONFIG,
         "'markdown' is not one of 'text', 'json'",
+    ),
+    Case(
+        "mark has no markdown",
+        ("mark", "--env", "test", "--migration", "001-create-person", "--reason", "r", "--format", "markdown"),
+        EXIT_CONFIG,
+        "'markdown' is not one of 'text', 'json'",
+    ),
+    Case(
+        "unmark has no html",
+        ("unmark", "--env", "test", "--migration", "001-create-person", "--reason", "r", "--format", "html"),
+        EXIT_CONFIG,
+        "'html' is not one of 'text', 'json'",
     ),
     Case("slice beyond its count", (*PLAN, "--slice", "3/2"), EXIT_CONFIG, "K must be between 1 and N"),
     Case("slice not K/N", (*PLAN, "--slice", "half"), EXIT_CONFIG, "'half' is not K/N"),
