@@ -154,6 +154,17 @@ class LocalFile:
 
 
 @dataclass(frozen=True, slots=True)
+class KeptFile:
+    """A migration in one of a service's other paths: publish does not write it, the manifest pins it."""
+
+    key: str
+    sha256: str
+    size: int
+    etag: str
+    version_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class PublishPlan:
     """What publishing one service's folder would change in the bucket."""
 
@@ -167,6 +178,8 @@ class PublishPlan:
     problems: tuple[lint.Problem, ...]
     files: tuple[LocalFile, ...] = field(repr=False, default=())
     published_sha256: dict[str, str] = field(repr=False, default_factory=dict)
+    # The migrations in the service's other paths (several merged): pinned by the manifest as they are.
+    kept: tuple[KeptFile, ...] = ()
 
     @property
     def refused(self) -> tuple[str, ...]:
@@ -194,10 +207,18 @@ def plan_publish(
             data = path.read_bytes()
             files.append(LocalFile(path.name, data, hashlib.sha256(data).hexdigest()))
     client = s3_client(location)
-    prefix = location.key_prefix(service, environment)
+    # New migrations go to the last path (merged paths apply in order); the others are pinned as they are.
+    *others, prefix = location.key_prefixes(service, environment)
     published = _published(client, location, prefix)
+    kept, kept_data = [], {}
+    for other in others:
+        for name, (etag, version_id) in sorted(_latest_versions(client, location, other).items()):
+            if lint.is_migration_file(name):
+                data = _get(client, location, other + name)
+                kept.append(KeptFile(other + name, hashlib.sha256(data).hexdigest(), len(data), etag, version_id))
+                kept_data[other + name] = data
     problems = lint.lint(
-        {f.name: f.data for f in files},
+        {f.name: f.data for f in files} | kept_data,
         folders=nested,
         published=[lint.migration_id(name) for name in published if not name.endswith(ROLLBACK_SUFFIX)],
         python=python,
@@ -212,7 +233,7 @@ def plan_publish(
     return PublishPlan(
         service=service,
         environment=environment,
-        url=location.url(service, environment),
+        url=f"s3://{location.bucket}/{prefix}",
         added=tuple(n for n in local if n not in published),
         changed=changed,
         removed=removed,
@@ -220,13 +241,15 @@ def plan_publish(
         problems=tuple(problems),
         files=tuple(local.values()),
         published_sha256={n: hashlib.sha256(_get(client, location, prefix + n)).hexdigest() for n in changed + removed},
+        kept=tuple(kept),
     )
 
 
 def execute_publish(location: S3Location, plan: PublishPlan, *, force_reason: str | None, who: str) -> str:
     """Upload what `plan` adds (and, forced, what it changes or removes), then the manifest. Returns its URL."""
     client = s3_client(location)
-    prefix = location.key_prefix(plan.service, plan.environment)
+    prefix = location.key_prefixes(plan.service, plan.environment)[-1]
+    manifest_prefix = location.key_prefix(plan.service, plan.environment)
     if plan.refused and not force_reason:
         raise SourceError("refusing to change published migrations without --force")
     for file in plan.files:
@@ -243,7 +266,7 @@ def execute_publish(location: S3Location, plan: PublishPlan, *, force_reason: st
     if not plan.added and not plan.refused:
         # The same release published again: keep what it added (what `fanout rollback --release` undoes).
         try:
-            previous = _manifest(client, location, prefix)
+            previous = _manifest(client, location, manifest_prefix)
         except SourceError:
             previous = {}
         if previous.get("release") == release:
@@ -259,12 +282,24 @@ def execute_publish(location: S3Location, plan: PublishPlan, *, force_reason: st
         "files": [
             {
                 "name": f.name,
+                "key": prefix + f.name,
                 "sha256": f.sha256,
                 "size": len(f.data),
                 "etag": versions.get(f.name, (None, None))[0],
                 "version_id": versions.get(f.name, (None, None))[1],
             }
             for f in plan.files
+        ]
+        + [
+            {
+                "name": k.key.rsplit("/", 1)[-1],
+                "key": k.key,
+                "sha256": k.sha256,
+                "size": k.size,
+                "etag": k.etag,
+                "version_id": k.version_id,
+            }
+            for k in plan.kept
         ],
         "forced": [
             {
@@ -286,7 +321,7 @@ def execute_publish(location: S3Location, plan: PublishPlan, *, force_reason: st
             client.put_object, Bucket=location.bucket, Key=history, Body=body, ContentType="application/json"
         ),
     )
-    key = prefix + MANIFEST_NAME
+    key = manifest_prefix + MANIFEST_NAME
     _s3_call(
         location,
         functools.partial(
@@ -298,7 +333,8 @@ def execute_publish(location: S3Location, plan: PublishPlan, *, force_reason: st
 
 def _release_id(plan: PublishPlan) -> str:
     """The same files give the same release id, whoever publishes them and when."""
-    digest = hashlib.sha256("\n".join(f"{f.name} {f.sha256}" for f in plan.files).encode()).hexdigest()
+    lines = [f"{f.name} {f.sha256}" for f in plan.files] + [f"{k.key} {k.sha256}" for k in plan.kept]
+    digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()
     return digest[:16]
 
 

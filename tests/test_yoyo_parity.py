@@ -38,6 +38,7 @@ class Case:
     name: str
     files: dict[str, str]
     env_extra: str = ""
+    source_extra: str = ""  # keys of the environment's [source] table
     schema: str | None = None  # a schema-per-tenant target (yoyo: `?schema=`), created beforehand on both twins
     xfail: str | None = None  # why fanout still differs; strict, so a fix turns it red until removed
 
@@ -100,7 +101,7 @@ CASES = [
                 """,
             "0003-after.sql": "-- depends: 0002-py\nALTER TABLE t ADD COLUMN after_py INT;\n",
         },
-        xfail="Python migrations are ignored",
+        source_extra="python_migrations = true\n",
     ),
     Case(
         "session-changing-migrations",
@@ -342,7 +343,7 @@ def test_fanout_builds_what_yoyo_builds(fleet: Fleet, tmp_path: Path, case: Case
     assert yoyo.returncode == 0, f"the oracle itself failed: {yoyo.stderr[-2000:]}"
 
     fleet.publish(files)
-    fleet.write_env(targets=[target], extra=case.env_extra)
+    fleet.write_env(targets=[target], extra=case.env_extra, source_extra=case.source_extra)
     applied = fleet.cli("apply", "--env", "test")
     assert applied.exit_code == EXIT_OK, applied.output
 
