@@ -16,6 +16,7 @@ import signal
 import time
 from typing import Any
 
+import psycopg2
 import pytest
 from conftest import MIGRATIONS, Fleet
 
@@ -277,3 +278,25 @@ def test_sigkill_during_a_concurrent_index_build_ends_applied_or_in_doubt_never_
 
     print(f"\n{ROUNDS} SIGKILLs during CREATE INDEX CONCURRENTLY (seed {SEED}, build {build:.2f}s): {outcomes}")
     assert any(kind.startswith("in-doubt") for kind in outcomes), outcomes
+
+
+def test_a_lock_timeout_midway_through_an_index_build_is_not_retried_blindly(fleet: Fleet) -> None:
+    """CREATE INDEX CONCURRENTLY waits for writers after it has made its (INVALID) index: a lock timeout there."""
+    name = migrated_with_big_table(fleet, 1000, '[runner]\nlock_timeout = "300ms"\nretries = 2\nretry_backoff = 0.05\n')
+    fleet.publish(index_migration(PLAIN))
+    writer = psycopg2.connect(**fleet.postgres.connect_kwargs(name))
+    try:
+        with writer.cursor() as cursor:
+            cursor.execute("UPDATE big SET pad = pad WHERE id = 1")  # an open transaction that wrote to big
+            code, first = json_of(fleet, "apply", "--env", "test")
+    finally:
+        writer.close()
+    again, second = json_of(fleet, "apply", "--env", "test", "--repair-invalid")
+
+    assert code == EXIT_TARGETS_FAILED
+    (row,) = first["results"]
+    assert row["error"]["kind"] == "lock-timeout", row["error"]
+    assert row["retries"] == []  # a retry would fail on "already exists": the migration is in doubt instead
+    assert row["error"]["invalid_indexes"] == ["public.big_k"]
+    assert again == EXIT_OK, second  # the writer is gone: the repair drops the INVALID index and builds it
+    assert index_state(fleet, name) is True and marks(fleet, name) == []
