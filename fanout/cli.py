@@ -34,8 +34,10 @@ EXIT_CODES_HELP = """\b
 Exit codes:
   0   success (plan --detailed-exitcode: nothing pending)
   2   usage or configuration error; nothing was touched
-  3   migration source error (S3, lint, a published file would change);
-      nothing was touched
+  3   migration source error (S3, a lint error, a published file would
+      change, unpublished migrations where [source] unpublished = "refuse");
+      nothing was touched (plan, status, verify: the report is still shown;
+      verify, plan --detailed-exitcode: also an unpublished migration left out)
   4   shard directory error; nothing was touched
   5   one or more targets failed, drifted, are in doubt or were skipped; the
       others are done (verify: also behind, unverified or an INVALID index;

@@ -528,8 +528,8 @@ def lint_snapshot(snapshot: source.Snapshot, env: Environment) -> list[Finding]:
     return findings
 
 
-def _refuse_before_any_shard(findings: Sequence[Finding], snapshot: source.Snapshot) -> None:
-    """apply and bootstrap: lint errors, and unpublished migrations under the "refuse" policy, stop the run."""
+def _refuse_before_any_shard(findings: Sequence[Finding], snapshot: source.Snapshot, *, unpublished: bool) -> None:
+    """Lint errors stop a run that writes; so do unpublished migrations under the "refuse" policy (apply)."""
     for finding in findings:
         if finding.severity == "warning":
             log.warning("%s", finding.describe())
@@ -540,6 +540,8 @@ def _refuse_before_any_shard(findings: Sequence[Finding], snapshot: source.Snaps
             + "; ".join(f"{f.service}: {f.file}: {f.message} [{f.rule}]" for f in errors)
         )
     for migration_set in snapshot.sets:
+        if not unpublished:
+            break
         if migration_set.unpublished and migration_set.unpublished_policy == UnpublishedPolicy.REFUSE:
             raise SourceError(
                 f"service {migration_set.service!r}: {', '.join(migration_set.unpublished)} in the bucket but not in "
@@ -614,8 +616,8 @@ def _run_on(
             lambda: source.take_snapshot(env, selected, Path(workdir)), "reading the migrations"
         )
         findings = lint_snapshot(snapshot, env)
-        if options.mode is Mode.APPLY:
-            _refuse_before_any_shard(findings, snapshot)
+        if options.mode is not Mode.PLAN:  # apply, bootstrap, rollback
+            _refuse_before_any_shard(findings, snapshot, unpublished=options.mode is Mode.APPLY)
         if expected_sources is not None:
             runs.check_same_sources(expected_sources, snapshot, resumed_from or "")
         report = runner.run(

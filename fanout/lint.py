@@ -33,7 +33,7 @@ HOOK_PREFIX = "post-apply"
 YOYO_TEMP_PREFIX = "_tmp_yoyonew"
 # Names fanout itself keeps beside the migrations.
 OWN_FILES = frozenset({"_manifest.json"})
-OWN_FOLDERS = frozenset({"_runs/"})
+OWN_FOLDERS = frozenset({"_runs/", "_releases/"})  # run records and release history, under the prefix
 
 
 class Severity(StrEnum):
