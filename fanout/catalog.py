@@ -2,11 +2,15 @@
 database (or schema) that `inspect --reference build` builds its reference in.
 
 The only inspect module that talks to the driver. A shard costs one connection and
-one or two round trips: one query builds the whole description server-side (json_agg) and
-says whether yoyo's tables exist; a second reads the applied migration ids when they do.
-The session is read-only on the server (default_transaction_read_only), takes no lock of
-its own, and reads only the catalog and yoyo's table, so a role with CONNECT, USAGE and
-SELECT is enough.
+three round trips, all in one READ ONLY transaction: one message opens it, sets its bounds
+and search_path with SET LOCAL, and runs the one query that builds the whole description
+server-side (json_agg) and says whether yoyo's tables exist; then the applied migration
+ids; then ROLLBACK. SET LOCAL and a single transaction leave no state on the server
+session, so a transaction-mode pooler (PgBouncer) between fanout and the shard is harmless:
+the transaction keeps its server session throughout, and the next client of that session
+inherits nothing. The session is also read-only on the server
+(default_transaction_read_only), takes no lock of its own, and reads only the catalog and
+yoyo's table, so a role with CONNECT, USAGE and SELECT is enough.
 """
 
 from __future__ import annotations
@@ -149,19 +153,21 @@ def read(
         if "database" in message.lower() and "does not exist" in message.lower():
             kind = ErrorKind.DATABASE
         raise CatalogError(kind, f"cannot connect to {target.display}: {message}") from None
-    # Autocommit: no BEGIN round trip; every statement is still a read-only transaction of its own.
+    # Autocommit, so that psycopg2 sends no BEGIN of its own (a round trip): the explicit one
+    # travels with the settings and the catalog query in one message.
     connection.autocommit = True
     try:
         with connection.cursor() as cursor:
             setup = [
-                sql.SQL("SET lock_timeout = {}").format(sql.Literal(lock_timeout or DEFAULT_LOCK_TIMEOUT)),
-                sql.SQL("SET statement_timeout = {}").format(
+                sql.SQL("BEGIN READ ONLY"),
+                sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(lock_timeout or DEFAULT_LOCK_TIMEOUT)),
+                sql.SQL("SET LOCAL statement_timeout = {}").format(
                     sql.Literal(statement_timeout or DEFAULT_STATEMENT_TIMEOUT)
                 ),
             ]
             if target.schema:
-                setup.append(sql.SQL("SET search_path TO {}").format(sql.Identifier(target.schema)))
-            # One message: the settings and the catalog query (the cursor keeps the last result).
+                setup.append(sql.SQL("SET LOCAL search_path TO {}").format(sql.Identifier(target.schema)))
+            # The cursor keeps the last statement's result: the catalog query's.
             query = sql.SQL("; ").join([*setup, sql.SQL(_CATALOG_SQL)])
             cursor.execute(query, {"schema": target.schema})
             row = cursor.fetchone()
@@ -172,6 +178,7 @@ def read(
                 column = "migration_id" if has_version else "id"  # yoyo < 6 kept ids only
                 cursor.execute(f'SELECT "{column}" FROM "_yoyo_migration"')
                 applied = frozenset(str(r[0]) for r in cursor.fetchall())
+            cursor.execute("ROLLBACK")
     except psycopg2.Error as e:
         primary = getattr(getattr(e, "diag", None), "message_primary", None) or error_line(e)
         timeout = {"55P03": ErrorKind.LOCK_TIMEOUT, "57014": ErrorKind.STATEMENT_TIMEOUT}.get(e.pgcode or "")

@@ -7,9 +7,11 @@ import xml.etree.ElementTree as ET
 
 import psycopg2
 import pytest
-from conftest import Fleet
+from conftest import PASSWORD_VARIABLE, Fleet
+from pgbouncer import PgBouncer, binary
 
 from fanout import schema
+from fanout.embedded import EmbeddedPostgres
 from fanout.errors import EXIT_CONFIG, EXIT_OK, EXIT_TARGETS_FAILED
 from fanout.report import from_dict, to_dict
 
@@ -205,6 +207,45 @@ def test_inspect_as_a_select_only_role_writes_nothing_and_waits_for_no_lock(flee
     assert [len(r["applied_before"]) for r in report["results"]] == [3, 3]
     assert [fleet.query(n, catalog) for n in names] == before
     assert [fleet.query(n, writes) for n in names] == written
+
+
+def test_inspect_through_a_transaction_mode_pooler_reads_each_tenant_and_leaves_no_session_state(
+    fleet: Fleet, postgres: EmbeddedPostgres
+) -> None:
+    (database,) = fleet.add_databases(1)
+    for tenant in ("tenant_a", "tenant_b", "tenant_c"):
+        fleet.query(database, f"CREATE SCHEMA {tenant}")
+    fleet.publish(SET)
+    tenants = [
+        {"id": f"{database}/{t}", "dsn": fleet.dsn(database), "schema": t} for t in ("tenant_a", "tenant_b", "tenant_c")
+    ]
+    fleet.write_env(tenants)
+    assert fleet.cli("apply", "--env", "test").exit_code == EXIT_OK
+    fleet.query(database, "DROP TABLE tenant_c.customer_order")
+    fleet.query(database, "DELETE FROM tenant_c._yoyo_migration WHERE migration_id = '003-create-order'")
+    fleet.query(database, "CREATE INDEX extra_idx ON tenant_b.person (email)")
+    direct = _inspect(fleet)
+    with PgBouncer(binary(), postgres, "transaction") as bouncer:
+        through = f"postgresql://postgres:${{{PASSWORD_VARIABLE}}}@{bouncer.host}:{bouncer.port}/{database}"
+        fleet.write_env([{**t, "dsn": through} for t in tenants])
+
+        code, pooled = _inspect(fleet, "--concurrency", "1")
+
+        pooler = psycopg2.connect(
+            host=bouncer.host, port=bouncer.port, dbname=database, user="postgres", password=postgres.password.reveal()
+        )
+        try:
+            with pooler.cursor() as cursor:  # PgBouncer hands out the server session it got back last
+                cursor.execute("SELECT current_setting('search_path'), current_setting('statement_timeout')")
+                leftover = cursor.fetchone()
+        finally:
+            pooler.close()
+
+    assert code == direct[0] == EXIT_TARGETS_FAILED
+    assert pooled["inspection"]["groups"] == direct[1]["inspection"]["groups"]
+    assert [len(r["applied_before"]) for r in pooled["results"]] == [3, 3, 2]  # each tenant's own yoyo table
+    assert pooled["inspection"]["outliers"] == [f"{database}/tenant_b"]
+    assert leftover == ('"$user", public', "0")
 
 
 def test_no_secret_in_any_inspect_output(fleet: Fleet) -> None:
