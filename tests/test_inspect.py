@@ -207,6 +207,11 @@ def test_inspect_as_a_select_only_role_writes_nothing_and_waits_for_no_lock(flee
     assert [len(r["applied_before"]) for r in report["results"]] == [3, 3]
     assert [fleet.query(n, catalog) for n in names] == before
     assert [fleet.query(n, writes) for n in names] == written
+    # Building the reference needs CREATEDB: one line, and no shard is read.
+    refused = fleet.cli("inspect", "--env", "test", "--reference", "build")
+    assert refused.exit_code == EXIT_TARGETS_FAILED and refused.stdout == ""
+    assert refused.stderr.startswith("fanout: error: --reference build: cannot create the scratch database")
+    assert "it needs CREATEDB" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
 
 
 def test_inspect_through_a_transaction_mode_pooler_reads_each_tenant_and_leaves_no_session_state(
