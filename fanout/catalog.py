@@ -43,6 +43,7 @@ WITH ns AS (
   SELECT oid, nspname FROM pg_namespace
   WHERE CASE WHEN %(schema)s::text IS NULL
              THEN nspname NOT LIKE 'pg\_%%' AND nspname <> 'information_schema'
+                  AND nspname NOT LIKE 'fanout\_scratch\_%%'  -- a build's scratch, until it is dropped
              ELSE nspname = %(schema)s::text END
 ), rel AS (
   SELECT c.oid, c.relname, c.relkind, c.relpersistence, n.nspname

@@ -102,6 +102,8 @@ def test_verify_schema_fails_only_on_a_schema_difference(fleet: Fleet) -> None:
     fleet.publish(SET)
     fleet.write_env()
     assert fleet.cli("apply", "--env", "test").exit_code == EXIT_OK
+    fleet.query(other, "CREATE SCHEMA fanout_scratch_0badf00d")  # a build's scratch, not dropped yet
+    fleet.query(other, "CREATE TABLE fanout_scratch_0badf00d.person (id int)")
     assert fleet.cli("verify", "--env", "test", "--schema").exit_code == EXIT_OK
     assert _inspect(fleet)[0] == EXIT_OK
 
