@@ -410,7 +410,7 @@ def unlock(
     targets = _named_targets(env, target_ids)
     return runner.unlock(
         targets, force=force, connect_timeout=env.runner.connect_timeout, concurrency=env.runner.concurrency,
-        terminate=reason if terminate else None,
+        terminate=reason if terminate else None, tcp=env.runner.tcp,
     )  # fmt: skip
 
 
@@ -449,7 +449,7 @@ def bootstrap(
             snapshot = source.take_snapshot(env, env.select_services(services), Path(workdir))
             runner.up_to(snapshot, to, python=env.rules.python_migrations)
     if create_database:
-        runner.ensure_database(chosen, connect_timeout=env.runner.connect_timeout)
+        runner.ensure_database(chosen, connect_timeout=env.runner.connect_timeout, tcp=env.runner.tcp)
     options = _options(env, Mode.APPLY, RunSettings(lock_wait=lock_wait))
     applied = _run_on(env, services, "bootstrap", replace(options, up_to=to), (chosen,), interrupt=interrupt)
     after = _run_on(env, services, "status", replace(options, mode=Mode.PLAN), (chosen,), interrupt=interrupt)

@@ -69,7 +69,7 @@ from yoyo.utils import change_param_style
 from fanout import checksums, indoubt, locking, pooler, rollout
 from fanout import rollback as rollback_selection
 from fanout.config import TcpSettings
-from fanout.directory import Target
+from fanout.directory import DEFAULT_TCP, Target
 from fanout.errors import ConfigError, SourceError, TargetFailed
 from fanout.interrupt import Interrupt, PgCancel, Reason, Watched
 from fanout.report import (
@@ -429,13 +429,15 @@ def _bad_migration(error: yoyo_exceptions.BadMigration) -> str:
     return text.replace("Could not resolve dependencies in", "a '-- depends:' names an unknown migration in")
 
 
-def ensure_database(target: Target, *, connect_timeout: float = 10.0, maintenance_db: str = "postgres") -> bool:
+def ensure_database(
+    target: Target, *, connect_timeout: float = 10.0, maintenance_db: str = "postgres", tcp: TcpSettings = DEFAULT_TCP
+) -> bool:
     """Create the target's database when it does not exist; True when it was created.
 
     Connects to the server's maintenance database with the target's own credentials, so the
     role needs CREATEDB. Safe when two bootstraps race: the loser sees the database exist.
     """
-    options = RunOptions(mode=Mode.APPLY, connect_timeout=connect_timeout)
+    options = RunOptions(mode=Mode.APPLY, connect_timeout=connect_timeout, tcp=tcp)
     kwargs = _connect_kwargs(replace(target, dbname=maintenance_db), options, "bootstrap")
     try:
         connection = psycopg2.connect(**kwargs)
@@ -999,12 +1001,13 @@ def unlock(
     connect_timeout: float,
     concurrency: int,
     terminate: str | None = None,
+    tcp: TcpSettings = DEFAULT_TCP,
 ) -> list[UnlockResult]:
     """Remove the migration lock of each target by hand; refuses while a holder may be alive, unless forced.
 
     `terminate` (a reason) ends the session of a live fanout holder first (see locking.unlock).
     """
-    options = RunOptions(mode=Mode.APPLY, connect_timeout=connect_timeout)
+    options = RunOptions(mode=Mode.APPLY, connect_timeout=connect_timeout, tcp=tcp)
 
     def one(target: Target) -> UnlockResult:
         kwargs = _connect_kwargs(target, options, "unlock")
