@@ -131,6 +131,7 @@ def test_sigkill_during_rollback_never_splits_a_rollback_from_its_records(fleet:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(120 + 30 * LONG_ROUNDS)  # about 12 s a round on 2 shared cores
 @pytest.mark.skipif(not LONG_ROUNDS, reason="the long form: set FANOUT_ROLLBACK_KILL_ROUNDS (e.g. 200)")
 def test_sigkill_during_rollback_long_form(fleet: Fleet) -> None:
     outcomes = kill_rounds(fleet, LONG_ROUNDS)
