@@ -124,3 +124,19 @@ def test_bootstrap_to_brings_a_new_shard_up_to_that_migration(fleet: Fleet) -> N
     assert fleet.applied(database) == ["001-person", "002-address", "003-order"]
     status = json.loads(result.stdout)["status"]["results"]
     assert [r["pending"] for r in status] == [["004-audit"]]
+
+
+def test_resume_with_to_retries_the_failed_targets_up_to_that_migration(fleet: Fleet) -> None:
+    broken, healthy = fleet.add_databases(2)
+    fleet.query(broken, "CREATE TABLE customer_order (id INT)")  # makes 003-order fail there
+    fleet.publish(CHAIN)
+    fleet.write_env()
+
+    first = fleet.cli("apply", "--env", "test", "--to", "003-order", "--format", "json")
+    fleet.query(broken, "DROP TABLE customer_order")
+    resumed = fleet.cli("apply", "--env", "test", "--resume", json.loads(first.stdout)["run_id"], "--to", "003-order")
+
+    assert first.exit_code != EXIT_OK
+    assert resumed.exit_code == EXIT_OK, resumed.output
+    for database in (broken, healthy):
+        assert fleet.applied(database) == ["001-person", "002-address", "003-order"]
