@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 from conftest import Fleet, unique
 
-from fanout.errors import EXIT_CONFIG, EXIT_OK
+from fanout.errors import EXIT_CONFIG, EXIT_OK, EXIT_TARGETS_FAILED
 
 
 @pytest.fixture
@@ -305,3 +305,16 @@ def test_python_migration_that_changes_role_and_search_path_is_recorded_by_yoyos
     assert "after_py" in fleet.tables(database, "public")
     assert fleet.tables(database, "py_elsewhere") == set()
     assert _lock_rows(fleet, database) == [(0, 0)]
+
+
+def test_a_session_setting_the_server_does_not_know_fails_each_target_with_the_servers_message(fleet: Fleet) -> None:
+    (database,) = fleet.add_databases(1)
+    fleet.publish({"001-t.sql": "CREATE TABLE t (id INT);"})
+    fleet.write_env(extra='[session]\nwrok_mem = "8MB"\n')
+
+    result = fleet.cli("apply", "--env", "test", "--format", "json")
+
+    assert result.exit_code == EXIT_TARGETS_FAILED
+    (failed,) = json.loads(result.stdout)["results"]
+    assert 'unrecognized configuration parameter "wrok_mem"' in failed["error"]["message"]
+    assert "t" not in fleet.tables(database)
