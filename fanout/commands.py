@@ -11,18 +11,16 @@ from __future__ import annotations
 import getpass
 import json
 import logging
-import os
 import secrets
 import socket
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 from fanout import inspection, lint, runner, runs, schema, source
-from fanout.config import Environment, S3Location, UnpublishedPolicy, interpolate, load_environment
+from fanout.config import Environment, S3Location, UnpublishedPolicy, interpolate
 from fanout.directory import Target, list_targets
 from fanout.errors import ConfigError, DirectoryError, SourceError
 from fanout.interrupt import Interrupt
@@ -694,70 +692,3 @@ def merge_reports(locations: Sequence[str], env: Environment | None = None) -> R
         return merge(reports)
     except ValueError as e:
         raise ConfigError(f"cannot merge: {e}") from None
-
-
-# ---- the embedded demo --------------------------------------------------------------
-
-DEMO_DATABASES = ("tenant_acme", "tenant_globex", "shared_1", "shared_2")
-
-
-@dataclass(frozen=True, slots=True)
-class DemoStep:
-    title: str
-    report: RunReport
-
-
-@contextmanager
-def demo_stack(environment: str = "demo") -> Iterator[dict[str, str]]:
-    """Start an embedded PostgreSQL with the demo databases and a local S3; yield the variables demo.toml reads."""
-    from fanout.embedded import EmbeddedPostgres, EmbeddedS3
-
-    with EmbeddedPostgres() as postgres, EmbeddedS3() as s3:
-        postgres.create_databases(DEMO_DATABASES)
-        s3.client().create_bucket(Bucket="fanout-demo")
-        variables = {
-            "FANOUT_DEMO_PG_PORT": str(postgres.port),
-            "FANOUT_DEMO_PG_PASSWORD": postgres.password.reveal(),
-            "FANOUT_DEMO_S3_ENDPOINT": s3.endpoint_url,
-            "AWS_ACCESS_KEY_ID": "fanout-demo",
-            "AWS_SECRET_ACCESS_KEY": "fanout-demo",
-            "AWS_DEFAULT_REGION": "us-east-1",
-        }
-        saved = {k: os.environ.get(k) for k in variables}
-        os.environ.update(variables)
-        try:
-            yield variables
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
-
-
-def demo(
-    migrations_dir: Path,
-    environments_dir: Path,
-    show: Callable[[DemoStep], None],
-    *,
-    announce: Callable[[str], None] = lambda _: None,
-) -> list[DemoStep]:
-    """Publish the example migrations to a throwaway stack, then plan, apply, re-plan and show status."""
-    steps: list[DemoStep] = []
-
-    def step(title: str, report: RunReport) -> None:
-        steps.append(DemoStep(title, report))
-        show(steps[-1])
-
-    announce("starting an embedded PostgreSQL and a local S3 endpoint ...")
-    with demo_stack():
-        env = load_environment("demo", search_dir=environments_dir)
-        published = publish(env, migrations_dir)
-        count = sum(len(p.plan.files) for p in published)
-        announce(f"published {count} files ({len(published)} manifests) to s3://fanout-demo/")
-        step("plan: what would run where", plan(env))
-        step("apply", apply(env))
-        step("apply again: nothing to do", apply(env))
-        step("status", status(env))
-    announce("stopped the embedded stack")
-    return steps
