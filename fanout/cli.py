@@ -79,6 +79,16 @@ def _say_error(message: str, code: int, *, kind: str = "error", args: list[str] 
     sys.exit(code)
 
 
+def _say(message: str, *, event: str, **fields: str) -> None:
+    """A stderr line that is not the end of the command: text, or a JSON event with --log-format json."""
+    message = redact(message)
+    if _json_errors():
+        payload = {"event": event, "time": round(time.time(), 3), "message": message, **fields}
+        click.echo(redact(json.dumps(payload)), err=True)
+    else:
+        click.echo(f"fanout: error: {message}" if event == "error" else message, err=True)
+
+
 def _fail(error: BaseException) -> NoReturn:
     if isinstance(error, FanoutError):
         _say_error(str(error), error.exit_code)
@@ -184,10 +194,23 @@ slice_option = click.option(
     help="Only slice K of N of the targets (by a stable hash of the target id): N runners given "
     "1/N .. N/N cover the fleet once between them. Combine their reports with `fanout report merge`.",
 )
+
+
+def _destinations(_ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
+    """Refuse a destination that can never be written before the run, not after its work is done."""
+    for value in values:
+        try:
+            commands.check_destination(value, s3=param.name == "report_to")
+        except FanoutError as e:
+            raise click.BadParameter(str(e), param=param) from None
+    return values
+
+
 output_option = click.option(
     "--output",
     "outputs",
     multiple=True,
+    callback=_destinations,
     metavar="FILE",
     help="Also write the report to FILE (repeatable); a .json name gets the JSON form, others --format.",
 )
@@ -195,6 +218,7 @@ report_to_option = click.option(
     "--report-to",
     "report_to",
     multiple=True,
+    callback=_destinations,
     metavar="s3://BUCKET/KEY",
     help="Also store the report in S3 (repeatable; reached like the environment's bucket); .json keys get JSON.",
 )
@@ -248,9 +272,9 @@ def _emit(
         try:
             text = render(report, format_for(destination, fmt), detailed=detailed)
             where = commands.store_report(text, destination, env)
-            click.echo(f"report written to {where}", err=True)
+            _say(f"report written to {where}", event="stored", where=where)
         except FanoutError as e:
-            click.echo(f"fanout: error: the report was not stored: {redact(str(e))}", err=True)
+            _say(f"the report was not stored: {e}", event="error", kind="not-stored", where=destination)
             not_stored.append(destination)
     summary = os.environ.get(STEP_SUMMARY_VARIABLE)
     if summary:
@@ -259,14 +283,12 @@ def _emit(
             with open(summary, "a", encoding="utf-8") as handle:
                 handle.write(render(report, "markdown", detailed=detailed) + "\n")
         except OSError as e:
-            click.echo(f"fanout: error: the step summary was not written to {summary}: {e.strerror or e}", err=True)
+            message = f"the step summary was not written to {summary}: {e.strerror or e}"
+            _say(message, event="error", kind="not-stored", where=f"${STEP_SUMMARY_VARIABLE}")
             not_stored.append(f"${STEP_SUMMARY_VARIABLE}")
     if "run record" in not_stored:
-        click.echo(
-            f"fanout: error: the work is done, but no copy of the run record was written: "
-            f"`apply --resume {report.run_id}` will not find it",
-            err=True,
-        )
+        message = f"the work is done, but no copy of the run record was written: `apply --resume {report.run_id}` will not find it"
+        _say(message, event="error", kind="not-stored", where="run record")
     report = replace(report, not_stored=tuple(not_stored))
     click.echo(render(report, fmt, detailed=detailed, color=sys.stdout.isatty() and fmt == "text"), nl=fmt == "json")
     sys.exit(exit_code(report, detailed=detailed))

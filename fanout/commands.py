@@ -640,6 +640,27 @@ def _run_on(
 # ---- stored reports ------------------------------------------------------------------
 
 
+def check_destination(destination: str, *, s3: bool) -> None:
+    """Raise ConfigError for a report destination that cannot be written whatever the run does.
+
+    `s3`: given as --report-to, so it must be s3://bucket/key. A local file must not be a
+    folder, and its nearest existing parent must be one (a full disk is only found later).
+    """
+    if s3 or destination.startswith("s3://"):
+        bucket, _, key = destination.removeprefix("s3://").partition("/")
+        if not destination.startswith("s3://") or not bucket or not key or key.endswith("/"):
+            raise ConfigError(f"{destination!r} is not an s3://bucket/key URL")
+        return
+    path = Path(destination)
+    if path.is_dir():
+        raise ConfigError(f"{destination} is a folder, not a file")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"cannot write {destination}: {parent} is not a folder")
+
+
 def store_report(text: str, destination: str, env: Environment | None) -> str:
     """Write a rendered report to a local file or an s3:// URL (reached like the environment's bucket)."""
     if destination.startswith("s3://"):

@@ -13,6 +13,7 @@ from fanout import runs
 from fanout.errors import EXIT_NOT_STORED, EXIT_OK, EXIT_TARGETS_FAILED
 
 APPLIED = ["001-create-person", "002-add-address", "003-create-order"]
+FULL_DISK = "/dev/full"  # every write fails with ENOSPC, as on a full disk
 
 
 def _folder_source(fleet: Fleet) -> str:
@@ -30,27 +31,23 @@ def test_a_report_that_cannot_be_stored_after_a_completed_apply_exits_6_not_a_no
     (shard,) = fleet.add_databases(1)
     fleet.publish(MIGRATIONS)
     fleet.write_env()
-    blocker = fleet.root / "a-file"
-    blocker.write_text("")
 
-    result = fleet.cli("apply", "--env", "test", "--format", "json", "--output", str(blocker / "report.json"))
+    result = fleet.cli("apply", "--env", "test", "--format", "json", "--output", FULL_DISK)
 
     assert result.exit_code == EXIT_NOT_STORED, result.output
     assert fleet.applied(shard) == APPLIED  # the work is done
-    assert "the report was not stored" in result.stderr
+    assert "the report was not stored" in result.stderr and "No space left on device" in result.stderr
     report = json.loads(result.stdout)
     assert report["exit_code"] == EXIT_NOT_STORED
-    assert report["not_stored"] == [str(blocker / "report.json")]
+    assert report["not_stored"] == [FULL_DISK]
 
 
 def test_a_failed_target_keeps_exit_5_when_the_report_cannot_be_stored_too(fleet: Fleet) -> None:
     (shard,) = fleet.add_databases(1)
     fleet.publish(MIGRATIONS)
     fleet.write_env([{"id": shard, "dsn": fleet.dsn(shard, password="wrong")}])
-    blocker = fleet.root / "a-file"
-    blocker.write_text("")
 
-    result = fleet.cli("apply", "--env", "test", "--output", str(blocker / "report.txt"))
+    result = fleet.cli("apply", "--env", "test", "--output", FULL_DISK)
 
     assert result.exit_code == EXIT_TARGETS_FAILED, result.output
     assert "the report was not stored" in result.stderr
@@ -62,7 +59,7 @@ def test_an_unwritable_step_summary_is_exit_6_with_the_report_printed_not_an_int
     (shard,) = fleet.add_databases(1)
     fleet.publish(MIGRATIONS)
     fleet.write_env()
-    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(fleet.root))  # a folder: open() fails
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", FULL_DISK)
 
     result = fleet.cli("apply", "--env", "test")
 
@@ -157,3 +154,18 @@ def test_a_record_write_that_fails_half_way_leaves_the_old_record_and_no_tempora
 
     assert path.read_bytes() == b'{"complete": true}'
     assert sorted(p.name for p in path.parent.iterdir()) == ["run.json"]
+
+
+def test_with_log_format_json_what_was_not_stored_is_a_json_event(fleet: Fleet) -> None:
+    fleet.add_databases(1)
+    fleet.publish(MIGRATIONS)
+    fleet.write_env()
+    stored = fleet.root / "reports" / "plan.md"
+
+    result = fleet.cli("--log-format", "json", "plan", "--env", "test", "--output", str(stored), "--output", FULL_DISK)
+
+    assert result.exit_code == EXIT_NOT_STORED, result.output
+    events = [json.loads(line) for line in result.stderr.splitlines() if line.strip()]
+    assert any(e["event"] == "stored" and e["where"] == str(stored) for e in events)
+    (failure,) = [e for e in events if e.get("event") == "error"]
+    assert failure["kind"] == "not-stored" and failure["where"] == FULL_DISK
