@@ -17,6 +17,7 @@ yoyo reads the files directly in a folder whose suffix is exactly `.py` or `.sql
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -242,8 +243,9 @@ def _non_transactional(text: str) -> bool:
     return statements(text)[0].get("transactional", "").lower() == "false"
 
 
-def statements(text: str) -> tuple[dict[str, str], list[str]]:
-    """yoyo's reading of a .sql file: its directives, and the statements it executes one by one."""
+@functools.lru_cache(maxsize=64)  # lint reads a file's statements for several rules; splitting is the slow part
+def statements(text: str) -> tuple[dict[str, str], tuple[str, ...]]:
+    """yoyo's reading of a .sql file: its directives, and the statements it executes one by one (read-only)."""
     chunks = [str(c) for c in sqlparse.split(text)]
     directives: dict[str, str] = {}
     if chunks:
@@ -258,7 +260,7 @@ def statements(text: str) -> tuple[dict[str, str], list[str]]:
                 break
         else:
             chunks[0] = ""
-    return directives, [c for c in chunks if c.strip()]
+    return directives, tuple(c for c in chunks if c.strip())
 
 
 def _sql_problems(text: str, known: set[str]) -> list[tuple[str, Rule]]:
@@ -274,7 +276,7 @@ def _sql_problems(text: str, known: set[str]) -> list[tuple[str, Rule]]:
         if dependency not in known:
             problems.append((f"'-- depends: {dependency}': no such migration", Rule.UNKNOWN_DEPENDENCY))
     for index, statement in enumerate(executed, 1):
-        if not re.sub(r"[\s;]", "", sqlparse.format(statement, strip_comments=True)):
+        if _empty_query(statement):
             where = "the last statement" if index == len(executed) else f"statement {index}"
             problems.append(
                 (
@@ -306,6 +308,34 @@ def _sql_problems(text: str, known: set[str]) -> list[tuple[str, Rule]]:
                 )
             )
     return problems
+
+
+def _empty_query(statement: str) -> bool:
+    """What PostgreSQL answers with EmptyQueryResponse: nothing but comments, blanks and semicolons."""
+    rest = statement
+    while True:
+        rest = rest.lstrip()
+        if not rest:
+            return True
+        if rest.startswith(";"):
+            rest = rest[1:]
+        elif rest.startswith("--"):
+            end = rest.find("\n")
+            rest = "" if end < 0 else rest[end + 1 :]
+        elif rest.startswith("/*"):
+            depth, index = 0, 0  # PostgreSQL's block comments nest
+            while index < len(rest):
+                if rest.startswith("/*", index):
+                    depth, index = depth + 1, index + 2
+                elif rest.startswith("*/", index):
+                    depth, index = depth - 1, index + 2
+                    if depth == 0:
+                        break
+                else:
+                    index += 1
+            rest = rest[index:]
+        else:
+            return False
 
 
 def _excerpt(statement: str) -> str:
