@@ -106,6 +106,9 @@ class _Cli(click.Group):
         words = list(args) if args is not None else None
         try:
             returned = super().main(words, prog_name, complete_var, False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:
+            e.show()  # a bare `fanout` (or `fanout report`) asks for help: print it as it is
+            sys.exit(e.exit_code)
         except click.ClickException as e:
             context = getattr(e, "ctx", None)
             hint = f" (see '{context.command_path} --help')" if context is not None else ""

@@ -37,3 +37,13 @@ def test_usage_error_exits_2() -> None:
     result = CliRunner().invoke(cli, ["apply"])
     assert result.exit_code == errors.EXIT_CONFIG
     assert "Missing option '--env'" in result.output
+
+
+def test_usage_errors_are_one_line_and_a_bare_command_still_shows_its_help() -> None:
+    runner = CliRunner()
+    wrong = runner.invoke(cli, ["plan", "--env", "x", "--concurrency", "0"])
+    bare = runner.invoke(cli, [])
+
+    assert wrong.exit_code == errors.EXIT_CONFIG
+    assert wrong.stderr.count("\n") == 1 and wrong.stderr.startswith("fanout: error: ")
+    assert "Commands:" in bare.output and "Exit codes:" in bare.output
