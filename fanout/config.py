@@ -341,7 +341,7 @@ class _Source(_Strict):
     folder: str | None = None
     layout: str = DEFAULT_LAYOUT
     paths: dict[str, str | Annotated[tuple[str, ...], Field(min_length=1)]] = {}
-    python_migrations: bool = False
+    python_migrations: pydantic.StrictBool = False  # security-relevant: only a real true opts in
     unpublished: Literal["refuse", "report", "apply"] = "refuse"
 
 

@@ -137,6 +137,8 @@ def test_merged_paths_apply_in_yoyos_order_and_publish_pins_them_all(fleet: Flee
         ('layout = "{prefix}/{env}"\n', "has no {service}"),
         ('[source.paths]\nnope = ["x/"]\n', "'nope' is not a service"),
         ('[source.paths]\napp = ["{service}/{stage}/"]\n', "source.paths.app: unknown placeholder {stage}"),
+        ('unpublished = "sometimes"\n', "source.unpublished: Input should be 'refuse', 'report' or 'apply'"),
+        ("python_migrations = 1\n", "source.python_migrations"),
     ],
 )
 def test_a_bad_layout_is_a_configuration_error_naming_it(fleet: Fleet, extra: str, message: str) -> None:
