@@ -819,6 +819,19 @@ def _rollback_service(
             "pending": tuple(m.id for m in plan.migrations if m.id not in now),
         }
 
+    doubtful = [shard.marks[m] for m in plan.undo if m in shard.marks]
+    if doubtful and not state.rolled_back:
+        # A migration the request selects was started (applied or rolled back) and never recorded:
+        # what the shard holds of it is unknown, so nothing of this service is rolled back around it.
+        mark = doubtful[0]
+        refusal = TargetError(
+            ErrorKind.IN_DOUBT,
+            f"in doubt: the {mark.operation} of {mark.migration_id} started in run {mark.run_id} on {mark.host} and "
+            f"was never recorded; settle it first: `fanout mark --migration {mark.migration_id}` (it is applied) "
+            f"or `fanout unmark --migration {mark.migration_id}` (it is not), then roll back again",
+            migration=mark.migration_id,
+        )
+        return _result(target, plan.service, Status.IN_DOUBT, refusal, **outcome, **remaining())
     if drift and todo and options.mode is Mode.ROLLBACK and not request.accept_drift and not state.rolled_back:
         listed = ", ".join(f"{d.migration} ({d.kind.value})" for d in drift[:5])
         refusal = TargetError(
@@ -2044,7 +2057,6 @@ class _YoyoSession:
         removed in one transaction afterwards.
         """
         backend = self._backend
-        invalid_before: set[str] = set()
         try:
             statements = _plain_rollback_sql(migration)
             unrecords = [*_ORIGINAL_ROLE, *self._unrecords(migration, recorded, reason)]
@@ -2060,21 +2072,57 @@ class _YoyoSession:
                     migration.process_steps(backend, "rollback")
                     self._execute(_join(unrecords))
             else:
-                self._clean()
-                invalid_before = self._invalid_indexes()
-                self._dirty = True
-                migration.process_steps(backend, "rollback")
-                self._commit_clean(unrecords)
+                self._rollback_marked(migration, unrecords)
         except psycopg2.Error as e:
             self._reset()
-            failure = self._watch.classify(e, otherwise=ErrorKind.MIGRATION)
-            if not migration.use_transactions and not _lost(e):
-                left = tuple(sorted(self._invalid_indexes() - invalid_before))
-                if left:
-                    message = f"{failure.error.message}; left INVALID index {', '.join(left)}"
-                    failure = _Failure(replace(failure.error, message=message, invalid_indexes=left))
-            raise failure from None
+            raise self._watch.classify(e, otherwise=ErrorKind.MIGRATION) from None
         return True
+
+    def _rollback_marked(self, migration: Migration, unrecords: Sequence[str]) -> None:
+        """A non-transactional migration's rollback, as `_apply_marked` applies one: marked as started
+        (committed, operation "rollback"), run statement by statement, then unrecorded with the mark
+        cleared in one transaction. Stopped midway, the mark stays and the next run reports the
+        migration in doubt instead of rolling it back blindly again."""
+        backend = self._backend
+        self._clean()
+        with self._connection.cursor() as cursor:
+            _, before = indoubt.read(cursor, self._schema, only_schema=self._schema_only, marks=False)
+            owner = self._owner
+            cursor.execute(
+                indoubt.mark_sql(
+                    cursor, self._schema, migration.id, operation="rollback", run_id=owner.run_id, host=owner.host,
+                    pid=owner.pid, invalid=before,
+                )
+            )  # fmt: skip
+            clear = indoubt.clear_sql(cursor, self._schema, migration.id)
+        executed = 0
+        self._dirty = True
+        try:
+            with backend.disable_transactions():
+                for step in reversed(migration.steps):  # as yoyo: the rollback file's statements in file order
+                    step.rollback(backend)
+                    executed += 1
+        except psycopg2.Error as e:
+            failure = self._watch.classify(e, otherwise=ErrorKind.MIGRATION)
+            if _lost(e) or self._watch.handle.reason is not None:
+                raise failure from None  # the mark stays: the next run says what is there
+            try:
+                self._clean()
+                left = tuple(sorted(self._invalid_indexes() - set(before)))
+                if not executed and not left:
+                    with self._connection.cursor() as cursor:
+                        cursor.execute(clear)  # its first statement failed whole: nothing happened, not in doubt
+                    raise failure from None
+            except psycopg2.Error:
+                raise _Failure(failure.error) from None
+            gone = f"; left INVALID index {', '.join(left)}" if left else ""
+            ran = f"; {executed} of its statements had run" if executed else ""
+            message = (
+                f"{failure.error.message}{gone}{ran}; marked in doubt: the next run reports it until it is settled "
+                "(`fanout mark` if it is still applied, `fanout unmark` if its rollback is complete)"
+            )
+            raise _Failure(replace(failure.error, message=message, invalid_indexes=left)) from None
+        self._commit_clean([*unrecords, clear])
 
     def _unrecords(self, migration: Migration, recorded: _Recording, reason: str | None) -> list[str]:
         """yoyo's `_yoyo_log` "rollback" row and the removal of its `_yoyo_migration` row, as yoyo's

@@ -743,3 +743,62 @@ def test_a_schema_per_tenant_target_is_rolled_back_inside_its_schema(fleet: Flee
     sums = fleet.query(database, 'SELECT migration_id FROM "Tenant-3".fanout_checksums ORDER BY 1')
     assert sums == rows
     assert fleet.tables(database) == set()  # nothing leaked into public
+
+
+def test_a_non_transactional_rollback_stopped_midway_leaves_the_migration_in_doubt_until_settled(fleet: Fleet) -> None:
+    (shard,) = fleet.add_databases(1)
+    fleet.publish(
+        {
+            **first(1),
+            "002-indexes.sql": "-- transactional: false\nCREATE INDEX CONCURRENTLY person_name ON person (name);\n"
+            "CREATE INDEX CONCURRENTLY person_id_name ON person (id, name);",
+            # The second statement fails after the first has dropped an index: the shard is between states.
+            "002-indexes.rollback.sql": "DROP INDEX CONCURRENTLY person_id_name;\nDROP INDEX CONCURRENTLY no_such_index;",
+        }
+    )
+    fleet.write_env()
+    assert fleet.cli("apply", "--env", "test").exit_code == EXIT_OK
+
+    code, report = run_json(fleet, "rollback", "--env", "test", "--to", "001-create-person")
+    assert code == EXIT_TARGETS_FAILED
+    (row,) = report["results"]
+    assert row["error"]["kind"] == "migration" and "marked in doubt" in row["error"]["message"]
+    assert fleet.applied(shard) == ["001-create-person", "002-indexes"]  # still recorded: not rolled back whole
+    marks = fleet.query(shard, "SELECT migration_id, operation FROM fanout_in_doubt")
+    assert marks == [("002-indexes", "rollback")]
+
+    # The next rollback does not run it blindly again: the shard is in doubt until an operator settles it.
+    code, again = run_json(fleet, "rollback", "--env", "test", "--to", "001-create-person")
+    assert code == EXIT_TARGETS_FAILED
+    (row,) = again["results"]
+    assert row["status"] == "in-doubt" and row["error"]["kind"] == "in-doubt"
+    assert "rollback of 002-indexes" in row["error"]["message"]
+    assert fleet.query(shard, "SELECT to_regclass('person_name') IS NOT NULL") == [(True,)]  # untouched
+
+    # The operator finishes the rollback by hand and says so: the record goes, the mark with it.
+    fleet.query(shard, "DROP INDEX person_name")
+    settled = fleet.cli("unmark", "--env", "test", "--migration", "002-indexes", "--reason", "dropped by hand")
+    assert settled.exit_code == EXIT_OK, settled.output
+    assert fleet.query(shard, "SELECT count(*) FROM fanout_in_doubt") == [(0,)]
+    code, done = run_json(fleet, "rollback", "--env", "test", "--to", "001-create-person")
+    assert code == EXIT_OK and done["results"][0]["status"] == "up-to-date"
+    assert recorded(fleet, shard) == checksummed(fleet, shard) == ["001-create-person"]
+
+
+def test_a_non_transactional_rollback_whose_first_statement_fails_is_not_in_doubt(fleet: Fleet) -> None:
+    (shard,) = fleet.add_databases(1)
+    fleet.publish(
+        {
+            **first(1),
+            "002-name-index.sql": "-- transactional: false\nCREATE INDEX CONCURRENTLY person_name ON person (name);",
+            "002-name-index.rollback.sql": "DROP INDEX CONCURRENTLY no_such_index;",
+        }
+    )
+    fleet.write_env()
+    assert fleet.cli("apply", "--env", "test").exit_code == EXIT_OK
+    code, report = run_json(fleet, "rollback", "--env", "test", "--to", "001-create-person")
+    assert code == EXIT_TARGETS_FAILED
+    assert report["results"][0]["error"]["kind"] == "migration"
+    assert "in doubt" not in report["results"][0]["error"]["message"]
+    assert fleet.query(shard, "SELECT count(*) FROM fanout_in_doubt") == [(0,)]
+    assert recorded(fleet, shard) == ["001-create-person", "002-name-index"]
