@@ -48,6 +48,8 @@ class Slice:
         if not match:
             raise ConfigError(f"{what}: {text.strip()!r} is not K/N (e.g. 2/4)")
         index, count = int(match.group(1)), int(match.group(2))
+        if count < 1:
+            raise ConfigError(f"{what}: {text.strip()!r}: N must be at least 1")
         if not 1 <= index <= count:
             raise ConfigError(f"{what}: {text.strip()!r}: K must be between 1 and N")
         return cls(index, count)

@@ -199,6 +199,7 @@ CASES = [
     Case("--report-to without a key", (*APPLY, "--report-to", "s3://bucket"), EXIT_CONFIG, "is not an s3://bucket/key"),
     Case("--report-to not in S3", (*APPLY, "--report-to", "reports/r.json"), EXIT_CONFIG, "is not an s3://bucket/key"),
     Case("slice beyond its count", (*PLAN, "--slice", "3/2"), EXIT_CONFIG, "K must be between 1 and N"),
+    Case("slice of zero", (*PLAN, "--slice", "1/0"), EXIT_CONFIG, "N must be at least 1"),
     Case("slice not K/N", (*PLAN, "--slice", "half"), EXIT_CONFIG, "'half' is not K/N"),
     Case("waves that shrink", (*APPLY, "--waves", "50%,10%"), EXIT_CONFIG, "'10%' is not more than an earlier wave"),
     Case("waves repeated", (*APPLY, "--waves", "2,2"), EXIT_CONFIG, "'2' is not more than an earlier wave"),
