@@ -204,7 +204,7 @@ def test_demo_keep_leaves_a_stack_to_use_by_hand_until_a_signal_stops_it(stop: s
     assert not _port_open(exported["FANOUT_DEMO_S3_ENDPOINT"].removeprefix("http://"))
 
 
-# A fresh virtualenv and a full install: 152 s on the 2 shared cores of the development machine.
+# A fresh virtualenv and a full install: 150 to 180 s on the 2 shared cores of the development machine.
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_the_built_wheel_runs_the_demo_from_an_empty_folder(tmp_path: Path) -> None:
