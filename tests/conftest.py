@@ -48,6 +48,15 @@ def s3() -> Iterator[EmbeddedS3]:
         yield server
 
 
+@pytest.fixture(scope="session")
+def mariadb() -> Iterator[Any]:
+    """A real mariadbd of the suite's own (tests/mariadb_server.py); skips (fails under CI=true) when not installed."""
+    from mariadb_server import MariaDB, binaries
+
+    with MariaDB(*binaries()) as server:
+        yield server
+
+
 def unique(prefix: str) -> str:
     return f"{prefix}_{os.getpid()}_{next(_counter)}"
 
