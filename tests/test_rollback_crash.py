@@ -137,3 +137,69 @@ def test_sigkill_during_rollback_long_form(fleet: Fleet) -> None:
     outcomes = kill_rounds(fleet, LONG_ROUNDS)
     assert outcomes["partial"] > 0 and outcomes["stale_locks_broken"] > 0, outcomes
     print(f"\n{LONG_ROUNDS} SIGKILLs of rollback (seed {SEED}): shard states at kill time {outcomes}")
+
+
+NON_TRANSACTIONAL_SET = {
+    "001-create-person.sql": "CREATE TABLE person (id SERIAL PRIMARY KEY, name TEXT NOT NULL);",
+    "001-create-person.rollback.sql": "DROP TABLE person;",
+    "002-indexes.sql": "-- transactional: false\nCREATE INDEX CONCURRENTLY person_name ON person (name);\n"
+    "CREATE INDEX CONCURRENTLY person_id_name ON person (id, name);",
+    "002-indexes.rollback.sql": "DROP INDEX CONCURRENTLY person_id_name;\nSELECT pg_sleep(0.1);\n"
+    "DROP INDEX CONCURRENTLY person_name;\nSELECT pg_sleep(0.05);",
+}
+
+
+def test_sigkill_during_a_non_transactional_rollback_is_reported_in_doubt_never_silently_wrong(fleet: Fleet) -> None:
+    """Killed midway, a non-transactional rollback is either whole (and recorded so), or marked in doubt."""
+    rng = random.Random(SEED)
+    fleet.publish(NON_TRANSACTIONAL_SET)
+    outcomes = {"in_doubt": 0, "rolled_back": 0, "untouched": 0}
+    for round_number in range(4):
+        shards = fleet.add_databases(2)
+        fleet.write_env([{"id": name, "dsn": fleet.dsn(name)} for name in shards])
+        assert fleet.cli("apply", "--env", "test").exit_code == EXIT_OK
+        process = fleet.spawn("rollback", "--env", "test", "--to", "001-create-person", "--concurrency", "2")
+        deadline = time.monotonic() + 20
+        while not rollback_sessions(fleet, shards) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0, 0.2))
+        process.send_signal(signal.SIGKILL)
+        process.communicate()
+        context = f"seed {SEED}, round {round_number}"
+        deadline = time.monotonic() + 15
+        while rollback_sessions(fleet, shards):
+            assert time.monotonic() < deadline, context
+            time.sleep(0.01)
+        doubtful = []
+        for name in shards:
+            indexes = list(fleet.query(name, "SELECT to_regclass('person_name') IS NOT NULL, "
+                                             "to_regclass('person_id_name') IS NOT NULL")[0])  # fmt: skip
+            marked = fleet.query(name, "SELECT count(*) FROM fanout_in_doubt")[0][0]
+            has = "002-indexes" in fleet.applied(name)
+            if marked:
+                doubtful.append(name)
+                outcomes["in_doubt"] += 1
+                assert has, f"{context}: {name}: unrecorded yet still marked"
+            elif has:
+                assert indexes == [True, True], f"{context}: {name}: recorded but indexes {indexes}"
+                outcomes["untouched"] += 1
+            else:
+                assert indexes == [False, False], f"{context}: {name}: unrecorded but indexes {indexes}"
+                outcomes["rolled_back"] += 1
+        rerun = fleet.cli("rollback", "--env", "test", "--to", "001-create-person", "--lock-wait", "30",
+                          "--format", "json")  # fmt: skip
+        results = {r["target"]: r for r in json.loads(rerun.stdout)["results"]}
+        for name in shards:
+            if name in doubtful:
+                assert results[name]["status"] == "in-doubt", f"{context}: {rerun.stdout}"
+                # Settled by hand: finish the rollback, then say so.
+                fleet.query(name, "DROP INDEX IF EXISTS person_id_name")
+                fleet.query(name, "DROP INDEX IF EXISTS person_name")
+                done = fleet.cli("unmark", "--env", "test", "--migration", "002-indexes", "--target", name,
+                                 "--reason", "finished by hand")  # fmt: skip
+                assert done.exit_code == EXIT_OK, done.output
+            else:
+                assert results[name]["status"] in ("rolled-back", "up-to-date"), f"{context}: {rerun.stdout}"
+            assert fleet.applied(name) == ["001-create-person"], context
+            assert fleet.query(name, "SELECT count(*) FROM fanout_in_doubt") == [(0,)], context
+    print(f"\nnon-transactional rollback SIGKILLs (seed {SEED}): {outcomes}")
