@@ -1246,6 +1246,8 @@ def rollback(
 @output_option
 @report_to_option
 @lock_wait_option
+@click.option("--resume", metavar="RUN_ID", default=None,
+              help="Retry only the targets that failed or were skipped in that reapply (same --migration).")  # fmt: skip
 @_guarded
 def reapply(
     env: Environment,
@@ -1263,6 +1265,7 @@ def reapply(
     outputs: tuple[str, ...],
     report_to: tuple[str, ...],
     lock_wait: float | None,
+    resume: str | None,
     target_timeout: float | None,
     runs_dir: Path | None,
 ) -> None:
@@ -1281,7 +1284,14 @@ def reapply(
     )
     with signals_handled(Interrupt()) as interrupt, shown(_progress()) as progress:
         report = commands.rollback(
-            env, request, services, settings=settings, interrupt=interrupt, runs_dir=runs_dir, **_callbacks(progress)
+            env,
+            request,
+            services,
+            settings=settings,
+            interrupt=interrupt,
+            resume=resume,
+            runs_dir=runs_dir,
+            **_callbacks(progress),
         )
     _emit(report, fmt, env=env, destinations=outputs + report_to)
 

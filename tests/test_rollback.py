@@ -802,3 +802,26 @@ def test_a_non_transactional_rollback_whose_first_statement_fails_is_not_in_doub
     assert "in doubt" not in report["results"][0]["error"]["message"]
     assert fleet.query(shard, "SELECT count(*) FROM fanout_in_doubt") == [(0,)]
     assert recorded(fleet, shard) == ["001-create-person", "002-name-index"]
+
+
+def test_a_reapply_that_failed_on_one_shard_is_resumed_there_only(fleet: Fleet) -> None:
+    shards = fleet.add_databases(2)
+    fleet.publish(SET)
+    fleet.write_env()
+    assert fleet.cli("apply", "--env", "test").exit_code == EXIT_OK
+    fleet.query(shards[1], "CREATE VIEW order_view AS SELECT * FROM customer_order")  # its rollback fails there
+
+    code, report = run_json(fleet, "reapply", "--env", "test", "--migration", "003-create-order")
+    assert code == EXIT_TARGETS_FAILED
+    assert [by_target(report)[s]["status"] for s in shards] == ["applied", "failed"]
+    assert consistent(fleet, shards[1]) == IDS  # where it failed, nothing changed
+    fleet.query(shards[1], "DROP VIEW order_view")
+    code, resumed = run_json(fleet, "reapply", "--env", "test", "--migration", "003-create-order",
+                             "--resume", report["run_id"])  # fmt: skip
+    assert code == EXIT_OK, resumed
+    assert [r["target"] for r in resumed["results"]] == [shards[1]]
+    for shard in shards:
+        assert consistent(fleet, shard) == IDS
+        ops = fleet.query(shard, "SELECT operation FROM _yoyo_log WHERE migration_id = '003-create-order' "
+                                 "ORDER BY created_at_utc")  # fmt: skip
+        assert ops == [("apply",), ("rollback",), ("apply",)]
