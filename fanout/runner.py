@@ -677,7 +677,20 @@ def _migrate_service(
         )  # fmt: skip
     ran_now = 0
     doubt: InDoubt | None = None
-    for migration in pending:
+    # A rollback marked as started and never unrecorded: the migration is still recorded but its
+    # effect may be half undone, so the shard is neither up to date nor safe to apply to. Never
+    # repaired here: --repair-invalid would clear the mark of a rollback, not finish it.
+    undoing = next((m for m in plan.migrations if m.id in shard.marks and m.hash in applied), None)
+    if undoing is not None:
+        try:
+            doubt, _ = session.in_doubt(undoing, shard.marks[undoing.id], repair=False)
+        except _Failure as failure:
+            if failure.retryable and failure.error.kind is ErrorKind.UNREACHABLE:
+                raise
+            error = failure.error
+        if doubt is not None:
+            error = replace(_in_doubt_error(doubt), migration=undoing.id, file=plan.rollback_files.get(undoing.id))
+    for migration in pending if error is None else ():
         if interrupt.stopping.is_set():
             error = TargetError(ErrorKind.INTERRUPTED, f"interrupted before {migration.id}")
             break
@@ -754,6 +767,13 @@ def _migrate_service(
 
 
 def _in_doubt_error(doubt: InDoubt) -> TargetError:
+    if doubt.operation == "rollback":
+        return TargetError(
+            ErrorKind.IN_DOUBT,
+            f"in doubt: {doubt.describe()}. Settle it with `fanout mark --migration {doubt.migration}` (it is "
+            f"still applied) or `fanout unmark --migration {doubt.migration}` (its rollback is complete)",
+            invalid_indexes=doubt.invalid_indexes,
+        )
     return TargetError(
         ErrorKind.IN_DOUBT,
         f"in doubt: {doubt.describe()}. Not run again: settle it with `fanout mark --migration {doubt.migration}` "

@@ -825,3 +825,32 @@ def test_a_reapply_that_failed_on_one_shard_is_resumed_there_only(fleet: Fleet) 
         ops = fleet.query(shard, "SELECT operation FROM _yoyo_log WHERE migration_id = '003-create-order' "
                                  "ORDER BY created_at_utc")  # fmt: skip
         assert ops == [("apply",), ("rollback",), ("apply",)]
+
+
+def test_a_rollback_left_in_doubt_is_reported_by_plan_verify_and_apply_not_up_to_date(fleet: Fleet) -> None:
+    (shard,) = fleet.add_databases(1)
+    fleet.publish(
+        {
+            **first(1),
+            "002-indexes.sql": "-- transactional: false\nCREATE INDEX CONCURRENTLY person_name ON person (name);\n"
+            "CREATE INDEX CONCURRENTLY person_id_name ON person (id, name);",
+            "002-indexes.rollback.sql": "DROP INDEX CONCURRENTLY person_id_name;\nDROP INDEX CONCURRENTLY no_such_index;",
+        }
+    )
+    fleet.write_env()
+    assert fleet.cli("apply", "--env", "test").exit_code == EXIT_OK
+    code, _ = run_json(fleet, "rollback", "--env", "test", "--to", "001-create-person")
+    assert code == EXIT_TARGETS_FAILED
+    assert fleet.query(shard, "SELECT operation FROM fanout_in_doubt") == [("rollback",)]
+
+    # 002 is still recorded but half rolled back (person_id_name is gone): no command may call it up to date.
+    for command in ("plan", "verify", "apply"):
+        code, report = run_json(fleet, command, "--env", "test")
+        assert code == EXIT_TARGETS_FAILED, (command, report)
+        (row,) = report["results"]
+        assert row["status"] == "in-doubt" and row["error"]["kind"] == "in-doubt", (command, row)
+        message = row["error"]["message"]
+        assert "002-indexes was started (rollback)" in message and "its rollback is complete" in message, message
+    # apply left the mark for the operator
+    assert fleet.query(shard, "SELECT operation FROM fanout_in_doubt") == [("rollback",)]
+    assert recorded(fleet, shard) == ["001-create-person", "002-indexes"]
