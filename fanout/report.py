@@ -353,7 +353,10 @@ def exit_code(report: RunReport, *, detailed: bool = False) -> int:
     migrations outside the release that the run left out (unpublished).
     With `detailed` (plan --detailed-exitcode), 10 tells CI that migrations are pending.
     6 when the run's record or a requested report could not be stored and nothing worse happened.
+    `detailed` counts only for a read-only run: a rollback that did its work leaves its
+    migrations pending, which is the outcome asked for, not something left to do.
     """
+    detailed = detailed and report.mode is Mode.PLAN
     if report.interrupted:
         return EXIT_INTERRUPTED
     if report.lint_errors:

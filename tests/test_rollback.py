@@ -854,3 +854,15 @@ def test_a_rollback_left_in_doubt_is_reported_by_plan_verify_and_apply_not_up_to
     # apply left the mark for the operator
     assert fleet.query(shard, "SELECT operation FROM fanout_in_doubt") == [("rollback",)]
     assert recorded(fleet, shard) == ["001-create-person", "002-indexes"]
+
+
+def test_a_real_rollback_with_detailed_exitcode_exits_0_not_pending_once_done(fleet: Fleet) -> None:
+    # --detailed-exitcode speaks of a dry run ("would be rolled back"); a rollback that did its work must not
+    # exit 10 because the rolled-back migrations are now pending.
+    (shard,) = fleet.add_databases(1)
+    fleet.publish(SET)
+    fleet.write_env()
+    assert fleet.cli("apply", "--env", "test").exit_code == EXIT_OK
+    done = fleet.cli("rollback", "--env", "test", "--to", "002-add-address", "--detailed-exitcode")
+    assert done.exit_code == EXIT_OK, done.output
+    assert consistent(fleet, shard) == IDS[:2]
