@@ -2104,16 +2104,8 @@ class _YoyoSession:
         cleared in one transaction. Stopped midway, the mark stays and the next run reports the
         migration in doubt instead of rolling it back blindly again."""
         backend = self._backend
-        self._clean()
+        before = self._mark_started(migration.id, "rollback")
         with self._connection.cursor() as cursor:
-            _, before = indoubt.read(cursor, self._schema, only_schema=self._schema_only, marks=False)
-            owner = self._owner
-            cursor.execute(
-                indoubt.mark_sql(
-                    cursor, self._schema, migration.id, operation="rollback", run_id=owner.run_id, host=owner.host,
-                    pid=owner.pid, invalid=before,
-                )
-            )  # fmt: skip
             clear = indoubt.clear_sql(cursor, self._schema, migration.id)
         executed = 0
         self._dirty = True
@@ -2161,6 +2153,22 @@ class _YoyoSession:
             )
         return rows
 
+    def _mark_started(self, migration_id: str, operation: str) -> tuple[str, ...]:
+        """Commit the started mark of a non-transactional `operation` in a fresh session, before its
+        first statement; returns the INVALID indexes already there (recorded with the mark, so that
+        what the operation leaves behind can be told apart later)."""
+        self._clean()
+        owner = self._owner
+        with self._connection.cursor() as cursor:
+            _, before = indoubt.read(cursor, self._schema, only_schema=self._schema_only, marks=False)
+            cursor.execute(
+                indoubt.mark_sql(
+                    cursor, self._schema, migration_id, operation=operation, run_id=owner.run_id, host=owner.host,
+                    pid=owner.pid, invalid=before,
+                )
+            )  # fmt: skip
+        return before
+
     def _invalid_indexes(self) -> set[str]:
         """Every INVALID index the session can see (a failed CREATE/DROP INDEX CONCURRENTLY leaves one)."""
         with self._connection.cursor() as cursor:
@@ -2178,16 +2186,7 @@ class _YoyoSession:
         backend = self._backend
         builds, only = indoubt.index_builds(_statements(migration) or [])
         for attempt in itertools.count():
-            self._clean()
-            with self._connection.cursor() as cursor:
-                _, before = indoubt.read(cursor, self._schema, only_schema=self._schema_only, marks=False)
-                owner = self._owner
-                cursor.execute(
-                    indoubt.mark_sql(
-                        cursor, self._schema, migration.id, operation="apply", run_id=owner.run_id, host=owner.host,
-                        pid=owner.pid, invalid=before,
-                    )
-                )  # fmt: skip
+            before = self._mark_started(migration.id, "apply")
             executed = []
             self._dirty = True
             try:
