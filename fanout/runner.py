@@ -2113,7 +2113,10 @@ class _YoyoSession:
             with backend.disable_transactions():
                 for step in reversed(migration.steps):  # as yoyo: the rollback file's statements in file order
                     step.rollback(backend)
-                    executed += 1
+                    # yoyo pairs a migration's statements with its rollback's: an apply statement with
+                    # no rollback partner runs nothing here. Anything else (or unknown) counts as run.
+                    if getattr(getattr(step, "step", step), "_rollback", "") is not None:
+                        executed += 1
         except psycopg2.Error as e:
             failure = self._watch.classify(e, otherwise=ErrorKind.MIGRATION)
             if _lost(e) or self._watch.handle.reason is not None:
