@@ -721,22 +721,7 @@ def _migrate_service(
     # A hook that failed on an earlier run stays due, or the next run would forget it.
     due = sorted(shard.failed_hooks & {h.id for h in plan.post_apply})
     if error is None and (state.ran or due):
-        for hook in plan.post_apply:
-            try:
-                session.run_hook(hook)
-            except _Failure as failure:
-                error = TargetError(
-                    ErrorKind.HOOK,
-                    f"post-apply hook {hook.id} failed: {failure.error.message}; the migrations before it are "
-                    "applied and recorded, and the hook runs again on the next apply",
-                    migration=hook.id,
-                    file=os.path.basename(hook.path),
-                )
-                session.note_hook(hook.id, plan.sha256.get(hook.id, ""), failed=True, reason=failure.error.message)
-                break
-        else:
-            for hook_id in due:
-                session.note_hook(hook_id, plan.sha256.get(hook_id, ""), failed=False, reason=None)
+        error = _run_hooks(session, plan, due)
     still_pending = tuple(m.id for m in pending[ran_now:])
     if error is not None and error.kind is ErrorKind.INTERRUPTED:
         status = Status.SKIPPED
@@ -764,6 +749,26 @@ def _migrate_service(
         in_doubt=doubt,
         invalid_indexes=shard.invalid,
     )
+
+
+def _run_hooks(session: _Session, plan: _ServicePlan, due: Sequence[str]) -> TargetError | None:
+    """Run the service's post-apply hooks in order; the first failure stops them and is logged, so the
+    hook stays due for the next run; hooks `due` from an earlier run are logged as run once all pass."""
+    for hook in plan.post_apply:
+        try:
+            session.run_hook(hook)
+        except _Failure as failure:
+            session.note_hook(hook.id, plan.sha256.get(hook.id, ""), failed=True, reason=failure.error.message)
+            return TargetError(
+                ErrorKind.HOOK,
+                f"post-apply hook {hook.id} failed: {failure.error.message}; the migrations before it are "
+                "applied and recorded, and the hook runs again on the next apply",
+                migration=hook.id,
+                file=os.path.basename(hook.path),
+            )
+    for hook_id in due:
+        session.note_hook(hook_id, plan.sha256.get(hook_id, ""), failed=False, reason=None)
+    return None
 
 
 def _in_doubt_error(doubt: InDoubt) -> TargetError:
@@ -900,13 +905,9 @@ def _rollback_service(
             if seconds is not None:
                 applied[migration.hash] = migration.id
                 state.ran.append(AppliedMigration(migration.id, seconds))
-        if error is None and state.ran:
-            for hook in plan.post_apply:  # as yoyo's reapply, which applies through apply_migrations
-                try:
-                    session.run_hook(hook)
-                except _Failure as failure:
-                    error = replace(failure.error, migration=hook.id, file=f"{hook.id}.sql")
-                    break
+        due = sorted(shard.failed_hooks & {h.id for h in plan.post_apply})
+        if error is None and (state.ran or due):
+            error = _run_hooks(session, plan, due)  # as yoyo's reapply, which applies through apply_migrations
     if error is not None:
         status = Status.SKIPPED if error.kind is ErrorKind.INTERRUPTED else Status.FAILED
     elif options.mode is Mode.PLAN:

@@ -890,3 +890,23 @@ def test_a_non_transactional_rollback_shorter_than_its_migration_is_not_in_doubt
     assert "in doubt" not in report["results"][0]["error"]["message"]
     assert fleet.query(shard, "SELECT count(*) FROM fanout_in_doubt") == [(0,)]
     assert recorded(fleet, shard) == ["001-create-person", "002-name-index"]
+
+
+def test_a_post_apply_hook_failing_after_a_reapply_is_a_hook_failure_and_stays_due(fleet: Fleet) -> None:
+    (shard,) = fleet.add_databases(1)
+    fleet.publish({**SET, "post-apply-count.sql": "INSERT INTO hook_runs VALUES (1);"})
+    fleet.write_env()
+    fleet.query(shard, "CREATE TABLE hook_runs (n INT)")
+    assert fleet.cli("apply", "--env", "test").exit_code == EXIT_OK
+    fleet.query(shard, "DROP TABLE hook_runs")  # the hook fails from now on
+
+    code, report = run_json(fleet, "reapply", "--env", "test", "--migration", "004-address-index")
+    assert code == EXIT_TARGETS_FAILED
+    (row,) = report["results"]
+    assert row["error"]["kind"] == "hook" and row["error"]["migration"] == "post-apply-count", row["error"]
+    assert consistent(fleet, shard) == IDS  # the reapply itself is done and recorded
+
+    fleet.query(shard, "CREATE TABLE hook_runs (n INT)")  # the operator fixes the cause
+    code, applied = run_json(fleet, "apply", "--env", "test")  # nothing to apply: the hook is still due
+    assert code == EXIT_OK, applied
+    assert fleet.query(shard, "SELECT count(*) FROM hook_runs") == [(1,)]
