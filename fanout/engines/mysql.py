@@ -38,8 +38,10 @@ from urllib.parse import unquote, urlsplit
 import pymysql
 import pymysql.err
 import sqlparse
+from yoyo import internalmigrations
 from yoyo.backends.core.mysql import MySQLBackend
 from yoyo.connections import DatabaseURI
+from yoyo.internalmigrations import v2
 from yoyo.migrations import Migration, read_sql_migration
 
 from fanout.engines import EngineError
@@ -144,6 +146,8 @@ _KINDS = {
 }
 # Worth another attempt of the whole target: nothing half-done is left by these.
 RETRYABLE = frozenset({1205, 1213, 2006, 2013})
+# The connection broke: whatever was sent may or may not have run.
+_LOST = frozenset({2006, 2013, 2003, 2055})
 
 
 def error_code(error: BaseException) -> int | None:
@@ -280,6 +284,10 @@ class _Backend(MySQLBackend):  # type: ignore[misc]
 
     def connect(self, dburi: DatabaseURI) -> Any:
         return self._given
+
+    def _check_transactional_ddl(self) -> bool:
+        # yoyo finds out by creating and dropping a table; MySQL and MariaDB never roll DDL back.
+        return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -430,10 +438,42 @@ class MySQLSession:
 
     # -- what is applied ---------------------------------------------------------------------
 
+    def _ensure_yoyo_tables(self) -> None:
+        """Create yoyo's tables at yoyo's current schema version, with yoyo's own statements, resumably.
+
+        yoyo builds them by upgrading through its versions (create a v1 table, then drop and
+        recreate it); on MySQL every step commits on its own, so a kill in the middle of a
+        shard's very first apply would leave tables neither yoyo nor fanout could upgrade.
+        Creating each missing table of the last version instead lets a re-run finish the job.
+        An older yoyo's tables (a `_yoyo_migration` without `migration_hash`) are upgraded by yoyo.
+        """
+        backend = self._backend
+        with self._connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT table_name, SUM(column_name = 'migration_hash') FROM information_schema.columns "
+                "WHERE table_schema = DATABASE() AND table_name IN (%s, %s, %s) GROUP BY table_name",
+                (MIGRATION_TABLE, backend.log_table, backend.version_table),
+            )
+            found = {str(name): bool(hashed) for name, hashed in cursor.fetchall()}
+            if found.get(MIGRATION_TABLE) is False:
+                backend.ensure_internal_schema_updated()
+                return
+            if backend.log_table not in found:
+                v2.create_log_table(backend)
+            if backend.version_table not in found:
+                v2.create_version_table(backend)
+            if MIGRATION_TABLE not in found:
+                v2.create_migration_table(backend)
+            cursor.execute(f"SELECT COUNT(*) FROM `{backend.version_table}`")
+            if not cursor.fetchone()[0]:
+                internalmigrations.mark_schema_version(backend, max(internalmigrations.schema_versions))
+        backend._internal_schema_updated = True
+
     def applied(self) -> dict[str, str]:
-        """yoyo's applied migrations: hash -> id (creates or upgrades yoyo's tables, as yoyo does)."""
+        """yoyo's applied migrations: hash -> id (creates yoyo's tables first when missing)."""
         try:
-            self._backend.ensure_internal_schema_updated()
+            if not self._backend._internal_schema_updated:
+                self._ensure_yoyo_tables()
             with self._connection.cursor() as cursor:
                 cursor.execute(f"SELECT `migration_hash`, `migration_id` FROM `{MIGRATION_TABLE}`")
                 return {str(h): str(i) for h, i in cursor.fetchall()}
@@ -517,6 +557,7 @@ class MySQLSession:
         )
         params = (migration.id, statement.number, statement.sha256, statement.first_line[:255])
         owner = (me.run_id, me.host, me.pid)
+        marked = ran = False
         try:
             with self._connection.cursor() as cursor:
                 if statement.dml:
@@ -527,7 +568,9 @@ class MySQLSession:
                     cursor.execute("COMMIT")
                     return
                 cursor.execute(mark, (*params, "started", *owner))  # autocommit: committed before the statement
+                marked = True
                 cursor.execute(statement.sql)
+                ran = True
                 cursor.execute(
                     f"UPDATE `{PROGRESS_TABLE}` SET `state` = 'done', `updated_at` = UTC_TIMESTAMP(6) "
                     "WHERE `migration_id` = %s AND `statement` = %s",
@@ -536,18 +579,28 @@ class MySQLSession:
         except pymysql.err.MySQLError as e:
             failure = classify(e, otherwise=ErrorKind.MIGRATION)
             self._rollback_quietly()
-            if (
-                not statement.dml
-                and failure.kind is not ErrorKind.UNREACHABLE
-                and self._forget_failed(migration, statement)
-            ):
-                # The server refused the statement and answered: a single statement that failed did not take effect.
-                message = (
-                    f"{migration.id}: statement {statement.number} ({statement.first_line}) failed: {failure.message}"
-                )
+            where = f"{migration.id}: statement {statement.number} ({statement.first_line})"
+            if statement.dml:
+                message = f"{where}: {failure.message} (it commits with its mark or not at all: the next run knows)"
+            elif not marked:
+                message = f"{where} did not run (its started mark could not be written): {failure.message}"
+            elif not ran and self._refused_whole(e) and self._forget_failed(migration, statement):
+                message = f"{where} failed: {failure.message}"
             else:
-                message = f"{migration.id}: statement {statement.number} ({statement.first_line}): {failure.message}"
+                message = f"{where}: {failure.message}; it may have taken effect: left in doubt"
             raise EngineError(TargetError(failure.kind, message, migration.id)) from None
+
+    def _refused_whole(self, error: BaseException) -> bool:
+        """Did the server refuse the statement before changing anything?
+
+        MySQL 8 makes each DDL statement atomic, so any error it answers means no effect. MariaDB
+        can fail a statement over several tables halfway (`DROP TABLE a, b` drops `a`, then fails
+        on `b`), so there only a parse error or a lock wait timeout proves that nothing happened.
+        """
+        code = error_code(error)
+        if code in _LOST:
+            return False
+        return self.flavor is Flavor.MYSQL or code in (1064, 1205)
 
     def _forget_failed(self, migration: Migration, statement: Statement) -> bool:
         """Remove the `started` mark of a statement the server answered with an error; False when unreachable."""
