@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -197,6 +198,22 @@ def test_a_dead_fanouts_lock_is_broken_automatically(mariadb: Any, database: str
             assert query(mariadb, database, "SELECT run_id FROM fanout_lock") == [("run-next",)]
     finally:
         alive.close()
+
+
+def test_the_holder_is_alive_exactly_while_its_session_lasts(mariadb: Any, database: str) -> None:
+    holder, observer = session(mariadb, database, "run-h"), session(mariadb, database, "run-o")
+    try:
+        assert holder.try_lock().taken
+        seen = observer.holder()
+        assert seen is not None and (seen.run_id, seen.alive) == ("run-h", True)
+        holder._connection.close()
+        deadline = time.monotonic() + 10
+        while (seen := observer.holder()) is not None and seen.alive and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert seen is not None and (seen.run_id, seen.alive) == ("run-h", False)
+        assert "session gone" in seen.describe()
+    finally:
+        observer.close()
 
 
 def test_a_plain_yoyo_lock_row_is_never_broken(mariadb: Any, database: str) -> None:
