@@ -408,7 +408,7 @@ def unlock(
     targets = _named_targets(env, target_ids)
     return runner.unlock(
         targets, force=force, connect_timeout=env.runner.connect_timeout, concurrency=env.runner.concurrency,
-        terminate=reason if terminate else None, tcp=env.runner.tcp,
+        terminate=reason if terminate else None, tcp=env.runner.tcp, lock_timeout=env.runner.lock_timeout,
     )  # fmt: skip
 
 

@@ -1028,6 +1028,10 @@ class UnlockResult:
     hidden_sessions: int = 0  # sessions of other roles this role cannot see
 
 
+# How long unlock waits for a row lock on yoyo's lock table when the environment sets no lock_timeout.
+UNLOCK_LOCK_TIMEOUT = "10s"
+
+
 def unlock(
     targets: Sequence[Target],
     *,
@@ -1036,10 +1040,13 @@ def unlock(
     concurrency: int,
     terminate: str | None = None,
     tcp: TcpSettings = DEFAULT_TCP,
+    lock_timeout: str | None = None,
 ) -> list[UnlockResult]:
     """Remove the migration lock of each target by hand; refuses while a holder may be alive, unless forced.
 
     `terminate` (a reason) ends the session of a live fanout holder first (see locking.unlock).
+    `lock_timeout` (the environment's, else UNLOCK_LOCK_TIMEOUT) bounds the wait for a row lock
+    on the lock table: a session stopped inside its acquisition keeps one until it ends.
     """
     options = RunOptions(mode=Mode.APPLY, connect_timeout=connect_timeout, tcp=tcp)
 
@@ -1052,7 +1059,10 @@ def unlock(
         connection.autocommit = True
         try:
             with connection.cursor() as cursor:
-                cursor.execute("SELECT coalesce(%s, current_schema())", (target.schema,))
+                cursor.execute(
+                    "SELECT coalesce(%s, current_schema()), set_config('lock_timeout', %s, false)",
+                    (target.schema, lock_timeout or UNLOCK_LOCK_TIMEOUT),
+                )
                 schema = cursor.fetchone()[0]
             if schema is None:
                 return UnlockResult(target.id, target.display, locking.UnlockOutcome.NOT_LOCKED, None, "never migrated")

@@ -363,3 +363,28 @@ def test_a_session_holding_the_advisory_lock_is_freed_only_by_terminate_and_unlo
         name, "SELECT action, holder_pid, terminated_backend_pid, reason FROM fanout_lock_log ORDER BY id"
     )
     assert logged == [("forced", 777777, None, None), ("terminated", None, backend_pid, "runner host lost")]
+
+
+def test_unlock_force_behind_a_row_lock_gives_up_within_lock_timeout_instead_of_waiting_forever(fleet: Fleet) -> None:
+    (name,) = fleet.add_databases(1)
+    fleet.publish(MIGRATIONS)
+    fleet.write_env(extra='[runner]\nlock_timeout = "1s"\n')
+    fleet.query(
+        name, "CREATE TABLE yoyo_lock (locked INT DEFAULT 1, ctime TIMESTAMP, pid INT NOT NULL, PRIMARY KEY (locked))"
+    )
+    fleet.query(name, "INSERT INTO yoyo_lock VALUES (1, now(), 424242)")
+    # A session that stopped mid-transaction (a half-open client) keeps its row lock on the lock row.
+    with fleet.postgres.connect(name) as holder, holder.cursor() as cursor:
+        cursor.execute("BEGIN; SELECT * FROM yoyo_lock FOR UPDATE")
+        process = fleet.spawn("unlock", "--env", "test", "--force", "--format", "json")
+        try:
+            out, err = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+            pytest.fail("unlock --force waited on the row lock without a bound")
+        cursor.execute("ROLLBACK")
+    assert process.returncode == EXIT_TARGETS_FAILED, (out, err)
+    (entry,) = json.loads(out)
+    assert "lock timeout" in entry["message"], entry
+    assert fleet.query(name, "SELECT count(*) FROM yoyo_lock") == [(1,)]  # nothing half-done
