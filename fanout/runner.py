@@ -1,7 +1,8 @@
 """The runner: applies (or plans) a pinned migration set on many targets at once.
 
 This is the only module that talks to yoyo. Each target gets one connection, used by
-one worker thread and closed afterwards (yoyo backends are not thread-safe); the
+one worker thread and closed afterwards (yoyo backends are not thread-safe), or handed
+to the next target of the same database when it ends cleanly (`_Connections`); the
 migration lists are read and fully loaded once, in the calling thread, before the
 fan-out, and are shared read-only after that. `fanout.rollout` decides when each
 target starts (waves, failure budget, caps per server); this module decides what
@@ -214,7 +215,7 @@ def run(
     if on_start is not None:
         on_start(len(targets), options.limits.waves.sizes(len(targets)))
     interrupt = interrupt or Interrupt()
-    connections = itertools.count()
+    connections = _Connections(targets, options, run_id)
 
     def work(target: Target) -> list[TargetResult]:
         results = _migrate_target(target, plans, options, run_id, environment, interrupt, connections)
@@ -223,14 +224,17 @@ def run(
                 on_result(result)
         return results
 
-    outcome = rollout.schedule(
-        targets,
-        work,
-        server_of=lambda t: t.server,
-        failed=lambda results: any(r.status in (Status.FAILED, Status.IN_DOUBT) for r in results),
-        limits=options.limits,
-        stop=interrupt.stopping,
-    )
+    try:
+        outcome = rollout.schedule(
+            targets,
+            work,
+            server_of=lambda t: t.server,
+            failed=lambda results: any(r.status in (Status.FAILED, Status.IN_DOUBT) for r in results),
+            limits=options.limits,
+            stop=interrupt.stopping,
+        )
+    finally:
+        connections.close_idle()
     per_target: list[list[TargetResult]] = []
     for target, results in zip(targets, outcome.results, strict=True):
         if results is None:
@@ -265,7 +269,7 @@ def run(
             stop_reason=outcome.stop_reason,
             peak_in_flight=outcome.peak_in_flight,
             peak_per_server=max(outcome.peak_per_server.values(), default=0),
-            connections_opened=next(connections),
+            connections_opened=connections.opened,
         ),
         interrupted=interrupt.stopping.is_set(),
         resumed_from=resumed_from,
@@ -496,10 +500,11 @@ def _migrate_target(
     run_id: str,
     environment: str,
     interrupt: Interrupt,
-    connections: Iterator[int],
+    connections: _Connections,
 ) -> list[TargetResult]:
     started = time.monotonic()
     deadline = started + options.target_timeout if options.target_timeout is not None else None
+    connections.starting(target)
     progress = {p.service: _Progress() for p in plans}
     if options.rollback is not None:
         plans = tuple(reversed(plans))  # services are rolled back in reverse order: dependents first
@@ -507,9 +512,9 @@ def _migrate_target(
     context: dict[str, Any] = {}
     for attempt in itertools.count():
         session: _Session | None = None
+        reusable = False
         try:
-            next(connections)
-            session = _open_session(target, options, run_id, interrupt, deadline)
+            session = _open_session(target, options, run_id, interrupt, deadline, connections)
             context["initialized"] = session.initialized
             with session.lock(options.lock_wait) as (holder, broken):
                 context["lock_holder"] = holder
@@ -540,6 +545,8 @@ def _migrate_target(
                         )
                     if state.result.status in _STOPS_TARGET:
                         break
+            # Only a target that went entirely well hands its connection on; any failure closes it.
+            reusable = all(p.result is not None and p.result.error is None for p in progress.values())
             break
         except _Failure as caught:
             current = next((p for p in plans if progress[p.service].result is None), plans[0])
@@ -560,7 +567,7 @@ def _migrate_target(
             break
         finally:
             if session is not None:
-                session.close()
+                session.close(reuse=reusable)
 
     results: list[TargetResult] = []
     blocked_by: str | None = None
@@ -1335,15 +1342,120 @@ class _Session(Protocol):
         """Log that a hook failed (it stays due) or ran after failing; best effort, never raises."""
         ...
 
-    def close(self) -> None: ...
+    def close(self, *, reuse: bool = False) -> None: ...
 
 
 def _open_session(
-    target: Target, options: RunOptions, run_id: str, interrupt: Interrupt, deadline: float | None = None
+    target: Target,
+    options: RunOptions,
+    run_id: str,
+    interrupt: Interrupt,
+    deadline: float | None = None,
+    connections: _Connections | None = None,
 ) -> _Session:
     if options.mode is Mode.PLAN:
-        return _ReadOnlySession(target, options, run_id, interrupt, deadline)
-    return _YoyoSession(target, options, run_id, interrupt, deadline)
+        return _ReadOnlySession(target, options, run_id, interrupt, deadline, connections)
+    return _YoyoSession(target, options, run_id, interrupt, deadline, connections)
+
+
+@dataclass(slots=True)
+class _Idle:
+    connection: Any
+    backend_pid: int | None  # from the pooler check it passed when it was opened
+    server: str
+
+
+class _Connections:
+    """The run's shard connections: counted, and handed from one target to the next of the same database.
+
+    Tenant schemas of one database are targets that differ only in their schema. Opening a
+    connection per schema costs a SCRAM exchange, a fresh backend with cold catalog caches,
+    the pooler check and the session setup, which at thousands of schemas is most of a run.
+    A session that ends cleanly (its lock released, no transaction open, nothing cancelled,
+    its session state reset) gives its connection back here; the next target of the same
+    database takes it instead of connecting. Anything else is closed, never reused.
+
+    A connection is kept only while a target of its database has yet to start, and the
+    connections open (in use and idle) stay within `concurrency` and `per_server`: opening
+    one closes an idle one first when the budget is full.
+    """
+
+    def __init__(self, targets: Sequence[Target], options: RunOptions, run_id: str) -> None:
+        self._lock = threading.Lock()
+        self._options = options
+        self._run_id = run_id
+        self._idle: dict[str, list[_Idle]] = {}
+        self._waiting: dict[str, int] = {}
+        for target in targets:
+            key = self.key(target)
+            self._waiting[key] = self._waiting.get(key, 0) + 1
+        self._open: dict[str, int] = {}  # per server: in use and idle
+        self.opened = 0
+
+    def key(self, target: Target) -> str:
+        """The database a connection is to: everything in its connection parameters but the schema."""
+        kwargs = _connect_kwargs(target, self._options, self._run_id, read_only=self._options.mode is Mode.PLAN)
+        # A digest: the parameters hold the password, which has no business in a dict key.
+        return hashlib.sha256(repr(sorted(kwargs.items())).encode()).hexdigest()
+
+    def starting(self, target: Target) -> None:
+        with self._lock:
+            key = self.key(target)
+            self._waiting[key] = self._waiting.get(key, 1) - 1
+
+    def take(self, target: Target) -> _Idle | None:
+        """An idle connection to the target's database, now in use; None: open one (then call `opening`)."""
+        key = self.key(target)
+        with self._lock:
+            idle = self._idle.get(key)
+            return idle.pop() if idle else None
+
+    def opening(self, target: Target) -> None:
+        """A connection is about to be opened for `target`: make room within the budget, and count it."""
+        evict: list[_Idle] = []
+        with self._lock:
+            limits = self._options.limits
+            per_server = limits.per_server or limits.concurrency
+            total = sum(self._open.values())
+            for idle in self._idle.values():
+                while idle and (
+                    total - len(evict) >= limits.concurrency
+                    or self._open.get(target.server, 0) - sum(e.server == target.server for e in evict) >= per_server
+                ):
+                    evict.append(idle.pop())
+            for gone in evict:
+                self._open[gone.server] -= 1
+            self._open[target.server] = self._open.get(target.server, 0) + 1
+            self.opened += 1
+        for gone in evict:
+            with contextlib.suppress(psycopg2.Error):
+                gone.connection.close()
+
+    def not_opened(self, target: Target) -> None:
+        """The connection `opening` counted could not be opened (it still counts as an attempt)."""
+        with self._lock:
+            self._open[target.server] -= 1
+
+    def give_back(self, target: Target, connection: Any, backend_pid: int | None, *, reuse: bool) -> None:
+        """The session is done with `connection`: keep it for the next target of its database, or close it."""
+        key = self.key(target)
+        with self._lock:
+            if reuse and self._waiting.get(key, 0) > 0 and not connection.closed:
+                self._idle.setdefault(key, []).append(_Idle(connection, backend_pid, target.server))
+                return
+            self._open[target.server] = self._open.get(target.server, 1) - 1
+        with contextlib.suppress(psycopg2.Error):
+            connection.close()
+
+    def close_idle(self) -> None:
+        with self._lock:
+            idle = [i for pool in self._idle.values() for i in pool]
+            self._idle.clear()
+            for gone in idle:
+                self._open[gone.server] -= 1
+        for gone in idle:
+            with contextlib.suppress(psycopg2.Error):
+                gone.connection.close()
 
 
 def _connect_kwargs(target: Target, options: RunOptions, run_id: str, *, read_only: bool = False) -> dict[str, Any]:
@@ -1355,8 +1467,13 @@ def _connect_kwargs(target: Target, options: RunOptions, run_id: str, *, read_on
     )
 
 
-def _check_session(connection: Any, target: Target, kwargs: dict[str, Any], started: float, watch: _Watch) -> None:
-    """Fail the target before any lock when its session is not its own across transactions; arm liveness checks."""
+def _check_session(
+    connection: Any, target: Target, kwargs: dict[str, Any], started: float, watch: _Watch
+) -> int | None:
+    """Fail the target before any lock when its session is not its own across transactions; arm liveness checks.
+
+    Returns the session's server process (None when the server does not show it).
+    """
     checked = pooler.check_session(
         connection,
         reconnect=lambda: psycopg2.connect(**kwargs),
@@ -1373,6 +1490,7 @@ def _check_session(connection: Any, target: Target, kwargs: dict[str, Any], star
         )
     if checked.backend_pid is not None:
         watch.check_liveness(connection, kwargs, checked.backend_pid)
+    return checked.backend_pid
 
 
 # A session the server shows idle for this long while fanout still waits for its answer lost that answer.
@@ -1465,6 +1583,10 @@ class _Watch:
         self.handle.alive = lambda: _session_alive(kwargs, backend_pid)
         self.handle.check_every = self._options.liveness_check
         self.handle.busy = lambda: connection.busy_since
+
+    def untouched(self) -> bool:
+        """The watchdog never acted on this connection (no cancel, nothing abandoned)."""
+        return self.handle.reason is None and not self.handle.abandoned
 
     def release(self) -> None:
         if not self._released:
@@ -1565,6 +1687,7 @@ def _pg_message(error: psycopg2.Error) -> str:
 # cannot run inside the transaction the next migration's message opens. RESET ALL restores
 # the values a new session starts with (server, database and role defaults, startup
 # parameters such as application_name); fanout's own settings are set again after it.
+_IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
 _FRESH_SESSION = (
     "CLOSE ALL",
     "SET SESSION AUTHORIZATION DEFAULT",
@@ -1615,22 +1738,41 @@ class _ReadOnlySession:
     """Reads yoyo's tables inside READ ONLY transactions; creates nothing and takes no lock."""
 
     def __init__(
-        self, target: Target, options: RunOptions, run_id: str, interrupt: Interrupt, deadline: float | None = None
+        self,
+        target: Target,
+        options: RunOptions,
+        run_id: str,
+        interrupt: Interrupt,
+        deadline: float | None = None,
+        connections: _Connections | None = None,
     ) -> None:
         # The server enforces read-only: even a bug here could not write.
         kwargs = _connect_kwargs(target, options, run_id, read_only=True)
         started = time.monotonic()
-        try:
-            self._connection = psycopg2.connect(**kwargs, connection_factory=_TrackedConnection)
-        except psycopg2.Error as e:
-            raise _classify_connect_error(e, target) from None
+        self._target, self._connections = target, connections
+        reused = connections.take(target) if connections is not None else None
+        if reused is not None:
+            self._connection, self._backend_pid = reused.connection, reused.backend_pid
+        else:
+            if connections is not None:
+                connections.opening(target)
+            try:
+                self._connection = psycopg2.connect(**kwargs, connection_factory=_TrackedConnection)
+            except psycopg2.Error as e:
+                if connections is not None:
+                    connections.not_opened(target)
+                raise _classify_connect_error(e, target) from None
+            self._backend_pid = None
         self._connection.cursor_factory = _TrackedCursor
         self._watch = _Watch(self._connection, interrupt, options, deadline)
         self.initialized = False
         self._schema_only = target.schema is not None
         try:
-            self._connection.set_session(readonly=True)
-            _check_session(self._connection, target, kwargs, started, self._watch)
+            if reused is None:
+                self._connection.set_session(readonly=True)
+                self._backend_pid = _check_session(self._connection, target, kwargs, started, self._watch)
+            elif self._backend_pid is not None:
+                self._watch.check_liveness(self._connection, kwargs, self._backend_pid)
             with self._connection.cursor() as cursor:
                 # Settings and the probe of yoyo's tables in one round trip; the tables are looked
                 # up in the target's schema, or the one the session starts in (yoyo's default).
@@ -1722,13 +1864,20 @@ class _ReadOnlySession:
     def note_hook(self, hook_id: str, sha256: str, *, failed: bool, reason: str | None) -> None:
         """Plan mode: nothing is written."""
 
-    def close(self) -> None:
+    def close(self, *, reuse: bool = False) -> None:
         self._watch.release()
         try:
+            # Everything this session set (search_path, timeouts) was set inside its READ ONLY
+            # transaction: the rollback restores the session as it was when it was opened.
             self._connection.rollback()
-            self._connection.close()
         except psycopg2.Error:
-            pass
+            reuse = False
+        reuse = reuse and self._watch.untouched()
+        if self._connections is not None:
+            self._connections.give_back(self._target, self._connection, self._backend_pid, reuse=reuse)
+            return
+        with contextlib.suppress(psycopg2.Error):
+            self._connection.close()
 
 
 def _applied(cursor: Any, schema: str) -> dict[str, str]:
@@ -1823,9 +1972,15 @@ class _Backend(PostgresqlBackend):  # type: ignore[misc]
     _username = getpass.getuser()
     bookkeeping = ""  # the schema of yoyo's tables; set by the session before any use
 
+    def __init__(self, dburi: DatabaseURI, migration_table: str, connection: Any = None) -> None:
+        self._reused = connection
+        super().__init__(dburi, migration_table)
+
     def connect(self, dburi: DatabaseURI) -> Any:
         kwargs = dict(dburi.args)
         self.schema = kwargs.pop("schema", None)
+        if self._reused is not None:
+            return self._reused  # handed on by the target before, in a fresh session
         connection = psycopg2.connect(**kwargs, connection_factory=_TrackedConnection)
         connection.autocommit = True
         connection.cursor_factory = _QuietCursor
@@ -1853,10 +2008,15 @@ class _Backend(PostgresqlBackend):  # type: ignore[misc]
         return locking.qualified(self.bookkeeping, self.lock_table)
 
     def list_tables(self, **kwargs: Any) -> list[str]:
-        # yoyo asks for current_schema first (a round trip); the schema is known.
+        # yoyo asks only whether its own tables exist. information_schema.tables, filtered by
+        # schema, reads all of pg_class: per tenant schema, a cost that grows with the database.
+        # By name, the lookup is an index scan. (yoyo also asks for current_schema first, a
+        # round trip; the schema is known.)
+        names = [self.migration_table, self.version_table, self.log_table, self.lock_table]
         cursor = self.execute(
-            "SELECT table_name FROM information_schema.tables WHERE table_schema = :schema",
-            {"schema": self.bookkeeping},
+            "SELECT c.relname FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = :schema AND c.relname = ANY(:names) AND c.relkind IN ('r', 'p', 'v', 'm', 'f')",
+            {"schema": self.bookkeeping, "names": names},
         )
         return [row[0] for row in cursor.fetchall()]
 
@@ -1900,18 +2060,33 @@ class _YoyoSession:
     """Applies migrations through yoyo under the shard lock."""
 
     def __init__(
-        self, target: Target, options: RunOptions, run_id: str, interrupt: Interrupt, deadline: float | None = None
+        self,
+        target: Target,
+        options: RunOptions,
+        run_id: str,
+        interrupt: Interrupt,
+        deadline: float | None = None,
+        connections: _Connections | None = None,
     ) -> None:
         kwargs = _connect_kwargs(target, options, run_id)
         if target.schema:
             kwargs["schema"] = target.schema
         uri = DatabaseURI("postgresql", None, None, None, None, None, kwargs)
         started = time.monotonic()
+        self._target, self._connections = target, connections
+        reused = connections.take(target) if connections is not None else None
+        if reused is None and connections is not None:
+            connections.opening(target)
         try:
-            self._backend = _Backend(uri, MIGRATION_TABLE)
+            self._backend = _Backend(uri, MIGRATION_TABLE, reused.connection if reused else None)
         except psycopg2.Error as e:
+            if connections is not None:
+                connections.not_opened(target)
             raise _classify_connect_error(e, target) from None
         self._connection = self._backend.connection
+        self._backend_pid = reused.backend_pid if reused else None
+        # False once the lock could not be given back: the connection is then closed, never handed on.
+        self._released_cleanly = True
         self._watch = _Watch(self._connection, interrupt, options, deadline)
         self._interrupt = interrupt
         self._options = options
@@ -1923,7 +2098,11 @@ class _YoyoSession:
         self._schema_only = target.schema is not None
         self._repair = options.repair_invalid
         try:
-            _check_session(self._connection, target, _connect_kwargs(target, options, run_id), started, self._watch)
+            plain = _connect_kwargs(target, options, run_id)
+            if reused is None:
+                self._backend_pid = _check_session(self._connection, target, plain, started, self._watch)
+            elif self._backend_pid is not None:
+                self._watch.check_liveness(self._connection, plain, self._backend_pid)
             self._settings, self._schema = self._configure(target.schema, options.session)
             self._backend.bookkeeping = self._schema
             self._backend.init_database()
@@ -2017,6 +2196,7 @@ class _YoyoSession:
                 self._dirty = False
                 self._backend._in_transaction = False
             except psycopg2.Error:
+                self._released_cleanly = False
                 # Only reachable when the connection broke; the lock is then recognizably stale.
                 log.warning("could not release the lock on %s; the next run breaks it", self._display)
 
@@ -2390,7 +2570,21 @@ class _YoyoSession:
         with contextlib.suppress(psycopg2.Error):
             self._clean()
 
-    def close(self) -> None:
+    def close(self, *, reuse: bool = False) -> None:
         self._watch.release()
+        reuse = reuse and self._released_cleanly and self._watch.untouched() and self._connections is not None
+        if reuse:
+            try:
+                # What pgbouncer's server_reset_query does, and no advisory lock survives the
+                # target: the next target of this database starts from a fresh session.
+                prologue = ["ROLLBACK"] if self._connection.info.transaction_status != _IDLE else []
+                with self._connection.cursor() as cursor:
+                    cursor.execute(_join([*prologue, *_FRESH_SESSION, "SELECT pg_catalog.pg_advisory_unlock_all()"]))
+                reuse = self._connection.info.transaction_status == _IDLE
+            except psycopg2.Error:
+                reuse = False
+        if self._connections is not None:
+            self._connections.give_back(self._target, self._connection, self._backend_pid, reuse=reuse)
+            return
         with contextlib.suppress(psycopg2.Error):
             self._connection.close()
