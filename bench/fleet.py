@@ -16,7 +16,11 @@ N shard databases, publishes M realistic migrations, and measures in one run:
 - fanout inspect over the same migrated fleet (every shard's live schema read, fingerprinted,
   grouped), against the same floor and against that no-op plan;
 - the apply comparison again through a TCP proxy that adds about 2 ms of round trip
-  (bench/latency_proxy.py, a process of its own; its measured RTT is printed).
+  (bench/latency_proxy.py, a process of its own; its measured RTT is printed);
+- schema per tenant: one database holding N tenant schemas that fanout finds with
+  `[directory.schemas] pattern`, 5 small migrations, concurrency 16: fanout apply and no-op
+  plan against the sequential loop a team writes, yoyo's `get_backend(dsn?schema=...)` per
+  schema (`--schemas N...`; each N builds two databases of N schemas, one per runner).
 Columns: wall time, speed-up against the baseline, time against the floor, S3 LIST/GET
 requests seen by the S3 server, the runner's own peak RSS and CPU time (os.wait4 on the
 fanout process), and connections opened (pg_stat_database.sessions).
@@ -44,6 +48,19 @@ from fanout.embedded import EmbeddedPostgres, EmbeddedS3
 DEFAULT_CONCURRENCY = 8  # fanout's own default when the environment sets none
 PROXY_ONE_WAY_MS = 0.85  # plus the proxy's own hop, about 2 ms per round trip (measured and printed)
 HERE = Path(__file__).resolve().parent
+
+
+TENANT_MIGRATIONS = {
+    "001-account.sql": "CREATE TABLE account (id BIGSERIAL PRIMARY KEY, name TEXT NOT NULL);",
+    "002-email.sql": "-- depends: 001-account\nALTER TABLE account ADD COLUMN email TEXT;",
+    "003-email-index.sql": "-- depends: 002-email\nCREATE INDEX account_email ON account (email);",
+    "004-invoice.sql": (
+        "-- depends: 003-email-index\n"
+        "CREATE TABLE invoice (id BIGSERIAL PRIMARY KEY, account_id BIGINT REFERENCES account (id));"
+    ),
+    "005-first-account.sql": "-- depends: 004-invoice\nINSERT INTO account (name) VALUES ('first');",
+}
+SCHEMA_CONCURRENCY = 16
 
 
 def migration_set(count: int) -> dict[str, str]:
@@ -127,6 +144,26 @@ def baseline(postgres: EmbeddedPostgres, endpoint: Endpoint, databases: list[str
         with backend.lock():
             backend.apply_migrations(backend.to_apply(migrations))
         backend.connection.close()
+
+
+def yoyo_schema_loop(postgres: EmbeddedPostgres, database: str, schemas: list[str], folder: Path) -> None:
+    """What a team writes for schema per tenant: yoyo, one backend per schema, one after another."""
+    migrations = read_migrations(str(folder))
+    for schema in schemas:
+        backend = get_backend(f"{postgres.dsn(database)}?schema={schema}")
+        with backend.lock():
+            backend.apply_migrations(backend.to_apply(migrations))
+        backend.connection.close()
+
+
+def tenant_schemas(postgres: EmbeddedPostgres, database: str, n: int) -> list[str]:
+    names = [f"tenant_{i:05d}" for i in range(n)]
+    postgres.create_databases([database])
+    with postgres.connect(database) as connection, connection.cursor() as cursor:
+        connection.autocommit = True
+        for start in range(0, n, 500):
+            cursor.execute(";".join(f"CREATE SCHEMA {name}" for name in names[start : start + 500]))
+    return names
 
 
 def psql_floor(
@@ -215,8 +252,11 @@ class Bench:
         self.migrations = migrations
         self.rows: list[Row] = []
         self.inspect_ratios: list[str] = []
+        self.per_schema: list[str] = []
         self.folder = root / "local"
         self.folder.mkdir()
+        self.tenant_folder = root / "tenants"
+        self.tenant_folder.mkdir()
         files = migration_set(migrations)
         # What psql runs: the same statements, one transaction per migration, nothing recorded.
         self.script = root / "floor.sql"
@@ -226,6 +266,9 @@ class Bench:
         for name, body in files.items():
             (self.folder / name).write_text(body)
             client.put_object(Bucket="bench", Key=f"m/bench/bench/{name}", Body=body.encode())
+        for name, body in TENANT_MIGRATIONS.items():
+            (self.tenant_folder / name).write_text(body)
+            client.put_object(Bucket="bench", Key=f"t/bench/bench/{name}", Body=body.encode())
         self._fleets = 0
 
     def fleet(self, n: int) -> list[str]:
@@ -313,6 +356,47 @@ class Bench:
             f"{row.measure.cpu / plan.measure.cpu:.2f}x its CPU time"
         )
 
+    def schemas_case(self, n: int) -> None:
+        """One database of N tenant schemas: yoyo's loop and fanout, apply then a no-op pass, each on its own copy."""
+        case = f"schemas N={n} M={len(TENANT_MIGRATIONS)}"
+        self._fleets += 1
+        looped, fanned = f"s{self._fleets}_yoyo", f"s{self._fleets}_fanout"
+        schemas = tenant_schemas(self.postgres, looped, n)
+        tenant_schemas(self.postgres, fanned, n)
+        loop = lambda: yoyo_schema_loop(self.postgres, looped, schemas, self.tenant_folder)  # noqa: E731
+        base = timed(loop)
+        self.rows.append(Row(case, "yoyo loop apply (baseline)", base, "1.00x",
+                             connections=str(connections(self.postgres, [looped]))))  # fmt: skip
+        env = self.root / "bench.toml"
+        dsn = Endpoint(self.postgres.host, self.postgres.port).dsn(self.postgres, fanned)
+        env.write_text(
+            f'services = ["bench"]\n[source]\nbucket = "bench"\nprefix = "t"\nendpoint_url = "{self.s3.endpoint_url}"\n'
+            f'[directory]\nkind = "static"\n[directory.schemas]\npattern = "tenant\\\\_%"\n'
+            f'[[directory.targets]]\nid = "tenants"\ndsn = "{dsn}"\n'
+        )
+        applied: Measure | None = None
+        for command, label in (("apply", "fanout apply"), ("plan", "fanout no-op plan")):
+            if command == "plan":
+                before = connections(self.postgres, [looped])
+                noop = timed(loop)
+                self.rows.append(Row(case, "yoyo loop no-op", noop, "1.00x",
+                                     connections=str(connections(self.postgres, [looped]) - before)))  # fmt: skip
+                base = noop
+            before = connections(self.postgres, [fanned])
+            arguments = [command, "--env", str(env), "--format", "json", "--concurrency", str(SCHEMA_CONCURRENCY)]
+            if command == "apply":
+                arguments += ["--runs-dir", str(self.root / "runs")]
+            measure = fanout_cli(arguments)
+            self.rows.append(
+                Row(case, f"{label} (concurrency {SCHEMA_CONCURRENCY})", measure, f"{base.wall / measure.wall:.2f}x",
+                    connections=str(connections(self.postgres, [fanned]) - before))
+            )  # fmt: skip
+            if command == "apply":
+                applied = measure
+        assert applied is not None
+        self.per_schema.append(f"N={n}: fanout apply {applied.wall / n * 1000:.1f} ms per schema")
+        self.postgres.drop_databases([looped, fanned])
+
 
 def table(rows: list[Row]) -> str:
     header = ["case", "runner", "wall s", "speed-up", "vs floor", "S3 LIST", "S3 GET", "RSS MB", "CPU s", "connections"]
@@ -336,10 +420,18 @@ def main() -> int:
     parser.add_argument(
         "--inspect", type=int, nargs="*", default=[1000], metavar="N", help="inspect sizes (each also plans)"
     )
+    parser.add_argument(
+        "--schemas",
+        type=int,
+        nargs="*",
+        default=[1000, 3000, 10000],
+        metavar="N",
+        help="tenant schemas in one database",
+    )
     args = parser.parse_args()
     if args.smoke:
         args.migrations, args.tuned, args.tuned_network = 5, 4, 4
-        args.apply, args.network, args.plan, args.inspect = [5], [5], [5], [5]
+        args.apply, args.network, args.plan, args.inspect, args.schemas = [5], [5], [5], [5], [5]
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
     startup = fanout_cli(["--version"])
     with (
@@ -360,6 +452,8 @@ def main() -> int:
             postgres.drop_databases(planned)
         for fleet in migrated.values():
             postgres.drop_databases(fleet)
+        for n in args.schemas:
+            bench.schemas_case(n)
         rtt = None
         if args.network:
             with latency_proxy(postgres) as proxied:
@@ -374,6 +468,8 @@ def main() -> int:
         f" imports (`fanout --version` alone: {startup.rss_mb:.0f} MB RSS); RSS and CPU s are that process's."
         + (f"\nnetwork rows go through bench/latency_proxy.py: measured round trip {rtt:.2f} ms." if rtt else "")
         + "".join(f"\ninspect against the no-op plan over the same fleet, {r}" for r in bench.inspect_ratios)
+        + "".join(f"\nschema per tenant, {r}" for r in bench.per_schema)
+        + f"\nload average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}"
     )
     return 0
 

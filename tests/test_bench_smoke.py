@@ -23,6 +23,7 @@ def test_benchmark_smoke_run_prints_its_table() -> None:
     loopback = [r for r in rows if r["case"] == "apply N=5 M=5"]
     network = [r for r in rows if r["case"].startswith("apply N=5 M=5 RTT")]
     plan = [r for r in rows if r["case"] == "no-op plan N=5"]
+    schemas = [r for r in rows if r["case"] == "schemas N=5 M=5"]
     for case in (loopback, network):
         assert case[0]["runner"] == "yoyo loop (baseline)"
         assert sum(r["runner"].startswith("psql -f floor") for r in case) == 2
@@ -30,11 +31,21 @@ def test_benchmark_smoke_run_prints_its_table() -> None:
         assert case[0]["connections"] == str(5 * (1 + 5))  # yoyo: a connection per database and per migration
     assert [r["runner"].split(" (")[0] for r in plan] == ["connect+close only", "fanout plan"]
     assert [r["runner"].split(" (")[0] for r in rows if r["case"] == "inspect N=5"] == ["fanout inspect"]
-    fanout_rows = [r for r in rows if r["runner"].startswith("fanout")]
+    fanout_rows = [r for r in rows if r["runner"].startswith("fanout") and r not in schemas]
     assert len(fanout_rows) == 6
     for row in fanout_rows:
         assert (row["S3 LIST"], row["S3 GET"]) == ("1", "5")  # one LIST, one GET per file, whatever N
         assert row["connections"] == "5"  # one per target
         assert float(row["RSS MB"]) > 0 and float(row["CPU s"]) > 0  # measured on the fanout process itself
+    assert [r["runner"].split(" (")[0] for r in schemas] == [
+        "yoyo loop apply",
+        "fanout apply",
+        "yoyo loop no-op",
+        "fanout no-op plan",
+    ]
+    for row in schemas[1::2]:
+        # At most one per schema (16 workers for 5 schemas), plus the one that lists the schemas.
+        assert int(row["connections"]) <= 5 + 1
+    assert "schema per tenant, N=5: fanout apply " in result.stdout
     assert "measured round trip" in result.stdout
     assert "inspect against the no-op plan over the same fleet, N=5: " in result.stdout
