@@ -975,7 +975,8 @@ def baseline(env: Environment, fmt: str, target_ids: tuple[str, ...], lock_wait:
     _emit_adoptions(results, fmt)
 
 
-def _emit_settlements(results: list[runner.Settlement], fmt: str) -> NoReturn:
+def _emit_settlements(results: list[runner.Settlement], fmt: str, *, interrupted: bool = False) -> NoReturn:
+    """The settlements, then 130 when a signal stopped the command (shards not reached are left as they were)."""
     if fmt == "json":
         payload = [
             {"target": r.target, "database": r.database, "changed": list(r.changed), "message": r.message,
@@ -987,6 +988,8 @@ def _emit_settlements(results: list[runner.Settlement], fmt: str) -> NoReturn:
         for r in results:
             outcome = "failed" if r.failed else "refused" if r.refused else "ok"
             click.echo(redact(f"{r.target:<24} {outcome:<8} {r.message}"))
+    if interrupted:
+        sys.exit(EXIT_INTERRUPTED)
     sys.exit(EXIT_TARGETS_FAILED if any(r.failed or r.refused for r in results) else EXIT_OK)
 
 
@@ -1028,10 +1031,12 @@ def mark(
     Example:
       fanout mark --env production --migration 012-index-orders --target tenant_acme --reason "index VALID, checked"
     """
-    results = commands.mark(
-        env, migration_ids, target_ids, reason=reason, force=force, settings=commands.RunSettings(lock_wait=lock_wait)
-    )
-    _emit_settlements(results, fmt)
+    with signals_handled(Interrupt()) as interrupt:
+        results = commands.mark(
+            env, migration_ids, target_ids, reason=reason, force=force,
+            settings=commands.RunSettings(lock_wait=lock_wait), interrupt=interrupt,
+        )  # fmt: skip
+    _emit_settlements(results, fmt, interrupted=interrupt.stopping.is_set())
 
 
 @cli.command()
@@ -1060,10 +1065,12 @@ def unmark(
     Example:
       fanout unmark --env production --migration 012-index-orders --reason "dropped the INVALID index by hand"
     """
-    results = commands.unmark(
-        env, migration_ids, target_ids, reason=reason, settings=commands.RunSettings(lock_wait=lock_wait)
-    )
-    _emit_settlements(results, fmt)
+    with signals_handled(Interrupt()) as interrupt:
+        results = commands.unmark(
+            env, migration_ids, target_ids, reason=reason, settings=commands.RunSettings(lock_wait=lock_wait),
+            interrupt=interrupt,
+        )  # fmt: skip
+    _emit_settlements(results, fmt, interrupted=interrupt.stopping.is_set())
 
 
 @cli.group()

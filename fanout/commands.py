@@ -212,12 +212,15 @@ def mark(
     reason: str,
     force: bool = False,
     settings: RunSettings = RunSettings(),
+    interrupt: Interrupt | None = None,
 ) -> list[runner.Settlement]:
     """Record migrations as applied without running them (a migration in doubt that is done), with a logged reason.
 
     Refuses, per shard, while an index the migration builds is INVALID, unless `force`.
     """
-    return _settle(env, migration_ids, target_ids, record=True, reason=reason, force=force, settings=settings)
+    return _settle(
+        env, migration_ids, target_ids, record=True, reason=reason, force=force, settings=settings, interrupt=interrupt
+    )
 
 
 def unmark(
@@ -227,9 +230,12 @@ def unmark(
     *,
     reason: str,
     settings: RunSettings = RunSettings(),
+    interrupt: Interrupt | None = None,
 ) -> list[runner.Settlement]:
     """Forget that migrations started or were applied, so that the next apply runs them; with a logged reason."""
-    return _settle(env, migration_ids, target_ids, record=False, reason=reason, force=False, settings=settings)
+    return _settle(
+        env, migration_ids, target_ids, record=False, reason=reason, force=False, settings=settings, interrupt=interrupt
+    )
 
 
 def _settle(
@@ -241,19 +247,24 @@ def _settle(
     reason: str,
     force: bool,
     settings: RunSettings,
+    interrupt: Interrupt | None = None,
 ) -> list[runner.Settlement]:
     verb = "mark" if record else "unmark"
     if not migration_ids:
         raise ConfigError(f"{verb}: name at least one --migration")
     if not reason.strip():
         raise ConfigError(f"{verb}: --reason must say why; it is logged on each shard")
-    targets = _named_targets(env, target_ids)
+    interrupt = interrupt or Interrupt()
+    # A signal before the shards are reached ends the command at once: nothing was touched.
+    targets = interrupt.until_stopped(lambda: _named_targets(env, target_ids), "listing the shard directory")
     options = _options(env, Mode.APPLY, settings)
     with tempfile.TemporaryDirectory(prefix="fanout-snapshot-") as workdir:
-        snapshot = source.take_snapshot(env, env.select_services(()), Path(workdir))
+        snapshot = interrupt.until_stopped(
+            lambda: source.take_snapshot(env, env.select_services(()), Path(workdir)), "reading the migrations"
+        )
         return runner.settle(
             snapshot, targets, options, run_id=new_run_id(), environment=env.name, migration_ids=migration_ids,
-            record=record, reason=reason, force=force,
+            record=record, reason=reason, force=force, interrupt=interrupt,
         )  # fmt: skip
 
 

@@ -1296,7 +1296,9 @@ def settle(
         return Settlement(target.id, target.display, tuple(changed), "; ".join(notes), refused=refused)
 
     limits = rollout.Limits(concurrency=options.concurrency, per_server=options.limits.per_server)
-    outcome = rollout.schedule(targets, one, server_of=lambda t: t.server, failed=lambda s: s.failed, limits=limits)
+    outcome = rollout.schedule(
+        targets, one, server_of=lambda t: t.server, failed=lambda s: s.failed, limits=limits, stop=interrupt.stopping
+    )
     return [r for r in outcome.results if r is not None]
 
 

@@ -18,7 +18,7 @@ from conftest import MIGRATIONS, Fleet
 from yoyo import get_backend
 
 from fanout import locking
-from fanout.errors import EXIT_OK, EXIT_TARGETS_FAILED
+from fanout.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_TARGETS_FAILED
 from fanout.locking import PAUSE_VARIABLE
 from fanout.report import from_dict, to_dict
 
@@ -388,3 +388,31 @@ def test_unlock_force_behind_a_row_lock_gives_up_within_lock_timeout_instead_of_
     (entry,) = json.loads(out)
     assert "lock timeout" in entry["message"], entry
     assert fleet.query(name, "SELECT count(*) FROM yoyo_lock") == [(1,)]  # nothing half-done
+
+
+def test_unmark_waiting_for_a_held_lock_stops_on_sigint_with_exit_130(fleet: Fleet) -> None:
+    (name,) = fleet.add_databases(1)
+    fleet.publish(MIGRATIONS)
+    fleet.write_env()
+    assert fleet.cli("apply", "--env", "test").exit_code == EXIT_OK
+    fleet.query(name, "INSERT INTO yoyo_lock VALUES (1, now(), 424242)")  # a plain yoyo holds the shard
+    process = fleet.spawn(
+        "unmark", "--env", "test", "--migration", "001-create-person", "--reason", "r", "--lock-wait", "120"
+    )
+    deadline = time.monotonic() + 20
+    while (
+        time.monotonic() < deadline
+        and not fleet.query(name, "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'fanout%%'")[0][0]
+    ):
+        time.sleep(0.05)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    try:
+        out, err = process.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        pytest.fail("unmark kept waiting for the lock after SIGINT")
+    assert process.returncode == EXIT_INTERRUPTED, (out, err)
+    assert "Traceback" not in err and "Aborted" not in err, err
+    assert fleet.applied(name) == ["001-create-person", "002-add-address", "003-create-order"]  # nothing unmarked
