@@ -908,7 +908,8 @@ def inspect(
     _emit(report, fmt, env=env, destinations=outputs + report_to)
 
 
-def _emit_adoptions(results: list[runner.Adoption], fmt: str) -> NoReturn:
+def _emit_adoptions(results: list[runner.Adoption], fmt: str, *, interrupted: bool = False) -> NoReturn:
+    """The adoptions, then 130 when a signal stopped the command (shards not reached are left as they were)."""
     if fmt == "json":
         payload = [
             {"target": r.target, "database": r.database, "recorded": list(r.recorded), "message": r.message,
@@ -920,6 +921,8 @@ def _emit_adoptions(results: list[runner.Adoption], fmt: str) -> NoReturn:
         for r in results:
             ids = f": {', '.join(r.recorded)}" if r.recorded else ""
             click.echo(redact(f"{r.target:<24} {'failed' if r.failed else 'ok':<7} {r.message}{ids}"))
+    if interrupted:
+        sys.exit(EXIT_INTERRUPTED)
     sys.exit(EXIT_TARGETS_FAILED if any(r.failed for r in results) else EXIT_OK)
 
 
@@ -950,10 +953,12 @@ def accept(
     Example:
       fanout accept --env staging --migration 002-add-address --reason "comment-only edit, PR #812"
     """
-    results = commands.accept(
-        env, migration_ids, target_ids, reason=reason, settings=commands.RunSettings(lock_wait=lock_wait)
-    )
-    _emit_adoptions(results, fmt)
+    with signals_handled(Interrupt()) as interrupt:
+        results = commands.accept(
+            env, migration_ids, target_ids, reason=reason, settings=commands.RunSettings(lock_wait=lock_wait),
+            interrupt=interrupt,
+        )  # fmt: skip
+    _emit_adoptions(results, fmt, interrupted=interrupt.stopping.is_set())
 
 
 @cli.command()
@@ -971,8 +976,11 @@ def baseline(env: Environment, fmt: str, target_ids: tuple[str, ...], lock_wait:
     Example:
       fanout baseline --env production
     """
-    results = commands.baseline(env, target_ids, settings=commands.RunSettings(lock_wait=lock_wait))
-    _emit_adoptions(results, fmt)
+    with signals_handled(Interrupt()) as interrupt:
+        results = commands.baseline(
+            env, target_ids, settings=commands.RunSettings(lock_wait=lock_wait), interrupt=interrupt
+        )
+    _emit_adoptions(results, fmt, interrupted=interrupt.stopping.is_set())
 
 
 def _emit_settlements(results: list[runner.Settlement], fmt: str, *, interrupted: bool = False) -> NoReturn:

@@ -173,34 +173,45 @@ def accept(
     *,
     reason: str | None = None,
     settings: RunSettings = RunSettings(),
+    interrupt: Interrupt | None = None,
 ) -> list[runner.Adoption]:
     """Adopt the published content of drifted migrations on the shards (all, or those named), with a logged reason."""
     if not migration_ids:
         raise ConfigError("accept: name at least one --migration")
-    return _adopt(env, _named_targets(env, target_ids), settings, migration_ids=migration_ids, reason=reason)
+    return _adopt(env, target_ids, settings, migration_ids=migration_ids, reason=reason, interrupt=interrupt)
 
 
 def baseline(
-    env: Environment, target_ids: Sequence[str] = (), *, settings: RunSettings = RunSettings()
+    env: Environment,
+    target_ids: Sequence[str] = (),
+    *,
+    settings: RunSettings = RunSettings(),
+    interrupt: Interrupt | None = None,
 ) -> list[runner.Adoption]:
     """Record checksums for what a fleet migrated before fanout has applied; runs no migration."""
-    return _adopt(env, _named_targets(env, target_ids), settings, migration_ids=None, reason="baseline")
+    return _adopt(env, target_ids, settings, migration_ids=None, reason="baseline", interrupt=interrupt)
 
 
 def _adopt(
     env: Environment,
-    targets: Sequence[Target],
+    target_ids: Sequence[str],
     settings: RunSettings,
     *,
     migration_ids: Sequence[str] | None,
     reason: str | None,
+    interrupt: Interrupt | None,
 ) -> list[runner.Adoption]:
+    interrupt = interrupt or Interrupt()
+    # A signal before the shards are reached ends the command at once: nothing was touched.
+    targets = interrupt.until_stopped(lambda: _named_targets(env, target_ids), "listing the shard directory")
     options = _options(env, Mode.APPLY, settings)
     with tempfile.TemporaryDirectory(prefix="fanout-snapshot-") as workdir:
-        snapshot = source.take_snapshot(env, env.select_services(()), Path(workdir))
+        snapshot = interrupt.until_stopped(
+            lambda: source.take_snapshot(env, env.select_services(()), Path(workdir)), "reading the migrations"
+        )
         return runner.adopt(
             snapshot, targets, options, environment=env.name, run_id=new_run_id(),
-            migration_ids=migration_ids, reason=reason,
+            migration_ids=migration_ids, reason=reason, interrupt=interrupt,
         )  # fmt: skip
 
 

@@ -1177,7 +1177,9 @@ def adopt(
         return Adoption(target.id, target.display, ids, message)
 
     limits = rollout.Limits(concurrency=options.concurrency, per_server=options.limits.per_server)
-    outcome = rollout.schedule(targets, one, server_of=lambda t: t.server, failed=lambda a: a.failed, limits=limits)
+    outcome = rollout.schedule(
+        targets, one, server_of=lambda t: t.server, failed=lambda a: a.failed, limits=limits, stop=interrupt.stopping
+    )
     return [r for r in outcome.results if r is not None]
 
 

@@ -416,3 +416,40 @@ def test_unmark_waiting_for_a_held_lock_stops_on_sigint_with_exit_130(fleet: Fle
     assert process.returncode == EXIT_INTERRUPTED, (out, err)
     assert "Traceback" not in err and "Aborted" not in err, err
     assert fleet.applied(name) == ["001-create-person", "002-add-address", "003-create-order"]  # nothing unmarked
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("accept", "--migration", "001-create-person", "--reason", "r"),
+        ("baseline",),
+    ],
+    ids=["accept", "baseline"],
+)
+def test_accept_and_baseline_waiting_for_a_held_lock_stop_on_sigint_with_exit_130(
+    fleet: Fleet, command: tuple[str, ...]
+) -> None:
+    (name,) = fleet.add_databases(1)
+    fleet.publish(MIGRATIONS)
+    fleet.write_env()
+    assert fleet.cli("apply", "--env", "test").exit_code == EXIT_OK
+    before = fleet.query(name, "SELECT count(*) FROM fanout_checksum_log")
+    fleet.query(name, "INSERT INTO yoyo_lock VALUES (1, now(), 424242)")  # a plain yoyo holds the shard
+    process = fleet.spawn(*command, "--env", "test", "--lock-wait", "120")
+    deadline = time.monotonic() + 20
+    while (
+        time.monotonic() < deadline
+        and not fleet.query(name, "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'fanout%%'")[0][0]
+    ):
+        time.sleep(0.05)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    try:
+        out, err = process.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        pytest.fail(f"{command[0]} kept waiting for the lock after SIGINT")
+    assert process.returncode == EXIT_INTERRUPTED, (out, err)
+    assert "Traceback" not in err and "Aborted" not in err, err
+    assert fleet.query(name, "SELECT count(*) FROM fanout_checksum_log") == before  # nothing recorded
