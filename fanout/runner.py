@@ -1420,11 +1420,12 @@ class _Connections:
         with self._lock:
             limits = self._options.limits
             per_server = limits.per_server or limits.concurrency
-            total = sum(self._open.values())
-            for idle in self._idle.values():
+            server = target.server
+            # Idle connections to the target's server first: closing one frees both budgets.
+            for idle in sorted(self._idle.values(), key=lambda pool: not pool or pool[0].server != server):
                 while idle and (
-                    total - len(evict) >= limits.concurrency
-                    or self._open.get(target.server, 0) - sum(e.server == target.server for e in evict) >= per_server
+                    sum(self._open.values()) - len(evict) >= limits.concurrency
+                    or (idle[0].server == server and self._open.get(server, 0) - len(evict) >= per_server)
                 ):
                     evict.append(idle.pop())
             for gone in evict:
