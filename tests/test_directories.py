@@ -108,13 +108,26 @@ def test_http_directory_retries_server_errors_and_bounds_concurrency(
     [
         (lambda s, f: s.state.raw_resolve.update({"t1": b"{not json"}), "malformed JSON for tenant 't1'"),
         (lambda s, f: s.state.databases["t1"].pop("host"), "tenant 't1': the sharding service's answer lacks host"),
-        (lambda s, f: s.state.databases["t1"].update(flavor="mysql"), "tenant 't1': flavor 'mysql' is not PostgreSQL"),
+        (lambda s, f: s.state.databases["t1"].update(flavor="oracle"), "tenant 't1': flavor 'oracle' is neither"),
+        (
+            lambda s, f: s.state.databases["t1"].update(flavor="mariadb", schema="tenant_1"),
+            "tenant 't1': a mariadb database has no schema",
+        ),
         (lambda s, f: s.state.databases.pop("t1"), "sharding service has no tenant 't1'"),
         (lambda s, f: s.state.pages.__setitem__(0, []), "the shard directory lists no target"),
         (lambda s, f: setattr(s.state, "token", "another-token"), "refused the token"),
         (lambda s, f: s.state.pages.__setitem__(0, [None]), "not a tenant id"),
     ],
-    ids=["malformed-json", "missing-field", "wrong-flavor", "unknown-tenant", "empty", "bad-token", "bad-entry"],
+    ids=[
+        "malformed-json",
+        "missing-field",
+        "wrong-flavor",
+        "mysql-schema",
+        "unknown-tenant",
+        "empty",
+        "bad-token",
+        "bad-entry",
+    ],
 )
 def test_http_directory_bad_answers_are_directory_errors(  # type: ignore[no-untyped-def]
     fleet: Fleet, sharding: ShardingService, monkeypatch: pytest.MonkeyPatch, setup, message
@@ -132,6 +145,32 @@ def test_http_directory_bad_answers_are_directory_errors(  # type: ignore[no-unt
         assert result.exit_code == EXIT_DIRECTORY, result.output
         assert message in _error_line(result.stderr)
     assert fleet.tables(database) == set()
+
+
+def test_http_directory_mysql_and_mariadb_flavors_are_mysql_targets_beside_postgresql_ones(
+    fleet: Fleet, sharding: ShardingService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (database,) = fleet.add_databases(1)
+    monkeypatch.setenv("SHARDING_TOKEN", TOKEN)
+    sharding.state.pages = [["pg", "my", "maria", "maria-2"]]
+    sharding.state.databases["pg"] = _answer(fleet, database)
+    mysql = {"host": "my-db", "user": "migrator", "password": "my-Sekr3t-pw"}
+    sharding.state.databases["my"] = {**mysql, "port": 3306, "flavor": "MySQL", "database": "tenant_my"}
+    sharding.state.databases["maria"] = {**mysql, "port": 3307, "flavor": "mariadb", "database": "tenant_maria"}
+    sharding.state.databases["maria-2"] = {**mysql, "port": "3307", "flavor": "mariadb", "database": "tenant_maria"}
+    _http_env(fleet, sharding)
+
+    listed = fleet.cli("shards", "--env", "test", "--format", "json")
+
+    assert listed.exit_code == EXIT_OK, listed.output
+    targets = {t["database"]: t for t in json.loads(listed.stdout)}
+    assert targets[database]["dsn"].startswith("postgresql://postgres@")
+    assert targets["tenant_my"]["dsn"] == "mysql://migrator@my-db:3306/tenant_my"
+    assert targets["tenant_my"]["server"] == "my-db:3306"
+    # mariadb is the mysql engine (the server's flavor is read when connecting); one database, two tenants.
+    assert targets["tenant_maria"]["dsn"] == "mysql://migrator@my-db:3307/tenant_maria"
+    assert targets["tenant_maria"]["tenants"] == ["maria", "maria-2"]
+    assert "Sekr3t" not in listed.output
 
 
 def test_unreachable_directory_is_a_directory_error(fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -128,6 +128,16 @@ def test_a_password_with_every_special_character_connects_when_percent_encoded(f
         ("postgresql://u:Sekr3t@h/db?sslmode=bogus", "sslmode 'bogus'"),
         ("postgresql://u:Sekr3t@h/db?sslmdoe=require", "unknown connection option 'sslmdoe'"),
         ("postgresql://u@h/db?password=Sekr3t", "put the password in the DSN's user:password@ part"),
+        ("mysql://u:ab/Sekr3t@h/db", "must be percent-encoded"),
+        ("mariadb://u:ab%zSekr3t@h/db", "does not start a %XX escape"),
+        ("mysql://u:Sekr3t@h:5x32/db", "invalid port"),
+        ("mysql://u:Sekr3t@h/db?schema=s", "has no schemas"),
+        ("mysql://u:Sekr3t@h/db?sslmode=require", "unknown connection option 'sslmode'"),
+        ("mysql://u:Sekr3t@h/db?ssl_mode=bogus", "ssl_mode 'bogus'"),
+        ("mysql://u@h/db?password=Sekr3t", "put the password in the DSN's user:password@ part"),
+        ("mysql://u:Sekr3t@h/", "must name a host and a database"),
+        ("mysql://u:Sekr3t@h/" + "d" * 65, "at most 64 characters"),
+        ("oracle://u:Sekr3t@h/db", "must start with postgresql:// or mysql:// or mariadb://"),
     ],
 )
 def test_a_dsn_that_cannot_be_parsed_is_refused_with_its_password_masked(dsn: str, problem: str) -> None:
@@ -143,3 +153,51 @@ def test_masked_dsn_hides_everything_that_may_be_the_password() -> None:
     assert masked_dsn("postgresql://u@host/db?password=x&sslmode=require") == (
         "postgresql://u@host/db?password=***&sslmode=require"
     )
+
+
+def test_a_mysql_dsn_is_a_mysql_target_whose_password_only_the_driver_sees() -> None:
+    target = Target.from_dsn(
+        "m", "mariadb://mig%40rator:p%2Fa%40Sekr3t@db-7/tenant_7?ssl_mode=required&charset=utf8mb3"
+    )
+    assert (target.engine, target.host, target.port, target.dbname, target.user) == (
+        "mysql", "db-7", 3306, "tenant_7", "mig@rator",
+    )  # fmt: skip
+    assert target.server == "db-7:3306"
+    assert target.display == "mysql://mig@rator@db-7:3306/tenant_7"
+    assert "Sekr3t" not in repr(target) + target.display + redact("p/a@Sekr3t")
+    kwargs = target.mysql_kwargs(connect_timeout=3, read_timeout=30, write_timeout=10)
+    assert kwargs["password"] == "p/a@Sekr3t"
+    assert (kwargs["charset"], kwargs["port"], kwargs["database"]) == ("utf8mb3", 3306, "tenant_7")
+    assert kwargs["ssl"].verify_mode.name == "CERT_NONE"  # required: encrypted, certificate not checked
+    with pytest.raises(ValueError, match="not a PostgreSQL database"):
+        target.libpq_kwargs(application_name="t", connect_timeout=3)
+    plain = Target.from_dsn("p", "postgresql://u:Sekr3t@h/db")
+    assert plain.engine == "postgresql"
+    with pytest.raises(ValueError, match="not a MySQL/MariaDB database"):
+        plain.mysql_kwargs(connect_timeout=3, read_timeout=30, write_timeout=10)
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("", {}),  # PyMySQL's own preferred mode: TLS when the server offers it
+        ("?ssl_mode=disabled", {"ssl_disabled": True}),
+        ("?ssl_mode=verify_identity", {"check_hostname": True, "verify_mode": "CERT_REQUIRED"}),
+        ("?ssl_mode=verify_ca", {"check_hostname": False, "verify_mode": "CERT_REQUIRED"}),
+    ],
+)
+def test_a_mysql_dsn_ssl_mode_reads_as_the_mysql_clients(query: str, expected: dict[str, object]) -> None:
+    kwargs = Target.from_dsn("m", f"mysql://u@h:3307/db{query}").mysql_kwargs(
+        connect_timeout=3, read_timeout=30, write_timeout=10
+    )
+    context = kwargs.get("ssl")
+    found: dict[str, object] = {"ssl_disabled": True} if kwargs.get("ssl_disabled") else {}
+    if context is not None:
+        found = {"check_hostname": context.check_hostname, "verify_mode": context.verify_mode.name}
+    assert found == expected
+    assert kwargs["port"] == 3307 and "password" not in kwargs
+
+
+def test_a_catalog_dsn_must_be_postgresql() -> None:
+    with pytest.raises(ConfigError, match=r"directory\.dsn: DSN must start with postgresql://"):
+        Target.from_dsn("catalog", "mysql://u:Sekr3t@h/db", what="directory.dsn", engines=("postgresql",))

@@ -1,6 +1,8 @@
 """Shard directories: where fanout learns which databases make up an environment.
 
-Every backend yields `Target`s; `deduplicate()` folds targets that name the same
+Every backend yields `Target`s, each of one engine: PostgreSQL (`postgresql://`) or
+MySQL/MariaDB (`mysql://`, `mariadb://`: one engine, the server's flavor is found when
+connecting); `deduplicate()` folds targets that name the same
 database (same host, port, dbname and schema) into one, so a database that serves
 many tenants is migrated once. Directories never connect to a tenant database to
 migrate it: they only enumerate.
@@ -9,7 +11,8 @@ migrate it: they only enumerate.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+import ssl
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -25,8 +28,18 @@ from fanout.errors import ConfigError, DirectoryError
 from fanout.secret import MASK, Secret, register
 
 DEFAULT_PORT = 5432
+MYSQL_PORT = 3306
 DEFAULT_TCP = TcpSettings()
-_SCHEMES = ("postgresql", "postgres")
+POSTGRESQL = "postgresql"
+MYSQL = "mysql"
+ENGINES = (POSTGRESQL, MYSQL)
+# DSN scheme -> engine. MySQL and MariaDB are one engine: the flavor is the server's, read at connect.
+_SCHEMES = {"postgresql": POSTGRESQL, "postgres": POSTGRESQL, "mysql": MYSQL, "mariadb": MYSQL}
+# What a mysql:// DSN may carry in its query: TLS and the character set. Anything else is
+# refused before the run (a typo would otherwise be silently ignored by the driver).
+MYSQL_OPTIONS = frozenset({"ssl_mode", "ssl_ca", "ssl_cert", "ssl_key", "charset"})
+# As the mysql client's --ssl-mode; PyMySQL's own default is `preferred` (TLS when the server offers it).
+MYSQL_SSL_MODES = ("disabled", "preferred", "required", "verify_ca", "verify_identity")
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 # What libpq accepts in a DSN's query (PostgreSQL 17's list), so a typo is a configuration
 # error before the run, not an `unreachable` shard; host, port, dbname, user and password
@@ -90,6 +103,7 @@ class Target:
     tenants: tuple[str, ...] = ()
     # Ids of other directory entries that named this same database.
     aliases: tuple[str, ...] = ()
+    engine: str = POSTGRESQL  # POSTGRESQL | MYSQL (MySQL or MariaDB)
 
     @classmethod
     def from_dsn(
@@ -100,19 +114,23 @@ class Target:
         schema: str | None = None,
         tenants: Iterable[str] = (),
         what: str | None = None,
+        engines: Collection[str] = ENGINES,
     ) -> Target:
-        """Parse `postgresql://user:password@host:port/dbname?sslmode=require&schema=s`.
+        """Parse `postgresql://user:password@host:port/dbname?sslmode=require&schema=s`,
+        or `mysql://user:password@host:port/dbname?ssl_mode=required` (`mariadb://` alike).
 
         Strict where a lenient parse would misplace a credential: a user or password must
         percent-encode `/ ? # @ %`, every `%` must start a valid UTF-8 escape, and every
         refusal shows the DSN with its password masked (`masked_dsn`). `what` names the DSN
-        in messages (default: the target).
+        in messages (default: the target); `engines` are those the caller accepts.
         """
         what = what or f"target {target_id!r}"
         scheme, separator, _ = dsn.partition("://")
-        if not separator or scheme not in _SCHEMES:
+        engine = _SCHEMES.get(scheme) if separator else None
+        if engine is None or engine not in engines:
+            wanted = " or ".join(f"{s}://" for s, e in _SCHEMES.items() if e in engines and s != "postgres")
             raise ConfigError(
-                f"{what}: DSN must start with postgresql:// (got {scheme + ' scheme' if separator else 'no scheme'})"
+                f"{what}: DSN must start with {wanted} (got {scheme + ' scheme' if separator else 'no scheme'})"
             )
 
         def refuse(problem: str) -> ConfigError:
@@ -129,7 +147,7 @@ class Target:
         if "@" in parts.path + parts.query + parts.fragment:
             raise refuse("the DSN's user or password holds a character that must be percent-encoded (/ ? # @ %)")
         try:
-            port = parts.port or DEFAULT_PORT
+            port = parts.port or (MYSQL_PORT if engine == MYSQL else DEFAULT_PORT)
         except ValueError as e:
             # urllib's own message may quote a piece of the DSN; say what is wrong in our words.
             raise refuse(
@@ -151,11 +169,25 @@ class Target:
         if "password" in options:
             raise refuse("put the password in the DSN's user:password@ part")
         schema = schema or options.pop("schema", None)
-        unknown = sorted(set(options) - LIBPQ_OPTIONS)
-        if unknown:
-            raise refuse(f"unknown connection option {', '.join(map(repr, unknown))} in DSN")
-        if options.get("sslmode", "prefer") not in SSL_MODES:
-            raise refuse(f"sslmode {options['sslmode']!r} is not one of {', '.join(SSL_MODES)}")
+        if engine == MYSQL:
+            if schema:
+                raise refuse("a MySQL/MariaDB database has no schemas: name the database in the DSN's path")
+            unknown = sorted(set(options) - MYSQL_OPTIONS)
+            if unknown:
+                raise refuse(
+                    f"unknown connection option {', '.join(map(repr, unknown))} in DSN "
+                    f"(a mysql:// DSN takes {', '.join(sorted(MYSQL_OPTIONS))})"
+                )
+            if options.get("ssl_mode", "preferred") not in MYSQL_SSL_MODES:
+                raise refuse(f"ssl_mode {options['ssl_mode']!r} is not one of {', '.join(MYSQL_SSL_MODES)}")
+            if "/" in dbname or len(dbname) > 64:
+                raise refuse("a MySQL/MariaDB database name has at most 64 characters and no '/'")
+        else:
+            unknown = sorted(set(options) - LIBPQ_OPTIONS)
+            if unknown:
+                raise refuse(f"unknown connection option {', '.join(map(repr, unknown))} in DSN")
+            if options.get("sslmode", "prefer") not in SSL_MODES:
+                raise refuse(f"sslmode {options['sslmode']!r} is not one of {', '.join(SSL_MODES)}")
         if parts.password and parts.password != password:
             register(parts.password)  # the encoded form too, should anything print the DSN itself
         return cls(
@@ -168,6 +200,7 @@ class Target:
             schema=schema or None,
             options=tuple(sorted(options.items())),
             tenants=tuple(tenants),
+            engine=engine,
         )
 
     def libpq_kwargs(
@@ -183,6 +216,8 @@ class Target:
         `read_only` makes the server refuse writes for the whole session, whatever the caller does.
         `tcp` sets keepalives and tcp_user_timeout, unless the target's own DSN parameters do.
         """
+        if self.engine != POSTGRESQL:
+            raise ValueError(f"target {self.id!r} is not a PostgreSQL database")
         kwargs: dict[str, Any] = {**tcp.libpq(), **dict(self.options)}
         kwargs.update(
             host=self.host,
@@ -199,9 +234,48 @@ class Target:
             kwargs["options"] = (kwargs.get("options", "") + " -c default_transaction_read_only=on").strip()
         return kwargs
 
+    def mysql_kwargs(self, *, connect_timeout: float, read_timeout: float, write_timeout: float) -> dict[str, Any]:
+        """Keyword arguments for pymysql.connect (a MySQL/MariaDB target); the only place its password is revealed.
+
+        `ssl_mode` is read as the mysql client reads it: `required` encrypts without checking
+        the certificate, `verify_ca` checks it against `ssl_ca` (or the system's CAs),
+        `verify_identity` checks the host name too.
+        """
+        if self.engine != MYSQL:
+            raise ValueError(f"target {self.id!r} is not a MySQL/MariaDB database")
+        options = dict(self.options)
+        kwargs: dict[str, Any] = {
+            "host": self.host,
+            "port": self.port,
+            "database": self.dbname,
+            "connect_timeout": max(1.0, connect_timeout),
+            "read_timeout": read_timeout,
+            "write_timeout": write_timeout,
+            "charset": options.get("charset", "utf8mb4"),
+            "autocommit": True,
+        }
+        if self.user:
+            kwargs["user"] = self.user
+        if self.password is not None:
+            kwargs["password"] = self.password.reveal()
+        # As the mysql client: an ssl_ca without an ssl_mode means verify_ca.
+        mode = options.get("ssl_mode") or ("verify_ca" if "ssl_ca" in options else "preferred")
+        if mode == "disabled":
+            kwargs["ssl_disabled"] = True
+        elif mode != "preferred" or "ssl_cert" in options:
+            # Raises OSError / ssl.SSLError for a file it cannot read: the engine reports it as the target's error.
+            context = ssl.create_default_context(cafile=options.get("ssl_ca"))
+            context.check_hostname = mode == "verify_identity"
+            if mode in ("preferred", "required"):
+                context.verify_mode = ssl.CERT_NONE
+            if "ssl_cert" in options:
+                context.load_cert_chain(options["ssl_cert"], options.get("ssl_key"))
+            kwargs["ssl"] = context
+        return kwargs
+
     @property
     def server(self) -> str:
-        """The PostgreSQL server (host:port) that holds this target."""
+        """The database server (host:port) that holds this target: per-server caps count by it."""
         return f"{self.host}:{self.port}"
 
     @property
@@ -213,7 +287,7 @@ class Target:
         """A DSN without the password, for reports and logs."""
         user = f"{self.user}@" if self.user else ""
         suffix = f"#{self.schema}" if self.schema else ""
-        return f"postgresql://{user}{self.server}/{self.dbname}{suffix}"
+        return f"{self.engine}://{user}{self.server}/{self.dbname}{suffix}"
 
 
 _ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")

@@ -6,6 +6,8 @@ Protocol (the common pattern of in-house sharding services):
   followed until it is null.
 - `GET {endpoint}/write/{tenant_id}` -> `{"host", "port", "flavor", "user", "password",
   "database"}` (and optionally "schema"), the database that holds the tenant's writes.
+  `flavor` is `postgres`/`postgresql`/`pg`, or `mysql`/`mariadb` (one engine: the server's
+  own flavor is read when connecting; a MySQL database has no schema).
 
 Tenants that resolve to the same database collapse into one target that keeps their ids.
 """
@@ -22,12 +24,13 @@ from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from fanout.config import HttpDirectoryConfig
-from fanout.directory import Target
+from fanout.directory import MYSQL, POSTGRESQL, Target
 from fanout.errors import DirectoryError
 from fanout.secret import Secret, redact
 
 REQUIRED_FIELDS = ("host", "port", "flavor", "user", "password", "database")
 POSTGRES_FLAVORS = {"postgres", "postgresql", "pg"}
+MYSQL_FLAVORS = {"mysql", "mariadb"}
 
 
 class HttpDirectory:
@@ -98,8 +101,15 @@ class HttpDirectory:
         if missing:
             raise DirectoryError(f"tenant {tenant!r}: the sharding service's answer lacks {', '.join(missing)}")
         flavor = str(body["flavor"]).lower()
-        if flavor not in POSTGRES_FLAVORS:
-            raise DirectoryError(f"tenant {tenant!r}: flavor {body['flavor']!r} is not PostgreSQL")
+        if flavor in POSTGRES_FLAVORS:
+            engine = POSTGRESQL
+        elif flavor in MYSQL_FLAVORS:
+            engine = MYSQL
+        else:
+            raise DirectoryError(
+                f"tenant {tenant!r}: flavor {body['flavor']!r} is neither PostgreSQL (postgresql, postgres, pg) "
+                "nor MySQL/MariaDB (mysql, mariadb)"
+            )
         try:
             port = int(body["port"])
         except (TypeError, ValueError):
@@ -108,6 +118,8 @@ class HttpDirectory:
             if not isinstance(body[field], str):
                 raise DirectoryError(f"tenant {tenant!r}: field {field!r} is not a string")
         schema = body.get("schema") or None
+        if engine == MYSQL and schema is not None:
+            raise DirectoryError(f"tenant {tenant!r}: a {flavor} database has no schema (got schema {schema!r})")
         database = f"{body['host']}:{port}/{body['database']}" + (f"#{schema}" if schema else "")
         return Target(
             id=database,
@@ -118,6 +130,7 @@ class HttpDirectory:
             password=Secret(str(body["password"])),
             schema=schema,
             tenants=(tenant,),
+            engine=engine,
         )
 
     def _get_json(self, url: str, what: str) -> Any:

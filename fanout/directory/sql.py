@@ -17,7 +17,7 @@ from typing import Any
 import psycopg2
 
 from fanout.config import SqlDirectoryConfig
-from fanout.directory import DEFAULT_TCP, Target
+from fanout.directory import DEFAULT_TCP, POSTGRESQL, Target
 from fanout.errors import DirectoryError
 from fanout.interrupt import PgCancel, Watchdog
 from fanout.secret import Secret, error_line, register
@@ -80,7 +80,7 @@ class SqlDirectory:
                 register(match.group(1).strip("'"))
             return {"dsn": dsn, "connect_timeout": max(1, round(timeout)), "application_name": _APPLICATION_NAME,
                     "options": f"{_READ_ONLY} {statement_timeout}", **DEFAULT_TCP.libpq()}  # fmt: skip
-        catalog = Target.from_dsn("catalog", dsn, what="directory.dsn")
+        catalog = Target.from_dsn("catalog", dsn, what="directory.dsn", engines=(POSTGRESQL,))
         kwargs = catalog.libpq_kwargs(application_name=_APPLICATION_NAME, connect_timeout=timeout, read_only=True)
         kwargs["options"] = f"{kwargs['options']} {statement_timeout}"
         return kwargs
