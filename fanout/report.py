@@ -117,8 +117,17 @@ class InDoubt:
     invalid_indexes: tuple[str, ...] = ()  # INVALID indexes it builds, or that appeared since it started
     valid_indexes: tuple[str, ...] = ()  # indexes it builds that exist and are VALID
     missing_indexes: tuple[str, ...] = ()  # indexes it builds that do not exist
+    # MySQL/MariaDB: the statement (numbered from 1) started and never recorded as done, and its first line.
+    statement: int | None = None
+    statement_text: str | None = None
 
     def describe(self) -> str:
+        if self.statement is not None:
+            return (
+                f"{self.migration}: {'rollback ' if self.operation == 'rollback' else ''}statement {self.statement} "
+                f"({self.statement_text}) was started by fanout run {self.run_id} (pid {self.pid} on {self.host}) at "
+                f"{self.started_at:%Y-%m-%d %H:%M:%S} UTC and never recorded as done: it may or may not have taken effect"
+            )
         found = [
             f"{label} {', '.join(names)}"
             for label, names in (
@@ -503,6 +512,8 @@ def _in_doubt_dict(found: InDoubt) -> dict[str, Any]:
         "invalid_indexes": list(found.invalid_indexes),
         "valid_indexes": list(found.valid_indexes),
         "missing_indexes": list(found.missing_indexes),
+        "statement": found.statement,
+        "statement_text": found.statement_text,
     }
 
 
@@ -512,7 +523,7 @@ def _in_doubt_from_dict(data: dict[str, Any] | None) -> InDoubt | None:
     return InDoubt(
         data["migration"], data["operation"], data["run_id"], data["host"], data["pid"],
         datetime.fromisoformat(data["started_at"]), tuple(data["invalid_indexes"]), tuple(data["valid_indexes"]),
-        tuple(data["missing_indexes"]),
+        tuple(data["missing_indexes"]), data.get("statement"), data.get("statement_text"),
     )  # fmt: skip
 
 

@@ -294,7 +294,8 @@ def test_a_statement_started_and_never_done_is_in_doubt_until_resolved(
         query(mariadb, database, "ALTER TABLE a ADD COLUMN b INT")
         query(
             mariadb, database,
-            "INSERT INTO fanout_progress VALUES (%s, 2, %s, 'ALTER TABLE a ADD COLUMN b INT;', 'started', 'run-0', 'h', 1, NULL)",
+            "INSERT INTO fanout_progress (migration_id, statement, sha256, first_line, state, run_id, host, pid, updated_at) "
+            "VALUES (%s, 2, %s, 'ALTER TABLE a ADD COLUMN b INT;', 'started', 'run-0', 'h', 1, NULL)",
             (migration.id, found[1].sha256),
         )  # fmt: skip
         with opened.lock(wait=5):
@@ -371,7 +372,7 @@ def test_a_ddl_statement_the_server_refuses_unparsed_leaves_no_doubt(
         assert raised.value.kind is ErrorKind.MIGRATION
         assert "statement 2 (ALTER TABLE a ADD COLUMN;) failed: (1064)" in str(raised.value)
         assert [(r.number, r.state) for r in opened.progress()] == [(1, "done")]
-        assert opened.in_doubt(migrations[0]) is None
+        assert opened.statement_in_doubt(migrations[0]) is None
     finally:
         opened.close()
 
@@ -387,7 +388,7 @@ def test_a_multi_table_drop_failing_halfway_on_mariadb_is_left_in_doubt(
         assert "statement 2 (DROP TABLE a, missing;)" in str(raised.value) and "left in doubt" in str(raised.value)
         # MariaDB did drop `a` before failing on `missing`: claiming "not run" would have been wrong.
         assert query(mariadb, database, "SHOW TABLES LIKE 'a'") == []
-        doubt = opened.in_doubt(migrations[0])
+        doubt = opened.statement_in_doubt(migrations[0])
         assert doubt is not None and doubt.number == 2
     finally:
         opened.close()

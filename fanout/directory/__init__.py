@@ -234,7 +234,9 @@ class Target:
             kwargs["options"] = (kwargs.get("options", "") + " -c default_transaction_read_only=on").strip()
         return kwargs
 
-    def mysql_kwargs(self, *, connect_timeout: float, read_timeout: float, write_timeout: float) -> dict[str, Any]:
+    def mysql_kwargs(
+        self, *, connect_timeout: float, read_timeout: float | None, write_timeout: float
+    ) -> dict[str, Any]:
         """Keyword arguments for pymysql.connect (a MySQL/MariaDB target); the only place its password is revealed.
 
         `ssl_mode` is read as the mysql client reads it: `required` encrypts without checking

@@ -1,0 +1,99 @@
+"""MySQL and MariaDB shards, behind the same session as PostgreSQL ones.
+
+MySQL and MariaDB commit implicitly at every DDL statement, so a migration cannot commit
+atomically with the row recording it, and a crash in the middle leaves a shard between
+two statements. fanout therefore records its progress statement by statement in
+`fanout_progress`: a DDL statement is marked `started` (committed) before it runs and
+`done` (committed) after; a DML statement runs in one transaction with its `done` mark.
+A `started` mark found later names the one statement that may or may not have taken
+effect: it is never run again and never skipped silently; `resolve` records the
+operator's answer and `apply` continues. A migration made only of DML runs in one
+transaction with its yoyo records and checksum, as on PostgreSQL. A rollback runs its
+`.rollback.sql` the same way.
+
+The lock is yoyo's own `yoyo_lock` row (so fanout and plain yoyo exclude each other),
+taken while holding a session-scoped `GET_LOCK`: the server releases it the moment the
+session ends, which proves a holder gone, so a `yoyo_lock` row left by a dead fanout
+(with its `fanout_lock` owner row) is broken automatically. A row without an owner row
+belongs to plain yoyo and is never broken automatically.
+
+Modules: `core` (endpoints, settings, error classification, statements, table shapes),
+`session` (the apply session and the read-only one), `admin` (unlock, bootstrap).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from fanout.directory import Target
+from fanout.engines.mysql.admin import ensure_database, unlock_database
+from fanout.engines.mysql.core import (
+    Endpoint,
+    Flavor,
+    InDoubtError,
+    Settings,
+    StatementInDoubt,
+    Timeouts,
+    classify,
+    engine_error,
+    flavor_of,
+    migration_statements,
+    settings_from,
+    settings_sql,
+    statements,
+)
+from fanout.engines.mysql.session import MySQLSession, ReadOnlySession, Watching
+from fanout.interrupt import Interrupt
+from fanout.locking import Owner
+from fanout.report import ErrorKind, TargetError
+
+WRITE_SECONDS = 60.0  # a request the server does not take within this is a dead connection
+
+
+def open_session(
+    target: Target,
+    options: Any,
+    run_id: str,
+    interrupt: Interrupt,
+    deadline: float | None = None,
+    connections: Any = None,
+) -> MySQLSession | ReadOnlySession:
+    """A session on a MySQL/MariaDB target: read-only in plan mode (creates nothing, takes no lock), else applying."""
+    try:
+        settings = settings_from(options.session.lock_timeout, options.session.statement_timeout)
+    except ValueError as e:
+        raise engine_error(TargetError(ErrorKind.DATABASE, f"[session]: {e}")) from None
+    timeouts = Timeouts(connect=options.connect_timeout, read=None, write=WRITE_SECONDS)
+    watching = Watching(interrupt, deadline, options.target_timeout, options.liveness_check, options.tcp)
+    if getattr(options.mode, "value", options.mode) == "plan":
+        return ReadOnlySession(target, settings=settings, timeouts=timeouts, watching=watching, connections=connections)
+    owner = Owner(pid=os.getpid(), run_id=run_id)
+    return MySQLSession(target, owner, settings=settings, timeouts=timeouts, watching=watching, connections=connections)
+
+
+def connection_key(target: Target, options: Any, run_id: str) -> str:
+    """Targets sharing a key may share a connection; MySQL sessions are never handed on, so each has its own."""
+    return f"mysql {target.host.lower()}:{target.port}/{target.dbname} {target.user or ''}"
+
+
+__all__ = [
+    "Endpoint",
+    "Flavor",
+    "InDoubtError",
+    "MySQLSession",
+    "ReadOnlySession",
+    "Settings",
+    "StatementInDoubt",
+    "Timeouts",
+    "Watching",
+    "classify",
+    "connection_key",
+    "ensure_database",
+    "flavor_of",
+    "migration_statements",
+    "open_session",
+    "settings_sql",
+    "statements",
+    "unlock_database",
+]
