@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 
 from fanout import catalog, rollout, runner, schema
 from fanout.directory import Target
+from fanout.engines import postgres
 from fanout.errors import TargetFailed
 from fanout.interrupt import Interrupt
 from fanout.report import (
@@ -141,7 +142,7 @@ def _read(target: Target, plans: Sequence[_Set], options: runner.RunOptions, run
     try:
         found = catalog.read(
             target,
-            application_name=f"{runner.APPLICATION_NAME} inspect {run_id}",
+            application_name=f"{postgres.APPLICATION_NAME} inspect {run_id}",
             connect_timeout=options.connect_timeout,
             lock_timeout=options.session.lock_timeout,
             statement_timeout=options.session.statement_timeout,
@@ -215,7 +216,7 @@ def _build(
                 raise TargetFailed(f"--reference build: the migration set did not build{where}: {why}")
             found = catalog.read(
                 target,
-                application_name=f"{runner.APPLICATION_NAME} inspect {run_id}",
+                application_name=f"{postgres.APPLICATION_NAME} inspect {run_id}",
                 connect_timeout=options.connect_timeout,
                 tcp=options.tcp,
             )

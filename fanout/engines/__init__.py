@@ -1,22 +1,212 @@
 """Database engines: one module per engine, behind the session the runner drives.
 
-Only `mysql` lives here so far (MySQL and MariaDB shards, not yet used by the runner);
-PostgreSQL is still driven by fanout/runner.py directly. An engine never imports the
-runner: the types both need live here or in fanout/report.py.
+The runner orchestrates (which targets, in which order, retries, reports) and talks to a
+shard only through the engine `for_target` returns: `postgres` (psycopg2) or `mysql`
+(PyMySQL, for MySQL and MariaDB). Engine modules never import the runner; what both
+need lives here, in fanout/options.py, or in fanout/report.py. This module imports no
+database driver.
 """
 
 from __future__ import annotations
 
-from fanout.report import ErrorKind, TargetError
+import importlib
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, cast
+
+from fanout.report import ErrorKind, InDoubt, LockHolder, TargetError
+
+if TYPE_CHECKING:
+    from yoyo.migrations import Migration
+
+    from fanout import checksums, indoubt, locking
+    from fanout.config import TcpSettings
+    from fanout.directory import Target
+    from fanout.engines.connections import Connections
+    from fanout.interrupt import Interrupt
+    from fanout.options import RunOptions
 
 
 class EngineError(Exception):
-    """A target-level failure raised by an engine: the runner turns it into a failed shard."""
+    """A classified target-level failure: the runner turns it into a failed (or retried) shard.
 
-    def __init__(self, error: TargetError) -> None:
+    `retryable` with kind UNREACHABLE means the connection is gone and the target starts
+    over on a new session; other retryable kinds (lock timeout, deadlock, serialization)
+    are retried per migration. `in_doubt` says what the shard holds of a migration that
+    may have partly run.
+    """
+
+    def __init__(self, error: TargetError, *, retryable: bool = False, in_doubt: InDoubt | None = None) -> None:
         super().__init__(error.message)
         self.error = error
+        self.retryable = retryable
+        self.in_doubt = in_doubt
 
     @property
     def kind(self) -> ErrorKind:
         return self.error.kind
+
+
+def timed_out(options: RunOptions, what: str) -> EngineError:
+    return EngineError(TargetError(ErrorKind.TARGET_TIMEOUT, f"target timeout ({options.target_timeout:g}s): {what}"))
+
+
+def in_doubt_error(doubt: InDoubt) -> TargetError:
+    if doubt.operation == "rollback":
+        return TargetError(
+            ErrorKind.IN_DOUBT,
+            f"in doubt: {doubt.describe()}. Settle it with `fanout mark --migration {doubt.migration}` (it is "
+            f"still applied) or `fanout unmark --migration {doubt.migration}` (its rollback is complete)",
+            invalid_indexes=doubt.invalid_indexes,
+        )
+    return TargetError(
+        ErrorKind.IN_DOUBT,
+        f"in doubt: {doubt.describe()}. Not run again: settle it with `fanout mark --migration {doubt.migration}` "
+        f"(it is done) or `fanout unmark --migration {doubt.migration}` (run it again), or `apply --repair-invalid`",
+        invalid_indexes=doubt.invalid_indexes,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Recording:
+    """What fanout records next to yoyo's row when it applies (or rolls back) a migration."""
+
+    sha256: str
+    service: str
+    environment: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChecksumChange:
+    """One checksum row `accept` or `baseline` (re)records, without running anything."""
+
+    migration_id: str
+    old: str | None  # what was recorded (None: nothing)
+    new: str
+    service: str
+    how: checksums.How
+
+
+@dataclass(frozen=True, slots=True)
+class SettleItem:
+    """A migration `mark`/`unmark` settles, with what recording it writes."""
+
+    migration: Migration
+    recording: Recording
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    changed: tuple[str, ...]  # migration ids whose record or mark changed
+    notes: tuple[str, ...]  # one line per migration
+    refused: bool = False  # a migration was left as it was (an INVALID index, without force)
+
+
+@dataclass(frozen=True, slots=True)
+class UnlockResult:
+    target: str
+    database: str
+    outcome: locking.UnlockOutcome | None  # None: could not connect or query
+    holder: LockHolder | None
+    message: str
+    rows_deleted: int = 0
+    advisory_holder: int | None = None  # server session still holding fanout's session lock (None: free)
+    terminated: int | None = None  # server session ended by --terminate
+    hidden_sessions: int = 0  # sessions of other roles this role cannot see
+
+
+class Session(Protocol):
+    """One target's session: the runner's only way to its shard. Raises only EngineError."""
+
+    initialized: bool
+
+    def lock(self, wait: float) -> AbstractContextManager[tuple[LockHolder | None, LockHolder | None]]:
+        """Hold the target's migration lock; yields (holder seen, stale lock broken)."""
+        ...
+
+    def applied(self) -> dict[str, str]:
+        """yoyo's applied migrations: hash -> id."""
+        ...
+
+    def recorded_checksums(self) -> dict[str, checksums.Recorded]: ...
+
+    def marks_and_invalid(self) -> tuple[dict[str, indoubt.Mark], tuple[str, ...]]:
+        """Migrations marked as started and never recorded, and every INVALID index of the target."""
+        ...
+
+    def in_doubt(self, migration: Migration, mark: indoubt.Mark, *, repair: bool) -> tuple[InDoubt | None, str | None]:
+        """What the shard holds of a marked migration; (None, what was done) when `repair` settled it."""
+        ...
+
+    def apply(self, migration: Migration, recording: Recording) -> bool:
+        """True when the migration ran (apply), False when it was only planned."""
+        ...
+
+    def rollback(self, migration: Migration, recorded: Recording, reason: str | None) -> bool:
+        """True when the migration was rolled back and unrecorded, False when it was only planned."""
+        ...
+
+    def run_hook(self, migration: Migration) -> None: ...
+
+    def failed_hooks(self) -> set[str]:
+        """Post-apply hooks whose last run on the shard failed."""
+        ...
+
+    def note_hook(self, hook_id: str, sha256: str, *, failed: bool, reason: str | None) -> None:
+        """Log that a hook failed (it stays due) or ran after failing; best effort, never raises."""
+        ...
+
+    def adopt(self, changes: Sequence[ChecksumChange], environment: str, reason: str | None) -> None:
+        """Record `changes` (accept, baseline) and log them, in one transaction."""
+        ...
+
+    def settle(self, items: Sequence[SettleItem], *, record: bool, reason: str, force: bool) -> Settled:
+        """Record migrations as applied (`record`, fanout mark) or not (fanout unmark), logged with `reason`."""
+        ...
+
+    def close(self, *, reuse: bool = False) -> None: ...
+
+
+class Engine(Protocol):
+    """What an engine module provides."""
+
+    def open_session(
+        self,
+        target: Target,
+        options: RunOptions,
+        run_id: str,
+        interrupt: Interrupt,
+        deadline: float | None = None,
+        connections: Connections | None = None,
+    ) -> Session:
+        """A read-only session when `options.mode` is PLAN (creates nothing, takes no lock), else one that applies."""
+        ...
+
+    def ensure_database(self, target: Target, *, connect_timeout: float, tcp: TcpSettings) -> bool:
+        """Create the target's database when it does not exist; True when it was created."""
+        ...
+
+    def unlock(
+        self,
+        target: Target,
+        *,
+        force: bool,
+        terminate: str | None,
+        connect_timeout: float,
+        tcp: TcpSettings,
+        lock_timeout: str | None,
+    ) -> UnlockResult: ...
+
+    def connection_key(self, target: Target, options: RunOptions, run_id: str) -> str:
+        """Targets with the same key may share one connection, one after the other."""
+        ...
+
+
+_MODULES = {"postgresql": "fanout.engines.postgres"}
+
+
+def for_target(target: Target) -> Engine:
+    """The engine that speaks to `target`'s database."""
+    name = getattr(target, "engine", "postgresql")
+    return cast("Engine", importlib.import_module(_MODULES[name]))

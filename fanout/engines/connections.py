@@ -1,0 +1,116 @@
+"""The run's shard connections: counted against the budgets, and handed from one target to the next.
+
+Engine-neutral: an engine session takes an idle connection of its target's database or
+counts the one it opens, and gives it back when it is done (`reuse` only when its session
+state is clean). The key saying which targets may share a connection is the engine's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fanout.directory import Target
+from fanout.options import RunOptions
+
+
+@dataclass(slots=True)
+class Idle:
+    connection: Any
+    backend_pid: int | None  # from the pooler check it passed when it was opened
+    server: str
+
+
+class Connections:
+    """The run's shard connections: counted, and handed from one target to the next of the same database.
+
+    Tenant schemas of one database are targets that differ only in their schema. Opening a
+    connection per schema costs a SCRAM exchange, a fresh backend with cold catalog caches,
+    the pooler check and the session setup, which at thousands of schemas is most of a run.
+    A session that ends cleanly (its lock released, no transaction open, nothing cancelled,
+    its session state reset) gives its connection back here; the next target of the same
+    database takes it instead of connecting. Anything else is closed, never reused.
+
+    A connection is kept only while a target of its database has yet to start, and the
+    connections open (in use and idle) stay within `concurrency` and `per_server`: opening
+    one closes an idle one first when the budget is full.
+    """
+
+    def __init__(self, targets: Sequence[Target], options: RunOptions, key: Callable[[Target], str]) -> None:
+        self._key = key
+        self._lock = threading.Lock()
+        self._options = options
+        self._idle: dict[str, list[Idle]] = {}
+        self._waiting: dict[str, int] = {}
+        for target in targets:
+            database = self.key(target)
+            self._waiting[database] = self._waiting.get(database, 0) + 1
+        self._open: dict[str, int] = {}  # per server: in use and idle
+        self.opened = 0
+
+    def key(self, target: Target) -> str:
+        """The database a connection is to (the engine's `connection_key`)."""
+        return self._key(target)
+
+    def starting(self, target: Target) -> None:
+        with self._lock:
+            key = self.key(target)
+            self._waiting[key] = self._waiting.get(key, 1) - 1
+
+    def take(self, target: Target) -> Idle | None:
+        """An idle connection to the target's database, now in use; None: open one (then call `opening`)."""
+        key = self.key(target)
+        with self._lock:
+            idle = self._idle.get(key)
+            return idle.pop() if idle else None
+
+    def opening(self, target: Target) -> None:
+        """A connection is about to be opened for `target`: make room within the budget, and count it."""
+        evict: list[Idle] = []
+        with self._lock:
+            limits = self._options.limits
+            per_server = limits.per_server or limits.concurrency
+            server = target.server
+            # Idle connections to the target's server first: closing one frees both budgets.
+            for idle in sorted(self._idle.values(), key=lambda pool: not pool or pool[0].server != server):
+                while idle and (
+                    sum(self._open.values()) - len(evict) >= limits.concurrency
+                    or (idle[0].server == server and self._open.get(server, 0) - len(evict) >= per_server)
+                ):
+                    evict.append(idle.pop())
+            for gone in evict:
+                self._open[gone.server] -= 1
+            self._open[target.server] = self._open.get(target.server, 0) + 1
+            self.opened += 1
+        for gone in evict:
+            with contextlib.suppress(Exception):
+                gone.connection.close()
+
+    def not_opened(self, target: Target) -> None:
+        """The connection `opening` counted could not be opened (it still counts as an attempt)."""
+        with self._lock:
+            self._open[target.server] -= 1
+
+    def give_back(self, target: Target, connection: Any, backend_pid: int | None, *, reuse: bool) -> None:
+        """The session is done with `connection`: keep it for the next target of its database, or close it."""
+        key = self.key(target)
+        with self._lock:
+            if reuse and self._waiting.get(key, 0) > 0:
+                self._idle.setdefault(key, []).append(Idle(connection, backend_pid, target.server))
+                return
+            self._open[target.server] = self._open.get(target.server, 1) - 1
+        with contextlib.suppress(Exception):
+            connection.close()
+
+    def close_idle(self) -> None:
+        with self._lock:
+            idle = [i for pool in self._idle.values() for i in pool]
+            self._idle.clear()
+            for gone in idle:
+                self._open[gone.server] -= 1
+        for gone in idle:
+            with contextlib.suppress(Exception):
+                gone.connection.close()
