@@ -176,10 +176,7 @@ def classify(error: BaseException, *, otherwise: ErrorKind = ErrorKind.DATABASE)
 
 def engine_error(error: TargetError, *, retryable: bool = False, in_doubt: InDoubt | None = None) -> EngineError:
     """An EngineError that says whether another attempt may succeed, and what is in doubt."""
-    failure = EngineError(error)
-    failure.retryable = retryable  # type: ignore[attr-defined]
-    failure.in_doubt = in_doubt  # type: ignore[attr-defined]
-    return failure
+    return EngineError(error, retryable=retryable, in_doubt=in_doubt)
 
 
 def failure_of(error: BaseException, *, otherwise: ErrorKind = ErrorKind.DATABASE) -> EngineError:

@@ -721,7 +721,7 @@ class MySQLSession(_Base):
             where = f"{migration.id}: {what} {statement.number} ({statement.first_line})"
             text = failure.error.message
             doubt: InDoubt | None = None
-            retryable = failure.retryable  # type: ignore[attr-defined]
+            retryable = failure.retryable
             if statement.dml:
                 message = f"{where}: {text} (it commits with its mark or not at all: the next run knows)"
             elif not marked:
@@ -779,7 +779,7 @@ class MySQLSession(_Base):
             failure = self._failure(e, otherwise=ErrorKind.MIGRATION)
             raise engine_error(
                 TargetError(failure.error.kind, f"{migration.id}: {failure.error.message}", migration.id),
-                retryable=failure.retryable,  # type: ignore[attr-defined]
+                retryable=failure.retryable,
             ) from None
 
     # -- fanout's and yoyo's rows ----------------------------------------------------------------
