@@ -156,10 +156,23 @@ env_option = click.option(
     callback=_load_env,
     help="Environment name (environments/ENV.toml) or path to a .toml file.",
 )
+
+
+def _distinct(_ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
+    """Refuse a value given twice: a repeated --service is a typo or a script bug, never a request to run it twice."""
+    seen: set[str] = set()
+    for value in values:
+        if value in seen:
+            raise click.BadParameter(f"{value!r} is given twice", param=param)
+        seen.add(value)
+    return values
+
+
 service_option = click.option(
     "--service",
     "services",
     multiple=True,
+    callback=_distinct,
     metavar="SERVICE",
     help="Only this service (repeatable). Default: every service of the environment, in its order.",
 )
@@ -398,39 +411,29 @@ lock_wait_option = click.option(
     default=None,
     help="Seconds to wait for a shard's migration lock [default: from the environment, else 60].",
 )
-
-
-@cli.command()
-@env_option
-@service_option
-@format_option
-@concurrency_option
-@click.option(
+# The rollout controls and run records of apply, which rollback and reapply share (one definition, one help).
+per_server_option = click.option(
     "--per-server",
     type=click.IntRange(1, 512),
     default=None,
     help="At most this many targets at once on one server (host:port) [default: --concurrency].",
 )
-@click.option(
+waves_option = click.option(
     "--waves",
     metavar="STEPS",
     default=None,
     help="Roll out in waves, e.g. 1,10%,100%: cumulative counts or percentages of the targets. "
     "The first wave is the canary; a wave starts only while failures are within --max-failures.",
 )
-@click.option(
+max_failures_option = click.option(
     "--max-failures",
     metavar="N|P%",
     default=None,
     help="Failure budget: once more targets than this have failed, start no new one "
     "[default: unlimited; 0 with --waves].",
 )
-@click.option("--fail-fast", is_flag=True, help="The same as --max-failures 0.")
-@slice_option
-@output_option
-@report_to_option
-@lock_wait_option
-@click.option(
+fail_fast_option = click.option("--fail-fast", is_flag=True, help="The same as --max-failures 0.")
+target_timeout_option = click.option(
     "--target-timeout",
     type=click.FloatRange(min=0, min_open=True),
     default=None,
@@ -439,18 +442,51 @@ lock_wait_option = click.option(
     "and rolled back, its lock released (error kind target-timeout, or unresponsive when the shard "
     "does not answer) [default: from the environment, else no limit].",
 )
-@click.option(
-    "--resume",
-    metavar="RUN_ID",
-    default=None,
-    help="Retry only the targets that failed or were skipped in that run, with the same migrations.",
-)
-@click.option(
+runs_dir_option = click.option(
     "--runs-dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
     help="Where run records are kept [default: $FANOUT_RUNS_DIR, else .fanout/runs].",
 )
+
+
+def resume_option(retries: str) -> Callable[[F], F]:
+    """`--resume RUN_ID`: apply, rollback and reapply each say what their resume retries."""
+    return click.option("--resume", metavar="RUN_ID", default=None, help=retries)
+
+
+def rollback_run_options(resume_help: str) -> Callable[[F], F]:
+    """The options rollback and reapply share, in their help order (after their own)."""
+    shared = (
+        format_option, concurrency_option, slice_option, output_option, report_to_option, lock_wait_option,
+        resume_option(resume_help), per_server_option, waves_option, max_failures_option, fail_fast_option,
+        target_timeout_option, runs_dir_option,
+    )  # fmt: skip
+
+    def decorate(command: F) -> F:
+        for option in reversed(shared):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+@cli.command()
+@env_option
+@service_option
+@format_option
+@concurrency_option
+@per_server_option
+@waves_option
+@max_failures_option
+@fail_fast_option
+@slice_option
+@output_option
+@report_to_option
+@lock_wait_option
+@target_timeout_option
+@resume_option("Retry only the targets that failed or were skipped in that run, with the same migrations.")
+@runs_dir_option
 @click.option(
     "--repair-invalid/--no-repair-invalid",
     default=None,
@@ -1142,14 +1178,6 @@ def main() -> None:
 # ---- rollback and reapply ------------------------------------------------------------------
 
 
-_FROM_APPLY = ("per_server", "waves", "max_failures", "fail_fast", "target_timeout", "runs_dir")
-
-
-def _share_apply_options(command: click.Command) -> None:
-    """Give `command` the very options of `apply` (rollout controls, run records): one definition, one help."""
-    command.params.extend(p for name in _FROM_APPLY for p in apply.params if p.name == name)
-
-
 def _rollout_settings(
     concurrency: int | None,
     per_server: int | None,
@@ -1181,14 +1209,7 @@ def _rollout_settings(
 @click.option("--reason", default=None, help="Why; logged in fanout_checksum_log with each rolled-back checksum.")
 @click.option("--dry-run", is_flag=True, help="Read-only: show per shard what would be rolled back.")
 @click.option("--detailed-exitcode", is_flag=True, help="With --dry-run: exit 10 when something would be rolled back.")
-@format_option
-@concurrency_option
-@slice_option
-@output_option
-@report_to_option
-@lock_wait_option
-@click.option("--resume", metavar="RUN_ID", default=None,
-              help="Retry only the targets that failed or were skipped in that rollback, with the same request.")  # fmt: skip
+@rollback_run_options("Retry only the targets that failed or were skipped in that rollback, with the same request.")
 @_guarded
 def rollback(
     env: Environment,
@@ -1255,14 +1276,7 @@ def rollback(
 @click.option("--accept-drift", is_flag=True,
               help="Also reapply on shards whose applied checksums differ from the published set.")  # fmt: skip
 @click.option("--reason", default=None, help="Why; logged in fanout_checksum_log.")
-@format_option
-@concurrency_option
-@slice_option
-@output_option
-@report_to_option
-@lock_wait_option
-@click.option("--resume", metavar="RUN_ID", default=None,
-              help="Retry only the targets that failed or were skipped in that reapply (same --migration).")  # fmt: skip
+@rollback_run_options("Retry only the targets that failed or were skipped in that reapply (same --migration).")
 @_guarded
 def reapply(
     env: Environment,
@@ -1309,7 +1323,3 @@ def reapply(
             **_callbacks(progress),
         )
     _emit(report, fmt, env=env, destinations=outputs + report_to)
-
-
-_share_apply_options(rollback)
-_share_apply_options(reapply)

@@ -232,6 +232,13 @@ CASES = [
     ),
     Case("unknown log format", ("--log-format", "xml", *PLAN), EXIT_CONFIG, "'xml' is not one of 'text', 'json'"),
     Case("unknown service", (*PLAN, "--service", "billing"), EXIT_CONFIG, "billing"),
+    Case("service given twice", (*APPLY, "--service", "app", "--service", "app"), EXIT_CONFIG, "'app' is given twice"),
+    Case(
+        "service given twice to rollback",
+        ("rollback", "--env", "test", "--to", "001-create-person", "--service", "app", "--service", "app"),
+        EXIT_CONFIG,
+        "Invalid value for '--service': 'app' is given twice",
+    ),
     Case(
         "bootstrap an unknown target id",
         ("bootstrap", "--env", "test", "--target", "nope"),
