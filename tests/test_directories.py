@@ -252,6 +252,75 @@ def test_catalog_directory_errors(fleet: Fleet, query: str, message: str) -> Non
     assert fleet.query(catalog, "SELECT count(*) FROM shards") == [(2,)]  # nothing deleted
 
 
+def _flavored_catalog(fleet: Fleet, rows: list[tuple[str, int, str, str | None, str | None]]) -> str:
+    """A catalog with a `flavor` column: rows of (shard_id, port, dbname, flavor, schema) on the suite's host."""
+    (catalog,) = fleet.add_databases(1)
+    fleet.query(
+        catalog,
+        "CREATE TABLE shards (shard_id TEXT, env TEXT, host TEXT, port INT, dbname TEXT, flavor TEXT, schema TEXT)",
+    )
+    for shard_id, port, database, flavor, schema in rows:
+        fleet.query(
+            catalog,
+            "INSERT INTO shards VALUES (%s, 'test', %s, %s, %s, %s, %s)",
+            (shard_id, fleet.postgres.host, port, database, flavor, schema),
+        )
+    return catalog
+
+
+FLAVORED_QUERY = "SELECT shard_id, host, port, dbname, flavor, schema FROM shards WHERE env = %(env)s ORDER BY 1"
+
+
+def test_catalog_flavor_column_makes_mysql_and_mariadb_rows_mysql_targets_beside_postgresql_ones(
+    fleet: Fleet,
+) -> None:
+    (database,) = fleet.add_databases(1)
+    port = fleet.postgres.port
+    catalog = _flavored_catalog(
+        fleet,
+        [
+            ("a-pg", port, database, "postgresql", None),
+            ("b-null", port, database, None, "tenant_b"),  # NULL is PostgreSQL, as an absent column is
+            ("c-my", 3306, "tenant_my", "MySQL", None),
+            ("d-maria", 3307, "tenant_maria", "mariadb", None),
+        ],
+    )
+    _sql_env(fleet, catalog, FLAVORED_QUERY)
+
+    listed = fleet.cli("shards", "--env", "test", "--format", "json")
+
+    assert listed.exit_code == EXIT_OK, listed.output
+    host = fleet.postgres.host
+    assert {t["id"]: t["dsn"] for t in json.loads(listed.stdout)} == {
+        "a-pg": f"postgresql://postgres@{host}:{port}/{database}",
+        "b-null": f"postgresql://postgres@{host}:{port}/{database}#tenant_b",
+        # mysql and mariadb are one engine (the server's flavor is read when connecting).
+        "c-my": f"mysql://postgres@{host}:3306/tenant_my",
+        "d-maria": f"mysql://postgres@{host}:3307/tenant_maria",
+    }
+    assert fleet.postgres.password.reveal() not in listed.output
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        (("s1", 3306, "tenant_x", "oracle", None), "catalog row 1 (shard s1): flavor 'oracle' is neither PostgreSQL"),
+        (("s1", 3306, "tenant_x", "mariadb", "app"), "a mariadb database takes no schema (got schema 'app')"),
+    ],
+    ids=["unknown-flavor", "mysql-with-schema"],
+)
+def test_catalog_flavor_errors_are_one_line_and_nothing_runs(
+    fleet: Fleet, row: tuple[str, int, str, str | None, str | None], message: str
+) -> None:
+    catalog = _flavored_catalog(fleet, [row])
+    fleet.publish(MIGRATIONS)
+    _sql_env(fleet, catalog, FLAVORED_QUERY)
+    for command in ("shards", "apply"):
+        result = fleet.cli(command, "--env", "test")
+        assert result.exit_code == EXIT_DIRECTORY, result.output
+        assert message in _error_line(result.stderr)
+
+
 def test_pgcat_directory_migrates_primaries_never_replicas(fleet: Fleet) -> None:
     shard0, shard1, replica = fleet.add_databases(3)
     host, port = fleet.postgres.host, fleet.postgres.port

@@ -35,6 +35,9 @@ MYSQL = "mysql"
 ENGINES = (POSTGRESQL, MYSQL)
 # DSN scheme -> engine. MySQL and MariaDB are one engine: the flavor is the server's, read at connect.
 _SCHEMES = {"postgresql": POSTGRESQL, "postgres": POSTGRESQL, "mysql": MYSQL, "mariadb": MYSQL}
+# A directory's `flavor` (the HTTP service's field, the SQL catalog's column) -> engine, case-insensitive.
+FLAVORS = {"postgresql": POSTGRESQL, "postgres": POSTGRESQL, "pg": POSTGRESQL, "mysql": MYSQL, "mariadb": MYSQL}
+FLAVORS_HELP = "neither PostgreSQL (postgresql, postgres, pg) nor MySQL/MariaDB (mysql, mariadb)"
 # What a mysql:// DSN may carry in its query: TLS and the character set. Anything else is
 # refused before the run (a typo would otherwise be silently ignored by the driver).
 MYSQL_OPTIONS = frozenset({"ssl_mode", "ssl_ca", "ssl_cert", "ssl_key", "charset"})

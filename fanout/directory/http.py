@@ -24,13 +24,11 @@ from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from fanout.config import HttpDirectoryConfig
-from fanout.directory import MYSQL, POSTGRESQL, Target
+from fanout.directory import FLAVORS, FLAVORS_HELP, MYSQL, Target
 from fanout.errors import DirectoryError
 from fanout.secret import Secret, redact
 
 REQUIRED_FIELDS = ("host", "port", "flavor", "user", "password", "database")
-POSTGRES_FLAVORS = {"postgres", "postgresql", "pg"}
-MYSQL_FLAVORS = {"mysql", "mariadb"}
 
 
 class HttpDirectory:
@@ -101,15 +99,9 @@ class HttpDirectory:
         if missing:
             raise DirectoryError(f"tenant {tenant!r}: the sharding service's answer lacks {', '.join(missing)}")
         flavor = str(body["flavor"]).lower()
-        if flavor in POSTGRES_FLAVORS:
-            engine = POSTGRESQL
-        elif flavor in MYSQL_FLAVORS:
-            engine = MYSQL
-        else:
-            raise DirectoryError(
-                f"tenant {tenant!r}: flavor {body['flavor']!r} is neither PostgreSQL (postgresql, postgres, pg) "
-                "nor MySQL/MariaDB (mysql, mariadb)"
-            )
+        engine = FLAVORS.get(flavor)
+        if engine is None:
+            raise DirectoryError(f"tenant {tenant!r}: flavor {body['flavor']!r} is {FLAVORS_HELP}")
         try:
             port = int(body["port"])
         except (TypeError, ValueError):

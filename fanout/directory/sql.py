@@ -3,8 +3,11 @@
 The query runs in a READ ONLY transaction and may use `%(env)s` (the environment's
 name). Columns are read by name: `shard_id` (or `id`), `host`, `port`, `dbname` (or
 `database`) are required; `user`, `password`, `schema`, `tenants` (an array or a
-comma-separated string) and `sslmode` are optional. Credentials missing from the rows
-come from the directory's `user`/`password` settings.
+comma-separated string), `sslmode` and `flavor` are optional. Credentials missing from the rows
+come from the directory's `user`/`password` settings. `flavor` is the row's engine, as the
+HTTP directory's field: `postgresql` (also `postgres`, `pg`; the default when the column is
+absent or NULL) or `mysql`/`mariadb` (one engine: the server's flavor is read when
+connecting); a MySQL row has no `schema` nor `sslmode` (PostgreSQL's).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any
 import psycopg2
 
 from fanout.config import SqlDirectoryConfig
-from fanout.directory import DEFAULT_TCP, POSTGRESQL, Target
+from fanout.directory import DEFAULT_TCP, FLAVORS, FLAVORS_HELP, MYSQL, POSTGRESQL, Target
 from fanout.errors import DirectoryError
 from fanout.interrupt import PgCancel, Watchdog
 from fanout.secret import Secret, error_line, register
@@ -105,6 +108,17 @@ class SqlDirectory:
             port = int(row["port"])
         except (TypeError, ValueError):
             raise DirectoryError(f"{where}: port {row['port']!r} is not a number") from None
+        flavor = row.get("flavor")
+        engine = POSTGRESQL if flavor in (None, "") else FLAVORS.get(str(flavor).lower())
+        if engine is None:
+            raise DirectoryError(f"{where}: flavor {flavor!r} is {FLAVORS_HELP}")
+        if engine == MYSQL:
+            for postgresql_only in ("schema", "sslmode"):
+                if row.get(postgresql_only):
+                    raise DirectoryError(
+                        f"{where}: a {str(flavor).lower()} database takes no {postgresql_only} "
+                        f"(got {postgresql_only} {row[postgresql_only]!r})"
+                    )
         password = row.get("password")
         tenants = row.get("tenants") or ()
         if isinstance(tenants, str):
@@ -120,4 +134,5 @@ class SqlDirectory:
             schema=row.get("schema") or None,
             options=options,
             tenants=tuple(str(t) for t in tenants),
+            engine=engine,
         )
