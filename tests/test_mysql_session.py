@@ -39,7 +39,7 @@ from fanout.engines.mysql import (
     unlock_database,
 )
 from fanout.engines.mysql.core import Timeouts
-from fanout.engines.mysql.session import session_alive
+from fanout.engines.mysql.watch import session_alive
 from fanout.interrupt import Interrupt
 from fanout.locking import Owner, UnlockOutcome
 from fanout.report import ErrorKind, InDoubt, _in_doubt_dict, _in_doubt_from_dict
@@ -280,7 +280,7 @@ def test_rollback_runs_its_statements_then_unrecords_as_yoyo_does(mariadb: Any, 
 
 
 def opened_rollback(migration: Any) -> Any:
-    from fanout.engines.mysql.session import _rollback_statements
+    from fanout.engines.mysql.base import _rollback_statements
 
     return _rollback_statements(migration)
 

@@ -43,7 +43,9 @@ from fanout.engines.mysql.core import (
     settings_sql,
     statements,
 )
-from fanout.engines.mysql.session import MySQLSession, ReadOnlySession, Watching
+from fanout.engines.mysql.readonly import ReadOnlySession
+from fanout.engines.mysql.session import MySQLSession
+from fanout.engines.mysql.watch import Watching
 from fanout.interrupt import Interrupt
 from fanout.locking import Owner
 from fanout.report import ErrorKind, TargetError

@@ -1,47 +1,38 @@
-"""The sessions the runner drives on a MySQL/MariaDB shard: one that applies (under the lock) and one that only reads.
+"""The session that applies on a MySQL/MariaDB shard, under the lock: statement-by-statement progress, records, by-hand settling.
 
-Both raise only EngineError (classified; `retryable` when another attempt may succeed),
-never a driver exception. The watchdog of the run (fanout/interrupt.py) cancels a
-statement with `KILL QUERY` from a second connection, and checks a long wait on
-information_schema.PROCESSLIST, as it does with a cancel request and pg_stat_activity on
-PostgreSQL.
+It raises only EngineError (classified; `retryable` when another attempt may succeed),
+never a driver exception.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import random
-import socket
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 import pymysql
 import pymysql.connections
 import pymysql.err
 from yoyo import internalmigrations
 from yoyo.internalmigrations import v2
-from yoyo.migrations import Migration, read_sql_migration
+from yoyo.migrations import Migration
 from yoyo.utils import change_param_style
 
 from fanout import checksums, indoubt
 from fanout.checksums import LOG_TABLE as CHECKSUM_LOG_TABLE
 from fanout.checksums import TABLE as CHECKSUM_TABLE
-from fanout.config import TcpSettings
 from fanout.directory import Target
 from fanout.engines import EngineError
+from fanout.engines.mysql.base import DEFAULT_TIMEOUTS, NO_SETTINGS, Recording, _Base, _now, _rollback_statements
 from fanout.engines.mysql.core import (
     MIGRATION_TABLE,
-    PROGRESS_COLUMNS,
     PROGRESS_TABLE,
     Endpoint,
     Flavor,
     InDoubtError,
-    ProgressRow,
     Settings,
     Statement,
     StatementInDoubt,
@@ -49,335 +40,23 @@ from fanout.engines.mysql.core import (
     _Backend,
     _create_owner_sql,
     _create_progress_sql,
-    classify,
-    connect,
-    connect_kwargs,
     create_checksum_sql,
     engine_error,
     error_code,
-    failure_of,
     flavor_of,
     is_lost,
     lock_name,
     migration_statements,
     settings_sql,
-    statements,
 )
-from fanout.interrupt import Interrupt, Reason
+from fanout.engines.mysql.watch import Watching, timed_out
 from fanout.locking import OWNER_TABLE, YOYO_LOCK_TABLE, Attempt, Owner
 from fanout.report import ErrorKind, InDoubt, LockHolder, TargetError
 from fanout.secret import register
 
 log = logging.getLogger(__name__)
 
-NO_SETTINGS = Settings()
-DEFAULT_TIMEOUTS = Timeouts()
-
 LOCK_POLL_SECONDS = 0.5
-# A session the server shows idle (`Sleep`) this long while fanout still waits for its answer lost that answer.
-_IDLE_PROOF_SECONDS = 2.0
-_KILL_SECONDS = 10.0  # connect and answer bound of the second connection that sends KILL QUERY
-
-
-class Recording(Protocol):
-    """What fanout records next to yoyo's row (the engines' `Recording`)."""
-
-    @property
-    def sha256(self) -> str: ...
-    @property
-    def service(self) -> str: ...
-    @property
-    def environment(self) -> str: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Watching:
-    """The run's part in a session: its watchdog and interrupt, the target's deadline, the liveness check."""
-
-    interrupt: Interrupt
-    deadline: float | None = None
-    target_timeout: float | None = None
-    liveness_check: float | None = None
-    tcp: TcpSettings | None = None
-
-
-def timed_out(target_timeout: float | None, what: str) -> EngineError:
-    return engine_error(TargetError(ErrorKind.TARGET_TIMEOUT, f"target timeout ({target_timeout or 0:g}s): {what}"))
-
-
-class TrackedConnection(pymysql.connections.Connection):  # type: ignore[misc]
-    """Knows since when it waits for the server: the watchdog's cue to check the session is alive."""
-
-    busy_since: float | None = None
-
-    def query(self, sql: Any, unbuffered: bool = False) -> int:
-        self.busy_since = time.monotonic()
-        try:
-            return int(super().query(sql, unbuffered))
-        finally:
-            self.busy_since = None
-
-
-class MySQLCancel:
-    """Cancel a session's statement: `KILL QUERY <its connection id>` from a second connection.
-
-    MySQL has no out-of-band cancel request; the second connection is bounded by
-    _KILL_SECONDS so that a silent server cannot hold the cancelling thread.
-    """
-
-    def __init__(self, connection: Any, kwargs: dict[str, Any]) -> None:
-        self._connection = connection
-        self._kwargs = {**kwargs, "connect_timeout": min(_KILL_SECONDS, kwargs.get("connect_timeout") or _KILL_SECONDS),
-                        "read_timeout": _KILL_SECONDS, "write_timeout": _KILL_SECONDS}  # fmt: skip
-        self.thread_id = int(connection.thread_id())
-
-    def fileno(self) -> int:
-        sock = self._connection._sock
-        if sock is None:
-            raise ValueError("connection closed")
-        return int(sock.fileno())
-
-    def cancel(self) -> None:
-        killer = pymysql.connections.Connection(**self._kwargs)
-        try:
-            with killer.cursor() as cursor:
-                cursor.execute(f"KILL QUERY {self.thread_id}")
-        finally:
-            killer.close()
-
-
-def session_alive(kwargs: dict[str, Any], thread_id: int) -> bool:
-    """Asked on a second connection: is the server still working for the session that waits?
-
-    A running statement shows a command other than `Sleep` (a lock wait too): alive. A
-    session shown sleeping while fanout waits for its answer, a session that is gone, or a
-    server that does not accept a connection: not alive.
-    """
-    try:
-        probe = pymysql.connections.Connection(**{**kwargs, "read_timeout": _KILL_SECONDS})
-    except pymysql.err.MySQLError as e:
-        return error_code(e) not in (2003, 2013)
-    try:
-        with probe.cursor() as cursor:
-            cursor.execute("SELECT `COMMAND`, `TIME` FROM information_schema.PROCESSLIST WHERE `ID` = %s", (thread_id,))
-            row = cursor.fetchone()
-    except pymysql.err.MySQLError:
-        return True  # cannot tell: keep waiting
-    finally:
-        probe.close()
-    if row is None:
-        return False
-    command, idle_for = row
-    return command != "Sleep" or idle_for is None or idle_for < _IDLE_PROOF_SECONDS
-
-
-def set_tcp(connection: Any, tcp: TcpSettings | None) -> None:
-    """Keepalives and TCP_USER_TIMEOUT on the connection's socket, as libpq sets them for PostgreSQL."""
-    sock = getattr(connection, "_sock", None)
-    if tcp is None or sock is None:
-        return
-    with suppress(OSError, AttributeError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1 if tcp.keepalives else 0)
-        if tcp.keepalives:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, tcp.keepalives_idle)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, tcp.keepalives_interval)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, tcp.keepalives_count)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, round(tcp.tcp_user_timeout * 1000))
-
-
-class _Watch:
-    """A session's connection under the run's watchdog: the target's deadline, the second signal, liveness."""
-
-    def __init__(self, connection: Any, kwargs: dict[str, Any], watching: Watching) -> None:
-        self._watchdog = watching.interrupt.watchdog
-        self._watching = watching
-        self._cancel = MySQLCancel(connection, kwargs)
-        self.handle = self._watchdog.watch(self._cancel, watching.deadline)
-        if watching.liveness_check and isinstance(connection, TrackedConnection):
-            thread_id = self._cancel.thread_id
-            self.handle.alive = lambda: session_alive(kwargs, thread_id)
-            self.handle.check_every = watching.liveness_check
-            self.handle.busy = lambda: connection.busy_since
-        self._released = False
-
-    def untouched(self) -> bool:
-        return self.handle.reason is None and not self.handle.abandoned
-
-    def release(self) -> None:
-        if not self._released:
-            self._released = True
-            self._watchdog.release(self.handle)
-
-    def verdict(self) -> EngineError | None:
-        """What the watchdog did to the connection, as the target's error (None: nothing)."""
-        handle = self.handle
-        if handle.reason is None:
-            return None
-        cut = (
-            f"no answer {self._watchdog.grace:g}s after KILL QUERY: connection abandoned "
-            "(the server frees the shard's lock when it ends the session)"
-        )
-        if handle.reason is Reason.ABORT:
-            message = "cancelled by a second interrupt" + (f"; {cut}" if handle.abandoned else "")
-            return engine_error(TargetError(ErrorKind.INTERRUPTED, message))
-        if handle.reason is Reason.SILENT:
-            return engine_error(
-                TargetError(
-                    ErrorKind.UNRESPONSIVE,
-                    f"the shard stopped answering: no answer for {handle.silent_for:.0f}s, and a second connection "
-                    "found the server no longer working on it; connection abandoned (the server frees the "
-                    "shard's lock when it ends the session)",
-                )
-            )
-        timeout = self._watching.target_timeout
-        if handle.abandoned:
-            return engine_error(
-                TargetError(
-                    ErrorKind.UNRESPONSIVE,
-                    f"the shard stopped answering: still waiting at the target timeout ({timeout or 0:g}s), then {cut}",
-                )
-            )
-        return timed_out(timeout, "still working: its statement was killed (KILL QUERY)")
-
-
-def _rollback_statements(migration: Migration) -> list[Statement]:
-    """The statements of the migration's .rollback.sql, in the order yoyo runs them (file order)."""
-    path = os.path.splitext(migration.path)[0] + ".rollback.sql"
-    if not os.path.exists(path):
-        return []
-    _, _, sqls = read_sql_migration(path)
-    return statements(sqls)
-
-
-def _now() -> datetime:
-    return datetime.now(UTC).replace(tzinfo=None)
-
-
-class _Base:
-    """What both sessions share: the connection, its watch, error classification, reading fanout's tables."""
-
-    _connection: Any
-    _watch: _Watch | None
-    # The progress table of fanout before rollbacks were recorded there has no `operation` column.
-    _operation = "`operation`"
-
-    @property
-    def _progress_columns(self) -> str:
-        return PROGRESS_COLUMNS.replace("`operation`", self._operation)
-
-    def _has_operation(self, cursor: Any) -> bool:
-        cursor.execute(
-            "SELECT COUNT(*) FROM information_schema.columns WHERE table_schema = DATABASE() AND table_name = %s "
-            "AND column_name = 'operation'",
-            (PROGRESS_TABLE,),
-        )
-        return bool(cursor.fetchone()[0])
-
-    _connections: Any
-    _target: Any
-    flavor: Flavor
-    version: str
-
-    def _connect(self, where: Endpoint | Target, timeouts: Timeouts, watching: Watching | None) -> None:
-        self._watch = None
-        if self._connections is not None:
-            self._connections.opening(self._target)
-        try:
-            self._connection = connect(where, timeouts, factory=TrackedConnection)
-        except EngineError:
-            if self._connections is not None:
-                self._connections.not_opened(self._target)
-            raise
-        if watching is not None:
-            set_tcp(self._connection, watching.tcp)
-            self._watch = _Watch(self._connection, connect_kwargs(where, timeouts), watching)
-
-    def _failure(self, error: BaseException, *, otherwise: ErrorKind = ErrorKind.DATABASE) -> EngineError:
-        """What `error` means, given what the watchdog did to the connection (if anything)."""
-        verdict = self._watch.verdict() if self._watch is not None else None
-        if verdict is not None:
-            return verdict
-        failure = failure_of(error, otherwise=otherwise)
-        return failure
-
-    def _tables(self, cursor: Any, names: Sequence[str]) -> set[str]:
-        cursor.execute(
-            "SELECT `table_name` FROM information_schema.tables WHERE `table_schema` = DATABASE() "
-            f"AND `table_name` IN ({', '.join(['%s'] * len(names))})",
-            tuple(names),
-        )
-        return {str(row[0]) for row in cursor.fetchall()}
-
-    def progress(self, migration_id: str | None = None) -> list[ProgressRow]:
-        """fanout's statement marks (of one migration, or all), in order."""
-        where, params = ("WHERE `migration_id` = %s ", (migration_id,)) if migration_id is not None else ("", ())
-        try:
-            with self._connection.cursor() as cursor:
-                if not self._has_progress(cursor):
-                    return []
-                cursor.execute(
-                    f"SELECT {self._progress_columns} FROM `{PROGRESS_TABLE}` {where}ORDER BY `migration_id`, `statement`",
-                    params,
-                )
-                return [ProgressRow(*row) for row in cursor.fetchall()]
-        except pymysql.err.MySQLError as e:
-            raise self._failure(e) from None
-
-    def _has_progress(self, cursor: Any) -> bool:
-        return True
-
-    def _read_marks(self, cursor: Any, applied_ids: set[str]) -> dict[str, indoubt.Mark]:
-        """A mark per migration in doubt: a statement started and never done, or a rollback that stopped midway.
-
-        An apply whose statements are all recorded as done is no mark: apply continues after
-        them. A rollback that stopped midway leaves a migration still recorded as applied
-        whose effect is half undone: it is a mark (operation rollback) until rolled back on.
-        """
-        cursor.execute(
-            f"SELECT `migration_id`, {self._operation}, `state`, `run_id`, `host`, `pid`, `updated_at` FROM `{PROGRESS_TABLE}` "
-            "ORDER BY `migration_id`, `statement`"
-        )
-        marks: dict[str, indoubt.Mark] = {}
-        for migration_id, operation, state, run_id, host, pid, updated_at in cursor.fetchall():
-            doubtful = state == "started" or (operation == "rollback" and migration_id in applied_ids)
-            if doubtful and (migration_id not in marks or state == "started"):
-                marks[migration_id] = indoubt.Mark(migration_id, operation, run_id, host, pid,
-                                                   updated_at or datetime.min, ())  # fmt: skip
-        return marks
-
-    def _doubt(self, migration: Migration, mark: indoubt.Mark) -> InDoubt:
-        """The report's InDoubt of a marked migration: the statement started and never done, or where it stopped."""
-        rows = self.progress(migration.id)
-        operation = mark.operation
-        total = len(_rollback_statements(migration) if operation == "rollback" else migration_statements(migration))
-        started = next((r for r in rows if r.state == "started"), None)
-        if started is not None:
-            doubt = StatementInDoubt(migration.id, started.number, total, started.first_line, started.run_id,
-                                     started.host, started.pid, started.updated_at)  # fmt: skip
-            return doubt.report(operation)
-        last = max((r for r in rows), key=lambda r: r.number, default=None)
-        return InDoubt(
-            migration.id, operation, mark.run_id, mark.host, mark.pid, mark.started_at,
-            statement=last.number if last else None,
-            statement_text=(f"rollback stopped after statement {last.number} of {total}: {last.first_line}"
-                            if last else None),
-        )  # fmt: skip
-
-    def _read_checksums(self, cursor: Any) -> dict[str, checksums.Recorded]:
-        cursor.execute(f"SELECT `migration_id`, `sha256`, `service`, `environment`, `how` FROM `{CHECKSUM_TABLE}`")
-        return {str(row[0]): checksums.Recorded(*(str(v) for v in row)) for row in cursor.fetchall()}
-
-    def _close_connection(self, reuse: bool = False) -> None:
-        if self._watch is not None:
-            self._watch.release()
-        connection, self._connection = self._connection, None
-        if connection is None:
-            return
-        with suppress(pymysql.err.Error):
-            connection.close()
-        if self._connections is not None:
-            # MySQL sessions are not handed on: GET_LOCK and session variables would follow the connection.
-            self._connections.give_back(self._target, connection, None, reuse=False)
 
 
 class MySQLSession(_Base):
@@ -999,156 +678,3 @@ class MySQLSession(_Base):
 
     def close(self, *, reuse: bool = False) -> None:
         self._close_connection()
-
-
-class ReadOnlySession(_Base):
-    """Reads yoyo's and fanout's tables inside READ ONLY transactions; creates nothing and takes no lock.
-
-    Works as a user with only SELECT: a plan, status or verify never writes a shard.
-    """
-
-    def __init__(
-        self,
-        target: Endpoint | Target,
-        *,
-        settings: Settings = NO_SETTINGS,
-        timeouts: Timeouts = DEFAULT_TIMEOUTS,
-        watching: Watching | None = None,
-        connections: Any = None,
-    ) -> None:
-        if target.password is not None:
-            register(target.password.reveal())
-        self._target = target
-        self._connections = connections
-        self._database = target.dbname if isinstance(target, Target) else target.database
-        self._connection = None
-        self._connect(target, timeouts, watching)
-        self.initialized = False
-        try:
-            with self._connection.cursor() as cursor:
-                cursor.execute("SELECT VERSION()")
-                self.version = str(cursor.fetchone()[0])
-                self.flavor = flavor_of(self.version)
-                for statement in settings_sql(self.flavor, settings):
-                    cursor.execute(statement)
-                cursor.execute("START TRANSACTION READ ONLY")
-                self._found = self._tables(
-                    cursor, (MIGRATION_TABLE, YOYO_LOCK_TABLE, OWNER_TABLE, PROGRESS_TABLE, CHECKSUM_TABLE,
-                             CHECKSUM_LOG_TABLE, "_yoyo_version"),
-                )  # fmt: skip
-                if MIGRATION_TABLE in self._found:
-                    cursor.execute(
-                        "SELECT COUNT(*) FROM information_schema.columns WHERE table_schema = DATABASE() "
-                        "AND table_name = %s AND column_name = 'migration_hash'",
-                        (MIGRATION_TABLE,),
-                    )
-                    self._hashed = bool(cursor.fetchone()[0])
-                if PROGRESS_TABLE in self._found and not self._has_operation(cursor):
-                    self._operation = "'apply'"
-        except pymysql.err.MySQLError as e:
-            failure = self._failure(e)
-            self._close_connection()
-            raise failure from None
-        self.initialized = MIGRATION_TABLE in self._found
-        self._lock_name = lock_name(self._database)
-
-    def _has_progress(self, cursor: Any) -> bool:
-        return PROGRESS_TABLE in self._found
-
-    @contextmanager
-    def lock(self, wait: float) -> Iterator[tuple[LockHolder | None, None]]:
-        """Takes no lock: yields the holder, if any, with whether its session is alive."""
-        holder = None
-        try:
-            with self._connection.cursor() as cursor:
-                if YOYO_LOCK_TABLE in self._found:
-                    cursor.execute(f"SELECT `pid`, `ctime` FROM `{YOYO_LOCK_TABLE}`")
-                    row = cursor.fetchone()
-                    if row is not None:
-                        holder = LockHolder(pid=row[0], since=row[1])
-                        if OWNER_TABLE in self._found:
-                            cursor.execute(
-                                f"SELECT `host`, `run_id`, `ctime` FROM `{OWNER_TABLE}` WHERE `pid` = %s", (row[0],)
-                            )
-                            owner = cursor.fetchone()
-                            if owner is not None:
-                                cursor.execute("SELECT IS_USED_LOCK(%s)", (self._lock_name,))
-                                alive = cursor.fetchone()[0] is not None
-                                holder = LockHolder(row[0], owner[2], owner[0], owner[1], alive)
-        except pymysql.err.MySQLError as e:
-            raise self._failure(e) from None
-        yield holder, None
-
-    def applied(self) -> dict[str, str]:
-        if not self.initialized:
-            return {}
-        try:
-            with self._connection.cursor() as cursor:
-                if self._hashed:
-                    cursor.execute(f"SELECT `migration_hash`, `migration_id` FROM `{MIGRATION_TABLE}`")
-                    return {str(h): str(i) for h, i in cursor.fetchall()}
-                # yoyo < 6 kept ids, not hashes.
-                import hashlib
-
-                cursor.execute(f"SELECT `id` FROM `{MIGRATION_TABLE}`")
-                return {hashlib.sha256(str(r[0]).encode()).hexdigest(): str(r[0]) for r in cursor.fetchall()}
-        except pymysql.err.MySQLError as e:
-            raise self._failure(e) from None
-
-    def recorded_checksums(self) -> dict[str, checksums.Recorded]:
-        if CHECKSUM_TABLE not in self._found:
-            return {}
-        try:
-            with self._connection.cursor() as cursor:
-                return self._read_checksums(cursor)
-        except pymysql.err.MySQLError as e:
-            raise self._failure(e) from None
-
-    def marks_and_invalid(self) -> tuple[dict[str, indoubt.Mark], tuple[str, ...]]:
-        if PROGRESS_TABLE not in self._found:
-            return {}, ()
-        applied_ids = set(self.applied().values())
-        try:
-            with self._connection.cursor() as cursor:
-                return self._read_marks(cursor, applied_ids), ()
-        except pymysql.err.MySQLError as e:
-            raise self._failure(e) from None
-
-    def in_doubt(self, migration: Migration, mark: indoubt.Mark, *, repair: bool) -> tuple[InDoubt | None, str | None]:
-        return self._doubt(migration, mark), None
-
-    def apply(self, migration: Migration, recording: Recording | None = None) -> bool:
-        """Plan mode: record nothing, run nothing."""
-        return False
-
-    def rollback(self, migration: Migration, recorded: Recording, reason: str | None) -> bool:
-        """Plan mode: a dry run of a rollback rolls nothing back."""
-        return False
-
-    def run_hook(self, migration: Migration) -> None:
-        """Plan mode: hooks are not run."""
-
-    def failed_hooks(self) -> set[str]:
-        return set()  # plan runs no hook, so it has none to remember
-
-    def note_hook(self, hook_id: str, sha256: str, *, failed: bool, reason: str | None) -> None:
-        """Plan mode: nothing is written."""
-
-    def adopt(self, changes: Sequence[Any], environment: str, reason: str | None) -> None:
-        raise engine_error(TargetError(ErrorKind.DATABASE, "a read-only session records nothing"))
-
-    def settle(
-        self, items: Sequence[Any], *, record: bool, reason: str, force: bool
-    ) -> tuple[tuple[str, ...], tuple[str, ...], bool]:
-        raise engine_error(TargetError(ErrorKind.DATABASE, "a read-only session records nothing"))
-
-    def close(self, *, reuse: bool = False) -> None:
-        if self._connection is not None:
-            with suppress(pymysql.err.MySQLError):
-                self._connection.rollback()
-        self._close_connection()
-
-
-def classify_error(error: BaseException) -> TargetError:
-    """The driver error's classification (for callers outside a session)."""
-    return classify(error)
