@@ -1117,6 +1117,48 @@ def unmark(
     _emit_settlements(results, fmt, interrupted=interrupt.stopping.is_set())
 
 
+@cli.command()
+@env_option
+@plain_format_option
+@click.option(
+    "--migration", "migration_id", required=True, metavar="ID", help="The migration whose statement is in doubt."
+)
+@settle_target_option
+@click.option("--took-effect/--not-run", "took_effect", required=True,
+              help="The statement took effect (continue after it) or did not (run it again).")  # fmt: skip
+@click.option("--reason", required=True, help="What was checked; logged on each shard with who and when.")
+@lock_wait_option
+@_guarded
+def resolve(
+    env: Environment,
+    fmt: str,
+    migration_id: str,
+    target_ids: tuple[str, ...],
+    took_effect: bool,
+    reason: str,
+    lock_wait: float | None,
+) -> None:
+    """Settle a MySQL/MariaDB statement in doubt, so that the migration continues from there.
+
+    On MySQL and MariaDB fanout records its progress statement by statement; a run killed
+    inside a DDL statement leaves that one statement in doubt (the report names it: number
+    and first line). Check the shard, then say whether it took effect: --took-effect records
+    it as done (the next apply continues after it), --not-run forgets it (the next apply runs
+    it). Shards where nothing is in doubt, and PostgreSQL shards, are left as they were.
+    Exit 0 when every shard is settled, 5 when one failed.
+
+    \b
+    Example:
+      fanout resolve --env production --migration 012-orders --target tenant_acme --took-effect --reason "column there"
+    """
+    with signals_handled(Interrupt()) as interrupt:
+        results = commands.resolve(
+            env, migration_id, target_ids, took_effect=took_effect, reason=reason,
+            settings=commands.RunSettings(lock_wait=lock_wait), interrupt=interrupt,
+        )  # fmt: skip
+    _emit_settlements(results, fmt, interrupted=interrupt.stopping.is_set())
+
+
 @cli.group()
 def report() -> None:
     """Work with stored reports (run records, --output and --report-to files).

@@ -249,6 +249,32 @@ def unmark(
     )
 
 
+def resolve(
+    env: Environment,
+    migration_id: str,
+    target_ids: Sequence[str] = (),
+    *,
+    took_effect: bool,
+    reason: str,
+    settings: RunSettings = RunSettings(),
+    interrupt: Interrupt | None = None,
+) -> list[runner.Settlement]:
+    """Settle a MySQL/MariaDB statement in doubt: it took effect (continue after it) or not (run it); logged."""
+    if not reason.strip():
+        raise ConfigError("resolve: --reason must say why; it is logged on each shard")
+    interrupt = interrupt or Interrupt()
+    targets = interrupt.until_stopped(lambda: _named_targets(env, target_ids), "listing the shard directory")
+    options = _options(env, Mode.APPLY, settings)
+    with tempfile.TemporaryDirectory(prefix="fanout-snapshot-") as workdir:
+        snapshot = interrupt.until_stopped(
+            lambda: source.take_snapshot(env, env.select_services(()), Path(workdir)), "reading the migrations"
+        )
+        return runner.resolve(
+            snapshot, targets, options, run_id=new_run_id(), migration_id=migration_id, took_effect=took_effect,
+            reason=reason, interrupt=interrupt,
+        )  # fmt: skip
+
+
 def _settle(
     env: Environment,
     migration_ids: Sequence[str],
@@ -453,7 +479,7 @@ def bootstrap(
     """
     if "://" in target:
         chosen = Target.from_dsn("bootstrap", interpolate(target, what="--target"))
-        chosen = replace(chosen, id=chosen.display.removeprefix("postgresql://"))
+        chosen = replace(chosen, id=chosen.display.partition("://")[2])
     else:
         interrupt = interrupt or Interrupt()
         listed = interrupt.until_stopped(lambda: list_targets(env.directory, env.name), "listing the shard directory")

@@ -117,11 +117,17 @@ class InDoubt:
     invalid_indexes: tuple[str, ...] = ()  # INVALID indexes it builds, or that appeared since it started
     valid_indexes: tuple[str, ...] = ()  # indexes it builds that exist and are VALID
     missing_indexes: tuple[str, ...] = ()  # indexes it builds that do not exist
-    # MySQL/MariaDB: the statement (numbered from 1) started and never recorded as done, and its first line.
+    # MySQL/MariaDB: the statement (numbered from 1) started and never recorded as done, and its first line
+    # (a rollback that stopped between two statements: no statement, and where it stopped).
     statement: int | None = None
     statement_text: str | None = None
 
     def describe(self) -> str:
+        if self.statement is None and self.statement_text is not None:
+            return (
+                f"{self.migration} was started ({self.operation}) by fanout run {self.run_id} (pid {self.pid} on "
+                f"{self.host}) and never recorded: {self.statement_text}"
+            )
         if self.statement is not None:
             return (
                 f"{self.migration}: {'rollback ' if self.operation == 'rollback' else ''}statement {self.statement} "

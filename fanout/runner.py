@@ -1092,3 +1092,57 @@ def settle(
         targets, one, server_of=lambda t: t.server, failed=lambda s: s.failed, limits=limits, stop=interrupt.stopping
     )
     return [r for r in outcome.results if r is not None]
+
+
+def resolve(
+    snapshot: Snapshot,
+    targets: Sequence[Target],
+    options: RunOptions,
+    *,
+    run_id: str,
+    migration_id: str,
+    took_effect: bool,
+    reason: str,
+    interrupt: Interrupt | None = None,
+) -> list[Settlement]:
+    """Settle the statement in doubt of one migration by hand, under each target's lock (MySQL/MariaDB shards).
+
+    `took_effect`: it is recorded as done, and apply (or rollback) continues after it; else
+    it is forgotten, and the next run runs it. Targets whose engine records no statement
+    progress (PostgreSQL), and shards where nothing is in doubt, are left as they were.
+    Raises ConfigError, before any shard is touched, for an id that no set of the run has.
+    """
+    plans = load(snapshot.sets)
+    found = {m.id: m for p in plans for m in p.migrations}
+    if migration_id not in found:
+        raise ConfigError(f"no migration {migration_id!r} in the migration set of any service")
+    migration = found[migration_id]
+    interrupt = interrupt or Interrupt()
+    writing = replace(options, mode=Mode.APPLY)
+
+    def one(target: Target) -> Settlement:
+        if target.engine == "postgresql":
+            return Settlement(target.id, target.display, (), "PostgreSQL shard: no statement progress to resolve "
+                              "(`fanout mark`/`unmark` settle a migration in doubt)")  # fmt: skip
+        try:
+            session = engines.for_target(target).open_session(target, writing, run_id, interrupt)
+        except EngineError as failure:
+            return Settlement(target.id, target.display, (), failure.error.message, failed=True)
+        try:
+            if not isinstance(session, engines.Resolving):
+                return Settlement(target.id, target.display, (), "no statement progress to resolve on this engine")
+            with session.lock(options.lock_wait):
+                note = session.resolve_statement(migration, took_effect=took_effect, reason=reason)
+        except EngineError as failure:
+            return Settlement(target.id, target.display, (), failure.error.message, failed=True)
+        finally:
+            session.close()
+        if note is None:
+            return Settlement(target.id, target.display, (), f"{migration_id}: no statement in doubt: nothing to do")
+        return Settlement(target.id, target.display, (migration_id,), note)
+
+    limits = rollout.Limits(concurrency=options.concurrency, per_server=options.limits.per_server)
+    outcome = rollout.schedule(
+        targets, one, server_of=lambda t: t.server, failed=lambda s: s.failed, limits=limits, stop=interrupt.stopping
+    )
+    return [r for r in outcome.results if r is not None]

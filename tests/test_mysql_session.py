@@ -17,7 +17,6 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,9 +25,9 @@ import pymysql
 import pytest
 from yoyo import read_migrations
 
-from fanout import checksums
+from fanout import checksums, engines
 from fanout.directory import Target
-from fanout.engines import EngineError
+from fanout.engines import ChecksumChange, EngineError, SettleItem, in_doubt_error
 from fanout.engines.mysql import (
     MySQLSession,
     ReadOnlySession,
@@ -40,31 +39,14 @@ from fanout.engines.mysql import (
 )
 from fanout.engines.mysql.core import Timeouts
 from fanout.engines.mysql.watch import session_alive
+from fanout.errors import TargetFailed
 from fanout.interrupt import Interrupt
 from fanout.locking import Owner, UnlockOutcome
 from fanout.report import ErrorKind, InDoubt, _in_doubt_dict, _in_doubt_from_dict
 
 
-@dataclass(frozen=True)
-class Recording:
-    sha256: str
-    service: str = "app"
-    environment: str = "test"
-
-
-@dataclass(frozen=True)
-class Change:
-    migration_id: str
-    old: str | None
-    new: str
-    service: str
-    how: checksums.How
-
-
-@dataclass(frozen=True)
-class Item:
-    migration: Any
-    recording: Recording
+def Recording(sha256: str) -> engines.Recording:
+    return engines.Recording(sha256, "app", "test")
 
 
 @pytest.fixture
@@ -261,11 +243,9 @@ def test_rollback_runs_its_statements_then_unrecords_as_yoyo_does(mariadb: Any, 
             marks, _ = opened.marks_and_invalid()
             assert marks["001-a"].operation == "rollback"
             doubt, _ = opened.in_doubt(migration, marks["001-a"], repair=False)
-            assert (
-                doubt is not None
-                and doubt.statement == 1
-                and "rollback stopped after statement 1 of 2" in (doubt.statement_text or "")
-            )
+            assert doubt is not None and doubt.statement is None
+            assert doubt.statement_text == "its rollback stopped after statement 1 of 2 (DROP TABLE b;)"
+            assert "fanout unmark" in in_doubt_error(doubt).message
             assert opened.rollback(migration, Recording("sha-a"), "bad release") is True  # continues at statement 2
             assert opened.applied() == {} and opened.recorded_checksums() == {}
             assert opened.marks_and_invalid() == ({}, ())
@@ -313,20 +293,24 @@ def test_adopt_mark_and_unmark_record_and_log_as_on_postgresql(mariadb: Any, dat
     try:
         with opened.lock(5):
             opened.apply(migrations["001-a"], Recording("old"))
-            opened.adopt([Change("001-a", "old", "new", "app", checksums.How.ACCEPTED)], "test", "reviewed")
+            opened.adopt([ChecksumChange("001-a", "old", "new", "app", checksums.How.ACCEPTED)], "test", "reviewed")
             assert opened.recorded_checksums()["001-a"].sha256 == "new"
             # 002 stopped after its only statement was marked started: mark records it, clearing the progress.
             opened._run_statement(migrations["002-b"], opened_statements(migrations["002-b"])[0])
             query(mariadb, database, "UPDATE fanout_progress SET state = 'started'")
-            changed, notes, refused = opened.settle(
-                [Item(migrations["002-b"], Recording("sha-b"))], record=True, reason="checked by hand", force=False
+            settled = opened.settle(
+                [SettleItem(migrations["002-b"], Recording("sha-b"))],
+                record=True,
+                reason="checked by hand",
+                force=False,
             )
-            assert (changed, refused) == (("002-b",), False) and "recorded as applied" in notes[0]
+            assert (settled.changed, settled.refused) == (("002-b",), False)
+            assert "recorded as applied" in settled.notes[0]
             assert set(opened.applied().values()) == {"001-a", "002-b"} and opened.progress() == []
-            changed, notes, _ = opened.settle(
-                [Item(migrations["001-a"], Recording("new"))], record=False, reason="run again", force=False
+            settled = opened.settle(
+                [SettleItem(migrations["001-a"], Recording("new"))], record=False, reason="run again", force=False
             )
-            assert changed == ("001-a",) and set(opened.applied().values()) == {"002-b"}
+            assert settled.changed == ("001-a",) and set(opened.applied().values()) == {"002-b"}
             assert "001-a" not in opened.recorded_checksums()
     finally:
         opened.close()
@@ -486,5 +470,5 @@ def test_bootstrap_creates_a_missing_database_once_and_refuses_an_unquotable_nam
         assert ensure_database(chosen) is False
     finally:
         mariadb.drop_database(name)
-    with pytest.raises(EngineError, match="not a name fanout quotes safely"):
+    with pytest.raises(TargetFailed, match="not a name fanout quotes safely"):
         ensure_database(target(mariadb, "bad`name"))

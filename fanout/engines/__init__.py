@@ -13,7 +13,7 @@ import importlib
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast, runtime_checkable
 
 from fanout.report import ErrorKind, InDoubt, LockHolder, TargetError
 
@@ -53,6 +53,14 @@ def timed_out(options: RunOptions, what: str) -> EngineError:
 
 
 def in_doubt_error(doubt: InDoubt) -> TargetError:
+    if doubt.statement is not None and doubt.statement_text is not None and doubt.run_id:
+        # MySQL/MariaDB: one statement is in doubt; once checked, apply (or rollback) continues from there.
+        again = "`fanout rollback` continues the rollback" if doubt.operation == "rollback" else "apply continues"
+        return TargetError(
+            ErrorKind.IN_DOUBT,
+            f"in doubt: {doubt.describe()}. Not run again: check the shard, then `fanout resolve --migration "
+            f"{doubt.migration} --took-effect` ({again} after it) or `--not-run` ({again} with it)",
+        )
     if doubt.operation == "rollback":
         return TargetError(
             ErrorKind.IN_DOUBT,
@@ -168,6 +176,16 @@ class Session(Protocol):
     def close(self, *, reuse: bool = False) -> None: ...
 
 
+@runtime_checkable
+class Resolving(Protocol):
+    """A session whose engine records progress statement by statement (MySQL/MariaDB): a statement in doubt
+    can be settled alone, so that the migration continues from there (`fanout resolve`)."""
+
+    def resolve_statement(self, migration: Migration, *, took_effect: bool, reason: str) -> str | None:
+        """Settle the statement of `migration` in doubt; what was done, or None when nothing is in doubt."""
+        ...
+
+
 class Engine(Protocol):
     """What an engine module provides."""
 
@@ -203,7 +221,7 @@ class Engine(Protocol):
         ...
 
 
-_MODULES = {"postgresql": "fanout.engines.postgres"}
+_MODULES = {"postgresql": "fanout.engines.postgres", "mysql": "fanout.engines.mysql"}
 
 
 def for_target(target: Target) -> Engine:

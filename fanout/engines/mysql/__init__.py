@@ -24,10 +24,12 @@ Modules: `core` (endpoints, settings, error classification, statements, table sh
 from __future__ import annotations
 
 import os
-from typing import Any
 
+from fanout.config import TcpSettings
 from fanout.directory import Target
-from fanout.engines.mysql.admin import ensure_database, unlock_database
+from fanout.engines import EngineError, Session, UnlockResult
+from fanout.engines.connections import Connections
+from fanout.engines.mysql.admin import create_database, unlock_database
 from fanout.engines.mysql.core import (
     Endpoint,
     Flavor,
@@ -36,9 +38,9 @@ from fanout.engines.mysql.core import (
     StatementInDoubt,
     Timeouts,
     classify,
-    engine_error,
     flavor_of,
     migration_statements,
+    seconds,
     settings_from,
     settings_sql,
     statements,
@@ -46,35 +48,70 @@ from fanout.engines.mysql.core import (
 from fanout.engines.mysql.readonly import ReadOnlySession
 from fanout.engines.mysql.session import MySQLSession
 from fanout.engines.mysql.watch import Watching
+from fanout.errors import TargetFailed
 from fanout.interrupt import Interrupt
 from fanout.locking import Owner
-from fanout.report import ErrorKind, TargetError
+from fanout.options import RunOptions
+from fanout.report import ErrorKind, Mode, TargetError
 
 WRITE_SECONDS = 60.0  # a request the server does not take within this is a dead connection
+UNLOCK_LOCK_SECONDS = 10.0  # unlock's wait for a row lock on the lock table when the environment sets none
 
 
 def open_session(
     target: Target,
-    options: Any,
+    options: RunOptions,
     run_id: str,
     interrupt: Interrupt,
     deadline: float | None = None,
-    connections: Any = None,
-) -> MySQLSession | ReadOnlySession:
+    connections: Connections | None = None,
+) -> Session:
     """A session on a MySQL/MariaDB target: read-only in plan mode (creates nothing, takes no lock), else applying."""
     try:
         settings = settings_from(options.session.lock_timeout, options.session.statement_timeout)
     except ValueError as e:
-        raise engine_error(TargetError(ErrorKind.DATABASE, f"[session]: {e}")) from None
+        raise EngineError(TargetError(ErrorKind.DATABASE, f"[session]: {e}")) from None
     timeouts = Timeouts(connect=options.connect_timeout, read=None, write=WRITE_SECONDS)
     watching = Watching(interrupt, deadline, options.target_timeout, options.liveness_check, options.tcp)
-    if getattr(options.mode, "value", options.mode) == "plan":
+    if options.mode is Mode.PLAN:
         return ReadOnlySession(target, settings=settings, timeouts=timeouts, watching=watching, connections=connections)
     owner = Owner(pid=os.getpid(), run_id=run_id)
     return MySQLSession(target, owner, settings=settings, timeouts=timeouts, watching=watching, connections=connections)
 
 
-def connection_key(target: Target, options: Any, run_id: str) -> str:
+def ensure_database(target: Target, *, connect_timeout: float = 10.0, tcp: TcpSettings | None = None) -> bool:
+    """bootstrap --create-database: CREATE DATABASE when missing; True when created. Raises TargetFailed."""
+    try:
+        return create_database(target, connect_timeout=connect_timeout)
+    except EngineError as e:
+        raise TargetFailed(e.error.message) from None
+
+
+def unlock(
+    target: Target,
+    *,
+    force: bool,
+    terminate: str | None,
+    connect_timeout: float,
+    tcp: TcpSettings | None = None,
+    lock_timeout: str | None = None,
+) -> UnlockResult:
+    """Remove the target's migration lock by hand (see admin.unlock_database); never raises for the target's trouble."""
+    try:
+        wait = seconds(lock_timeout) or UNLOCK_LOCK_SECONDS
+        done = unlock_database(target, force=force, terminate=terminate, connect_timeout=connect_timeout,
+                               lock_timeout=wait)  # fmt: skip
+    except ValueError as e:
+        return UnlockResult(target.id, target.display, None, None, f"[session] lock_timeout: {e}")
+    except EngineError as e:
+        return UnlockResult(target.id, target.display, None, None, e.error.message)
+    return UnlockResult(
+        target.id, target.display, done.outcome, done.holder, done.reason, done.rows_deleted, done.advisory_holder,
+        done.terminated, done.hidden_sessions,
+    )  # fmt: skip
+
+
+def connection_key(target: Target, options: RunOptions, run_id: str) -> str:
     """Targets sharing a key may share a connection; MySQL sessions are never handed on, so each has its own."""
     return f"mysql {target.host.lower()}:{target.port}/{target.dbname} {target.user or ''}"
 
@@ -95,7 +132,9 @@ __all__ = [
     "flavor_of",
     "migration_statements",
     "open_session",
+    "settings_from",
     "settings_sql",
     "statements",
+    "unlock",
     "unlock_database",
 ]

@@ -21,7 +21,7 @@ TERMINATE_WAIT_SECONDS = 10.0  # how long a killed session may take to end (and 
 _POLL_SECONDS = 0.2
 
 
-def ensure_database(target: Target, *, connect_timeout: float = 10.0) -> bool:
+def create_database(target: Target, *, connect_timeout: float = 10.0) -> bool:
     """CREATE DATABASE when the target's database does not exist; True when it was created.
 
     Connects without a database, with the target's own credentials (the user needs CREATE).

@@ -7,7 +7,7 @@ import os
 from collections.abc import Sequence
 from contextlib import suppress
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 import pymysql
 import pymysql.connections
@@ -41,17 +41,6 @@ log = logging.getLogger(__name__)
 
 NO_SETTINGS = Settings()
 DEFAULT_TIMEOUTS = Timeouts()
-
-
-class Recording(Protocol):
-    """What fanout records next to yoyo's row (the engines' `Recording`)."""
-
-    @property
-    def sha256(self) -> str: ...
-    @property
-    def service(self) -> str: ...
-    @property
-    def environment(self) -> str: ...
 
 
 def _rollback_statements(migration: Migration) -> list[Statement]:
@@ -169,13 +158,10 @@ class _Base:
             doubt = StatementInDoubt(migration.id, started.number, total, started.first_line, started.run_id,
                                      started.host, started.pid, started.updated_at)  # fmt: skip
             return doubt.report(operation)
-        last = max((r for r in rows), key=lambda r: r.number, default=None)
-        return InDoubt(
-            migration.id, operation, mark.run_id, mark.host, mark.pid, mark.started_at,
-            statement=last.number if last else None,
-            statement_text=(f"rollback stopped after statement {last.number} of {total}: {last.first_line}"
-                            if last else None),
-        )  # fmt: skip
+        last = max(rows, key=lambda r: r.number, default=None)
+        where = f"its rollback stopped after statement {last.number} of {total} ({last.first_line})" if last else None
+        return InDoubt(migration.id, operation, mark.run_id, mark.host, mark.pid, mark.started_at,
+                       statement_text=where)  # fmt: skip
 
     def _read_checksums(self, cursor: Any) -> dict[str, checksums.Recorded]:
         cursor.execute(f"SELECT `migration_id`, `sha256`, `service`, `environment`, `how` FROM `{CHECKSUM_TABLE}`")

@@ -297,10 +297,9 @@ class InDoubtError(EngineError):
     """apply() found a statement in doubt: nothing ran."""
 
     def __init__(self, doubt: StatementInDoubt, operation: str = "apply") -> None:
-        super().__init__(TargetError(ErrorKind.IN_DOUBT, f"in doubt: {doubt.describe()}", doubt.migration))
+        error = TargetError(ErrorKind.IN_DOUBT, f"in doubt: {doubt.describe()}", doubt.migration)
+        super().__init__(error, in_doubt=doubt.report(operation))
         self.doubt = doubt
-        self.retryable = False
-        self.in_doubt = doubt.report(operation)
 
 
 def _create_owner_sql() -> str:

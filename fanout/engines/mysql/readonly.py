@@ -15,7 +15,8 @@ from fanout import checksums, indoubt
 from fanout.checksums import LOG_TABLE as CHECKSUM_LOG_TABLE
 from fanout.checksums import TABLE as CHECKSUM_TABLE
 from fanout.directory import Target
-from fanout.engines.mysql.base import DEFAULT_TIMEOUTS, NO_SETTINGS, Recording, _Base
+from fanout.engines import ChecksumChange, Recording, Settled, SettleItem
+from fanout.engines.mysql.base import DEFAULT_TIMEOUTS, NO_SETTINGS, _Base
 from fanout.engines.mysql.core import (
     MIGRATION_TABLE,
     PROGRESS_TABLE,
@@ -166,12 +167,10 @@ class ReadOnlySession(_Base):
     def note_hook(self, hook_id: str, sha256: str, *, failed: bool, reason: str | None) -> None:
         """Plan mode: nothing is written."""
 
-    def adopt(self, changes: Sequence[Any], environment: str, reason: str | None) -> None:
+    def adopt(self, changes: Sequence[ChecksumChange], environment: str, reason: str | None) -> None:
         raise engine_error(TargetError(ErrorKind.DATABASE, "a read-only session records nothing"))
 
-    def settle(
-        self, items: Sequence[Any], *, record: bool, reason: str, force: bool
-    ) -> tuple[tuple[str, ...], tuple[str, ...], bool]:
+    def settle(self, items: Sequence[SettleItem], *, record: bool, reason: str, force: bool) -> Settled:
         raise engine_error(TargetError(ErrorKind.DATABASE, "a read-only session records nothing"))
 
     def close(self, *, reuse: bool = False) -> None:

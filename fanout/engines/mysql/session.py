@@ -25,8 +25,8 @@ from fanout import checksums, indoubt
 from fanout.checksums import LOG_TABLE as CHECKSUM_LOG_TABLE
 from fanout.checksums import TABLE as CHECKSUM_TABLE
 from fanout.directory import Target
-from fanout.engines import EngineError
-from fanout.engines.mysql.base import DEFAULT_TIMEOUTS, NO_SETTINGS, Recording, _Base, _now, _rollback_statements
+from fanout.engines import ChecksumChange, EngineError, Recording, Settled, SettleItem
+from fanout.engines.mysql.base import DEFAULT_TIMEOUTS, NO_SETTINGS, _Base, _now, _rollback_statements
 from fanout.engines.mysql.core import (
     MIGRATION_TABLE,
     PROGRESS_TABLE,
@@ -574,23 +574,18 @@ class MySQLSession(_Base):
 
     # -- by hand: accept, baseline, mark, unmark, resolve ----------------------------------------
 
-    def adopt(self, changes: Sequence[Any], environment: str, reason: str | None) -> None:
-        """accept/baseline: record each change's checksum (and log it) in one transaction.
-
-        A change has `migration_id`, `old` (sha256 or None), `new`, `service` and `how`.
-        """
+    def adopt(self, changes: Sequence[ChecksumChange], environment: str, reason: str | None) -> None:
+        """accept/baseline: record each change's checksum (and log it) in one transaction."""
         rows: list[tuple[str, Any]] = []
         for change in changes:
             rows.append(self._checksum_row(change.migration_id, change.new, change.service, environment, change.how))
             rows.append(self._log_row(change.migration_id, change.old, change.new, change.how, reason))
         self.record(rows)
 
-    def settle(
-        self, items: Sequence[Any], *, record: bool, reason: str, force: bool
-    ) -> tuple[tuple[str, ...], tuple[str, ...], bool]:
-        """mark (`record`) or unmark migrations by hand; returns (changed, notes, refused).
+    def settle(self, items: Sequence[SettleItem], *, record: bool, reason: str, force: bool) -> Settled:
+        """mark (`record`) or unmark migrations by hand; never refused.
 
-        An item has `migration` and `recording`. Recording writes yoyo's rows (logged as
+        Recording writes yoyo's rows (logged as
         `mark`), the checksum and the log row, and clears the migration's progress marks.
         Unmarking removes yoyo's record and the checksum (a rollback that stopped midway is
         then complete as far as fanout knows), or clears an apply's progress marks, so that
@@ -640,7 +635,7 @@ class MySQLSession(_Base):
                 rows.append(self._clear_progress(migration))
             changed.append(migration.id)
         self.record(rows)
-        return tuple(changed), tuple(notes), False
+        return Settled(tuple(changed), tuple(notes))
 
     def resolve(self, migration: Migration, *, took_effect: bool, reason: str | None = None) -> StatementInDoubt:
         """Settle the statement in doubt: recorded as done (apply continues after it) or forgotten (apply runs it).
@@ -670,6 +665,19 @@ class MySQLSession(_Base):
             ]
         )
         return doubt
+
+    def resolve_statement(self, migration: Migration, *, took_effect: bool, reason: str) -> str | None:
+        """`fanout resolve`: settle the statement in doubt (see `resolve`); None when nothing is in doubt."""
+        if self.statement_in_doubt(migration) is None:
+            return None
+        doubt = self.resolve(migration, took_effect=took_effect, reason=reason)
+        what = "rollback statement" if self._operation_of(migration) == "rollback" else "statement"
+        if took_effect:
+            return f"{migration.id}: {what} {doubt.number} ({doubt.first_line}) recorded as done: the next run continues after it"
+        return f"{migration.id}: {what} {doubt.number} ({doubt.first_line}) recorded as not run: the next run runs it"
+
+    def _operation_of(self, migration: Migration) -> str:
+        return next((r.operation for r in self.progress(migration.id)), "apply")
 
     def _rollback_quietly(self) -> None:
         with suppress(pymysql.err.MySQLError):

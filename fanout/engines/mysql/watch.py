@@ -13,7 +13,7 @@ import socket
 import time
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import pymysql
 import pymysql.connections
@@ -33,17 +33,6 @@ log = logging.getLogger(__name__)
 # A session the server shows idle (`Sleep`) this long while fanout still waits for its answer lost that answer.
 _IDLE_PROOF_SECONDS = 2.0
 _KILL_SECONDS = 10.0  # connect and answer bound of the second connection that sends KILL QUERY
-
-
-class Recording(Protocol):
-    """What fanout records next to yoyo's row (the engines' `Recording`)."""
-
-    @property
-    def sha256(self) -> str: ...
-    @property
-    def service(self) -> str: ...
-    @property
-    def environment(self) -> str: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,229 @@
+"""MySQL/MariaDB shards through the real CLI, beside PostgreSQL ones: one environment, one run, one report.
+
+The environment mixes the suite's embedded PostgreSQL and its own mariadbd (static
+targets with postgresql:// and mysql:// DSNs); migrations come from the suite's moto S3.
+Every command a shard goes through is run as a user runs it: plan, apply, status,
+verify, rollback, accept, baseline, mark/unmark, resolve, unlock and bootstrap.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Fleet
+from yoyo import read_migrations
+
+from fanout.directory import Target
+from fanout.engines.mysql import MySQLSession, migration_statements
+from fanout.errors import EXIT_OK, EXIT_PENDING, EXIT_TARGETS_FAILED
+from fanout.locking import Owner
+
+MARIADB_PASSWORD = "FANOUT_TEST_MARIADB_PASSWORD"
+# SQL both engines read alike.
+PORTABLE = {
+    "001-person.sql": "CREATE TABLE person (id INT PRIMARY KEY, name VARCHAR(100) NOT NULL);\n",
+    "001-person.rollback.sql": "DROP TABLE person;\n",
+    "002-email.sql": "ALTER TABLE person ADD COLUMN email VARCHAR(200);\nCREATE INDEX person_email ON person (email);\n",
+    "002-email.rollback.sql": "DROP INDEX person_email ON person;\nALTER TABLE person DROP COLUMN email;\n",
+    "003-seed.sql": "INSERT INTO person (id, name) VALUES (1, 'ada');\nINSERT INTO person (id, name) VALUES (2, 'alan');\n",
+    "003-seed.rollback.sql": "DELETE FROM person WHERE id IN (1, 2);\n",
+}
+PG_PORTABLE = {
+    **PORTABLE,
+    "002-email.rollback.sql": "DROP INDEX person_email;\nALTER TABLE person DROP COLUMN email;\n",
+}
+
+
+@pytest.fixture
+def maria(mariadb: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    monkeypatch.setenv(MARIADB_PASSWORD, mariadb.password.reveal())
+    made: list[str] = []
+
+    def create(count: int) -> list[str]:
+        names = [f"maria_{uuid.uuid4().hex[:10]}" for _ in range(count)]
+        for name in names:
+            mariadb.create_database(name)
+        made.extend(names)
+        return names
+
+    mariadb.databases = create
+    yield mariadb
+    for name in made:
+        mariadb.drop_database(name)
+
+
+def mysql_dsn(mariadb: Any, database: str, scheme: str = "mysql") -> str:
+    return f"{scheme}://{mariadb.user}:${{{MARIADB_PASSWORD}}}@{mariadb.host}:{mariadb.port}/{database}"
+
+
+def query(mariadb: Any, database: str, sql: str, params: Any = ()) -> list[tuple[Any, ...]]:
+    with mariadb.admin() as admin, admin.cursor() as cursor:
+        cursor.execute(f"USE `{database}`")
+        cursor.execute(sql, params)
+        return list(cursor.fetchall())
+
+
+def maria_applied(mariadb: Any, database: str) -> list[str]:
+    rows = query(mariadb, database, "SELECT migration_id FROM _yoyo_migration ORDER BY applied_at_utc, migration_id")
+    return [r[0] for r in rows]
+
+
+def mixed(fleet: Fleet, maria: Any, files: dict[str, str] = PORTABLE) -> tuple[str, list[str]]:
+    (pg,) = fleet.add_databases(1)
+    shards = maria.databases(2)
+    fleet.publish(files)
+    targets = [{"id": "pg", "dsn": fleet.dsn(pg)}, {"id": "maria-1", "dsn": mysql_dsn(maria, shards[0])},
+               {"id": "maria-2", "dsn": mysql_dsn(maria, shards[1], "mariadb")}]  # fmt: skip
+    fleet.write_env(targets=targets)
+    return pg, shards
+
+
+def by_target(output: str) -> dict[str, list[dict[str, Any]]]:
+    report = json.loads(output)
+    found: dict[str, list[dict[str, Any]]] = {}
+    for result in report["results"]:
+        found.setdefault(result["target"], []).append(result)
+    return found
+
+
+def test_one_run_migrates_a_mixed_fleet_into_one_report(fleet: Fleet, maria: Any) -> None:
+    # One file set for both engines, so 002's rollback is PostgreSQL's; the MariaDB rollback is tested below.
+    pg, shards = mixed(fleet, maria, {k: v for k, v in PORTABLE.items() if not k.endswith(".rollback.sql")})
+
+    planned = fleet.cli("plan", "--env", "test", "--detailed-exitcode", "--format", "json")
+    assert planned.exit_code == EXIT_PENDING, planned.output
+    assert {t: r[0]["status"] for t, r in by_target(planned.stdout).items()} == {
+        "pg": "pending", "maria-1": "pending", "maria-2": "pending",
+    }  # fmt: skip
+    assert query(maria, shards[0], "SHOW TABLES") == []  # plan created nothing
+
+    applied = fleet.cli("apply", "--env", "test", "--format", "json")
+    assert applied.exit_code == EXIT_OK, applied.output
+    results = by_target(applied.stdout)
+    assert {t: r[0]["status"] for t, r in results.items()} == {
+        "pg": "applied",
+        "maria-1": "applied",
+        "maria-2": "applied",
+    }
+    assert results["maria-2"][0]["ran"] and len(results["maria-2"][0]["ran"]) == 3
+    assert json.loads(applied.stdout)["totals"]["targets"] == 3
+    assert fleet.applied(pg) == ["001-person", "002-email", "003-seed"]
+    for shard in shards:
+        assert maria_applied(maria, shard) == ["001-person", "002-email", "003-seed"]
+        assert query(maria, shard, "SELECT name FROM person ORDER BY id") == [("ada",), ("alan",)]
+        assert [r[0] for r in query(maria, shard, "SELECT how FROM fanout_checksums")] == ["applied"] * 3
+        assert query(maria, shard, "SELECT COUNT(*) FROM fanout_progress") == [(0,)]
+    assert maria.password.reveal() not in applied.output
+
+    for command in ("status", "verify"):
+        checked = fleet.cli(command, "--env", "test", "--format", "json")
+        assert checked.exit_code == EXIT_OK, checked.output
+        assert {r[0]["status"] for r in by_target(checked.stdout).values()} == {"up-to-date"}
+    listed = fleet.cli("shards", "--env", "test")
+    assert listed.exit_code == EXIT_OK and listed.output.count("mysql://") == 2, listed.output
+
+
+def test_rollback_accept_baseline_and_mark_on_a_mariadb_shard(fleet: Fleet, maria: Any) -> None:
+    (shard,) = maria.databases(1)
+    fleet.publish(PORTABLE)
+    fleet.write_env(targets=[{"id": "maria", "dsn": mysql_dsn(maria, shard)}])
+    assert fleet.cli("apply", "--env", "test").exit_code == EXIT_OK
+
+    rolled = fleet.cli("rollback", "--env", "test", "--to", "001-person", "--reason", "bad email", "--format", "json")
+    assert rolled.exit_code == EXIT_OK, rolled.output
+    assert maria_applied(maria, shard) == ["001-person"]
+    columns = query(maria, shard, "SELECT column_name FROM information_schema.columns WHERE table_schema = %s "
+                                  "AND table_name = 'person' ORDER BY ordinal_position", (shard,))  # fmt: skip
+    assert columns == [("id",), ("name",)]
+    assert fleet.cli("apply", "--env", "test").exit_code == EXIT_OK
+
+    fleet.publish(
+        {**PORTABLE, "001-person.sql": "CREATE TABLE person (id INT PRIMARY KEY, name VARCHAR(120) NOT NULL);\n"}
+    )
+    drifted = fleet.cli("apply", "--env", "test", "--format", "json")
+    assert drifted.exit_code == EXIT_TARGETS_FAILED and "drift" in drifted.output
+    accepted = fleet.cli("accept", "--env", "test", "--migration", "001-person", "--reason", "widened by hand")
+    assert accepted.exit_code == EXIT_OK, accepted.output
+    assert fleet.cli("apply", "--env", "test").exit_code == EXIT_OK
+
+    query(maria, shard, "DELETE FROM fanout_checksums")
+    baselined = fleet.cli("baseline", "--env", "test")
+    assert baselined.exit_code == EXIT_OK, baselined.output
+    assert sorted(r[0] for r in query(maria, shard, "SELECT how FROM fanout_checksums")) == ["baselined"] * 3
+
+    unmarked = fleet.cli("unmark", "--env", "test", "--migration", "003-seed", "--reason", "seed again")
+    assert unmarked.exit_code == EXIT_OK, unmarked.output
+    assert maria_applied(maria, shard) == ["001-person", "002-email"]
+    marked = fleet.cli("mark", "--env", "test", "--migration", "003-seed", "--reason", "seeded by hand")
+    assert marked.exit_code == EXIT_OK, marked.output
+    assert maria_applied(maria, shard) == ["001-person", "002-email", "003-seed"]
+    logged = [r[0] for r in query(maria, shard, "SELECT action FROM fanout_checksum_log ORDER BY id")]
+    assert logged == ["rolled-back", "rolled-back", "accepted", "baselined", "baselined", "baselined", "unmarked",
+                      "marked"]  # fmt: skip
+
+
+def test_a_statement_in_doubt_is_reported_then_resolved_and_apply_continues(
+    fleet: Fleet, maria: Any, tmp_path: Path
+) -> None:
+    (shard,) = maria.databases(1)
+    files = {
+        "001-a.sql": "CREATE TABLE a (id INT);\nALTER TABLE a ADD COLUMN b INT;\nALTER TABLE a ADD COLUMN c INT;\n"
+    }
+    fleet.publish(files)
+    fleet.write_env(targets=[{"id": "maria", "dsn": mysql_dsn(maria, shard)}])
+    (tmp_path / "001-a.sql").write_text(files["001-a.sql"])
+    found = migration_statements(read_migrations(str(tmp_path))[0])
+    # What a SIGKILL inside statement 2 leaves: 1 done, 2 started, and here it did take effect.
+    query(maria, shard, "CREATE TABLE a (id INT, b INT)")
+    mark = ("INSERT INTO fanout_progress (migration_id, statement, sha256, first_line, state, run_id, host, pid, "
+            "updated_at) VALUES ('001-a', %s, %s, %s, %s, 'run-killed', 'box', 4242, UTC_TIMESTAMP(6))")  # fmt: skip
+    opened = MySQLSession(Target.from_dsn("t", maria.url(shard)), Owner(pid=os.getpid(), run_id="setup"))
+    opened.close()  # it made fanout's tables
+    query(maria, shard, mark, (1, found[0].sha256, found[0].first_line, "done"))
+    query(maria, shard, mark, (2, found[1].sha256, found[1].first_line, "started"))
+
+    for command in ("apply", "status"):
+        reported = fleet.cli(command, "--env", "test", "--format", "json")
+        assert reported.exit_code == EXIT_TARGETS_FAILED, reported.output
+        (result,) = by_target(reported.stdout)["maria"]
+        assert result["status"] == "in-doubt"
+        assert (result["in_doubt"]["statement"], result["in_doubt"]["statement_text"]) == (
+            2, "ALTER TABLE a ADD COLUMN b INT;",
+        )  # fmt: skip
+        assert "statement 2" in result["error"]["message"] and "fanout resolve" in result["error"]["message"]
+    for fmt in ("text", "markdown", "junit", "html"):
+        shown = fleet.cli("status", "--env", "test", "--format", fmt)
+        assert "ALTER TABLE a ADD COLUMN b INT;" in shown.output, fmt
+
+    resolved = fleet.cli(
+        "resolve", "--env", "test", "--migration", "001-a", "--took-effect", "--reason", "saw column b"
+    )
+    assert resolved.exit_code == EXIT_OK, resolved.output
+    applied = fleet.cli("apply", "--env", "test", "--format", "json")
+    assert applied.exit_code == EXIT_OK, applied.output
+    assert maria_applied(maria, shard) == ["001-a"]
+    columns = query(maria, shard, "SELECT column_name FROM information_schema.columns WHERE table_schema = %s "
+                                  "AND table_name = 'a' ORDER BY ordinal_position", (shard,))  # fmt: skip
+    assert columns == [("id",), ("b",), ("c",)]  # statement 2 was not run again, statement 3 ran
+    assert query(maria, shard, "SELECT action, reason FROM fanout_checksum_log") == [("resolved-done", "saw column b")]
+
+
+def test_bootstrap_creates_a_mariadb_database(fleet: Fleet, maria: Any) -> None:
+    name = f"boot_{uuid.uuid4().hex[:10]}"
+    fleet.publish(PORTABLE)
+    (existing,) = maria.databases(1)
+    fleet.write_env(targets=[{"id": "maria", "dsn": mysql_dsn(maria, existing)}])
+    dsn = mysql_dsn(maria, name).replace(f"${{{MARIADB_PASSWORD}}}", os.environ[MARIADB_PASSWORD])
+    try:
+        created = fleet.cli("bootstrap", "--env", "test", "--target", dsn, "--create-database")
+        assert created.exit_code == EXIT_OK, created.output
+        assert maria_applied(maria, name) == ["001-person", "002-email", "003-seed"]
+        assert maria.password.reveal() not in created.output
+    finally:
+        maria.drop_database(name)
