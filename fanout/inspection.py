@@ -29,6 +29,7 @@ from fanout.report import (
     Status,
     TargetError,
     TargetResult,
+    result_for,
 )
 from fanout.source import Snapshot
 
@@ -92,7 +93,7 @@ def inspect(
     for target, read in zip(targets, outcome.results, strict=True):
         if read is None:
             error = TargetError(ErrorKind.NOT_STARTED, f"not started: {outcome.stop_reason}")
-            read = _Read(target, None, tuple(_result(target, p.service, Status.SKIPPED, error) for p in plans))
+            read = _Read(target, None, tuple(result_for(target, p.service, Status.SKIPPED, error) for p in plans))
             if on_result is not None:
                 for result in read.results:
                     on_result(result)
@@ -152,8 +153,8 @@ def _read(target: Target, plans: Sequence[_Set], options: runner.RunOptions, run
         error = TargetError(e.kind, e.message)
         first, *rest = plans
         blocked = TargetError(ErrorKind.NOT_STARTED, f"not attempted: service {first.service!r} did not complete")
-        results = [_result(target, first.service, Status.FAILED, error)]
-        results += [_result(target, p.service, Status.SKIPPED, blocked) for p in rest]
+        results = [result_for(target, first.service, Status.FAILED, error)]
+        results += [result_for(target, p.service, Status.SKIPPED, blocked) for p in rest]
         seconds = time.monotonic() - started
         return _Read(target, None, tuple(replace(r, seconds=seconds) for r in results))
     seconds = time.monotonic() - started
@@ -164,7 +165,7 @@ def _read(target: Target, plans: Sequence[_Set], options: runner.RunOptions, run
         pending = tuple(i for i in ids if i not in found.applied)
         status = Status.PENDING if pending else Status.UP_TO_DATE
         results.append(
-            _result(
+            result_for(
                 target,
                 plan.service,
                 status,
@@ -227,18 +228,3 @@ def _build(
         ) from None
     all_applied = {i for p in plans for i in p.ids}
     return schema.ShardSchema(schema.BUILD, version(plans, all_applied), schema.describe(found.rows, found.home))
-
-
-def _result(target: Target, service: str, status: Status, error: TargetError | None, **outcome: object) -> TargetResult:
-    outcome.setdefault("initialized", False)
-    return TargetResult(
-        target=target.id,
-        service=service,
-        status=status,
-        server=target.server,
-        database=target.display,
-        schema=target.schema,
-        tenants=target.tenants,
-        error=error,
-        **outcome,  # type: ignore[arg-type]
-    )

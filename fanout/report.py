@@ -13,9 +13,12 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from enum import StrEnum
 from io import StringIO
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fanout import schema
+
+if TYPE_CHECKING:
+    from fanout.directory import Target
 from fanout.errors import (
     EXIT_INTERRUPTED,
     EXIT_NOT_STORED,
@@ -239,6 +242,22 @@ class TargetResult:
     to_roll_back: tuple[str, ...] = ()
     in_doubt: InDoubt | None = None  # a non-transactional migration that started and was never recorded
     invalid_indexes: tuple[str, ...] = ()  # every INVALID index on the shard (on the target's first service)
+
+
+def result_for(target: Target, service: str, status: Status, error: TargetError | None, **outcome: Any) -> TargetResult:
+    """A result carrying the target's identity; `outcome` holds what the run learned (nothing if it never got in)."""
+    outcome.setdefault("initialized", False)
+    return TargetResult(
+        target=target.id,
+        service=service,
+        status=status,
+        server=target.server,
+        database=target.display,
+        schema=target.schema,
+        tenants=target.tenants,
+        error=error,
+        **outcome,
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -82,6 +82,7 @@ from fanout.report import (
     Status,
     TargetError,
     TargetResult,
+    result_for,
 )
 from fanout.source import MigrationSet, Snapshot
 
@@ -176,7 +177,7 @@ def run(
     for target, results in zip(targets, outcome.results, strict=True):
         if results is None:
             error = TargetError(ErrorKind.NOT_STARTED, f"not started: {outcome.stop_reason}")
-            results = [_result(target, p.service, Status.SKIPPED, error) for p in plans]
+            results = [result_for(target, p.service, Status.SKIPPED, error) for p in plans]
             if on_result is not None:
                 for result in results:
                     on_result(result)
@@ -483,10 +484,10 @@ def _migrate_target(
             result = state.result
         elif failure is not None and blocked_by is None:
             status = Status.SKIPPED if failure.kind is ErrorKind.INTERRUPTED else Status.FAILED
-            result = _result(target, plan.service, status, failure, **_outcome(state, plan, context))
+            result = result_for(target, plan.service, status, failure, **_outcome(state, plan, context))
         else:
             reason = f"not attempted: service {blocked_by!r} did not complete on this target"
-            result = _result(target, plan.service, Status.SKIPPED, TargetError(ErrorKind.NOT_STARTED, reason))
+            result = result_for(target, plan.service, Status.SKIPPED, TargetError(ErrorKind.NOT_STARTED, reason))
         if blocked_by is None and result.status in _STOPS_TARGET:
             blocked_by = plan.service
         results.append(replace(result, retries=tuple(state.retries), **_lock_context(context)))
@@ -574,7 +575,7 @@ def _migrate_service(
             "review, then `fanout accept --migration ID` to adopt the current content",
         )
         pending_for_drift = tuple(m.id for m in pending)
-        return _result(
+        return result_for(
             target, plan.service, Status.FAILED, error, applied_before=state.before, pending=pending_for_drift,
             initialized=session.initialized, drift=tuple(drift), unverified=tuple(unverified),
             invalid_indexes=shard.invalid,
@@ -611,7 +612,10 @@ def _migrate_service(
                     log.warning("%s: %s: %s", target.id, migration.id, repaired)
                 if doubt is not None:
                     raise EngineError(in_doubt_error(doubt), in_doubt=doubt)
-            seconds = _apply_with_retries(session, migration, recording, state, options, interrupt, deadline)
+            seconds = _with_retries(
+                    lambda m=migration, r=recording: session.apply(m, r),  # type: ignore[misc]
+                    migration.id, state, options, interrupt, deadline,
+                )  # fmt: skip
         except EngineError as failure:
             if failure.retryable and failure.error.kind is ErrorKind.UNREACHABLE:
                 raise  # the connection is gone: the target starts over on a new one
@@ -639,7 +643,7 @@ def _migrate_service(
         status = Status.PENDING if still_pending else Status.UP_TO_DATE
     else:
         status = Status.APPLIED if state.ran else Status.UP_TO_DATE
-    return _result(
+    return result_for(
         target,
         plan.service,
         status,
@@ -744,7 +748,7 @@ def _rollback_service(
             f"or `fanout unmark --migration {mark.migration_id}` (it is not), then roll back again",
             migration=mark.migration_id,
         )
-        return _result(target, plan.service, Status.IN_DOUBT, refusal, **outcome, **remaining())
+        return result_for(target, plan.service, Status.IN_DOUBT, refusal, **outcome, **remaining())
     if drift and todo and options.mode is Mode.ROLLBACK and not request.accept_drift and not state.rolled_back:
         listed = ", ".join(f"{d.migration} ({d.kind.value})" for d in drift[:5])
         refusal = TargetError(
@@ -752,7 +756,7 @@ def _rollback_service(
             f"refused: applied migrations differ from the migration set: {listed}; the rollback files may not "
             "match what was applied: review, then `fanout accept` or `fanout rollback --accept-drift`",
         )
-        return _result(target, plan.service, Status.FAILED, refusal, **outcome, **remaining())
+        return result_for(target, plan.service, Status.FAILED, refusal, **outcome, **remaining())
     error: TargetError | None = None
     for migration in todo:
         if migration.hash not in applied:
@@ -784,7 +788,10 @@ def _rollback_service(
         for migration in topological_sort(m for m in plan.migrations if m.id in undone and m.hash not in applied):
             recording = Recording(plan.sha256.get(migration.id, ""), plan.service, shard.environment)
             try:
-                seconds = _apply_with_retries(session, migration, recording, state, options, interrupt, deadline)
+                seconds = _with_retries(
+                    lambda m=migration, r=recording: session.apply(m, r),  # type: ignore[misc]
+                    migration.id, state, options, interrupt, deadline,
+                )  # fmt: skip
             except EngineError as failure:
                 if failure.retryable and failure.error.kind is ErrorKind.UNREACHABLE:
                     raise
@@ -805,9 +812,9 @@ def _rollback_service(
     else:
         status = Status.ROLLED_BACK if state.rolled_back else Status.UP_TO_DATE
     if options.mode is Mode.PLAN:
-        return _result(target, plan.service, status, None, **outcome, to_roll_back=tuple(m.id for m in todo),
+        return result_for(target, plan.service, status, None, **outcome, to_roll_back=tuple(m.id for m in todo),
                        pending=tuple(m.id for m in plan.migrations if m.hash not in applied))  # fmt: skip
-    return _result(target, plan.service, status, error, **outcome, **remaining())
+    return result_for(target, plan.service, status, error, **outcome, **remaining())
 
 
 def _with_retries(
@@ -838,53 +845,6 @@ def _with_retries(
             log.info("%s: %s; retrying in %.1fs", migration_id, failure.error.message, delay)
             interrupt.stopping.wait(delay)
     raise AssertionError("unreachable")
-
-
-def _apply_with_retries(
-    session: Session,
-    migration: Migration,
-    recording: Recording,
-    state: _Progress,
-    options: RunOptions,
-    interrupt: Interrupt,
-    deadline: float | None = None,
-) -> float | None:
-    """Seconds the migration took (None in plan mode); retries what a second try can fix."""
-    for attempt in itertools.count():
-        started = time.monotonic()
-        try:
-            return time.monotonic() - started if session.apply(migration, recording) else None
-        except EngineError as failure:
-            if interrupt.aborting.is_set():
-                if failure.error.kind is ErrorKind.INTERRUPTED:
-                    raise
-                raise EngineError(TargetError(ErrorKind.INTERRUPTED, "cancelled by a second interrupt")) from None
-            transient = failure.retryable and failure.error.kind is not ErrorKind.UNREACHABLE
-            if not transient or attempt >= options.retries or interrupt.stopping.is_set():
-                raise
-            delay = _backoff(options, attempt)
-            if deadline is not None and time.monotonic() + delay >= deadline:
-                raise timed_out(options, f"gave up retrying {migration.id} ({failure.error.message})") from None
-            state.retries.append(Retry(attempt + 1, failure.error.message, delay, migration.id))
-            log.info("%s: %s; retrying in %.1fs", migration.id, failure.error.message, delay)
-            interrupt.stopping.wait(delay)
-    raise AssertionError("unreachable")
-
-
-def _result(target: Target, service: str, status: Status, error: TargetError | None, **outcome: Any) -> TargetResult:
-    """A result carrying the target's identity; `outcome` holds what the run learned (nothing if it never got in)."""
-    outcome.setdefault("initialized", False)
-    return TargetResult(
-        target=target.id,
-        service=service,
-        status=status,
-        server=target.server,
-        database=target.display,
-        schema=target.schema,
-        tenants=target.tenants,
-        error=error,
-        **outcome,
-    )
 
 
 def _summary(migration_set: MigrationSet) -> SourceSummary:

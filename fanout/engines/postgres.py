@@ -34,7 +34,7 @@ import random
 import socket
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -961,28 +961,13 @@ class _YoyoSession:
         return None, f"in doubt since run {mark.run_id}: {dropped}running it again (--repair-invalid)"
 
     def apply(self, migration: Migration, recording: Recording) -> bool:
-        backend = self._backend
-        try:
-            statements = _plain_sql(migration)
-            records = [*_ORIGINAL_ROLE, *self._records(migration, recording)]
-            if statements is not None:
-                # A fresh session, the statements and the rows recording them: one transaction, one round trip.
-                prologue = self._prologue()
-                self._dirty = True
-                locking.in_one_transaction(self._connection, [*statements, *records], before=prologue)
-            elif migration.use_transactions:
-                # One transaction: the migration's steps (as savepoints) and the rows recording them.
-                self._clean()
-                self._dirty = True
-                with backend.transaction():
-                    migration.process_steps(backend, "apply")
-                    self._execute(_join(records))
-            else:
-                self._apply_marked(migration, recording)
-        except psycopg2.Error as e:
-            self._reset()
-            raise self._watch.classify(e, otherwise=ErrorKind.MIGRATION) from None
-        return True
+        return self._run(
+            migration,
+            "apply",
+            _plain_sql(migration),
+            lambda: self._records(migration, recording),
+            lambda records: self._apply_marked(migration, records),
+        )
 
     def rollback(self, migration: Migration, recorded: Recording, reason: str | None) -> bool:
         """Run the migration's rollback and remove its records (yoyo's and fanout's) in one transaction.
@@ -990,23 +975,46 @@ class _YoyoSession:
         A non-transactional rollback runs outside a transaction, as in yoyo; its records are
         removed in one transaction afterwards.
         """
+        return self._run(
+            migration,
+            "rollback",
+            _plain_rollback_sql(migration),
+            lambda: self._unrecords(migration, recorded, reason),
+            lambda unrecords: self._rollback_marked(migration, unrecords),
+        )
+
+    def _run(
+        self,
+        migration: Migration,
+        direction: str,
+        statements: list[str] | None,
+        rows: Callable[[], list[str]],
+        marked: Callable[[list[str]], None],
+    ) -> bool:
+        """Run a migration in `direction` ("apply" or "rollback") with the `rows` that record it.
+
+        A plain transactional .sql migration: a fresh session, its statements and the rows, one
+        transaction in one round trip. Other transactional ones: yoyo's steps (as savepoints) and
+        the rows in one transaction. A non-transactional one goes to `marked`, which marks it as
+        started first.
+        """
         backend = self._backend
         try:
-            statements = _plain_rollback_sql(migration)
-            unrecords = [*_ORIGINAL_ROLE, *self._unrecords(migration, recorded, reason)]
+            # Inside the migration's transaction, before the rows: a migration that switched roles
+            # must not make fanout record as a role without rights on yoyo's tables.
+            records = [*_ORIGINAL_ROLE, *rows()]
             if statements is not None:
-                # As for apply: a fresh session, the rollback and its records, one round trip.
                 prologue = self._prologue()
                 self._dirty = True
-                locking.in_one_transaction(self._connection, [*statements, *unrecords], before=prologue)
+                locking.in_one_transaction(self._connection, [*statements, *records], before=prologue)
             elif migration.use_transactions:
                 self._clean()
                 self._dirty = True
                 with backend.transaction():
-                    migration.process_steps(backend, "rollback")
-                    self._execute(_join(unrecords))
+                    migration.process_steps(backend, direction)
+                    self._execute(_join(records))
             else:
-                self._rollback_marked(migration, unrecords)
+                marked(records)
         except psycopg2.Error as e:
             self._reset()
             raise self._watch.classify(e, otherwise=ErrorKind.MIGRATION) from None
@@ -1091,7 +1099,7 @@ class _YoyoSession:
         with self._connection.cursor() as cursor:
             return set(indoubt.read(cursor, self._schema, only_schema=self._schema_only, marks=False)[1])
 
-    def _apply_marked(self, migration: Migration, recording: Recording) -> None:
+    def _apply_marked(self, migration: Migration, records: Sequence[str]) -> None:
         """A non-transactional migration: marked as started (committed), run, then recorded with the mark cleared.
 
         Whatever stops it midway, the mark stays and the next run reports the migration in
@@ -1137,7 +1145,7 @@ class _YoyoSession:
                 raise EngineError(
                     TargetError(ErrorKind.IN_DOUBT, message, invalid_indexes=found.own_invalid), in_doubt=doubt
                 )
-            self._commit_clean([*_ORIGINAL_ROLE, *self._records(migration, recording), clear])
+            self._commit_clean([*records, clear])
             return
 
     def _failed_midway(
