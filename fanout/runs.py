@@ -51,7 +51,7 @@ def save(env: Environment, report: RunReport, directory: Path | None = None) -> 
     An empty list means no copy was written: the caller must say so (exit 6), because
     `--resume` of this run is then impossible.
     """
-    body = render_json(report).encode()
+    body = render_json(report, indent=False).encode()  # read by fanout, not by eye: the fast encoder
     written = []
     path = runs_dir(directory) / env.name / f"{report.run_id}.json"
     try:

@@ -284,3 +284,33 @@ def test_lint_warnings_and_unpublished_migrations_are_in_every_format(fleet: Fle
     (set_case,) = [c for c in suites.iter("testcase") if c.get("name") == "migration-set"]
     assert "005-by-hand.sql" in (set_case.find("failure").text or "")  # type: ignore[union-attr]
     assert fleet.applied(name) == []
+
+
+def test_json_is_indented_up_to_the_limit_and_one_line_beyond_and_run_records_are_one_line(tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    from fanout import runs
+    from fanout.config import Environment, FolderLocation, RunnerSettings, StaticDirectoryConfig
+    from fanout.formats import render
+    from fanout.report import JSON_INDENT_LIMIT, Mode, RunReport, Status, TargetResult, from_dict, to_dict
+
+    def report(count: int) -> RunReport:
+        now = datetime.now(UTC)
+        results = tuple(
+            TargetResult(target=f"t-{n}", service="app", status=Status.APPLIED, server="s", database="d")
+            for n in range(count)
+        )
+        return RunReport(run_id=f"r{count}", command="apply", mode=Mode.APPLY, environment="prod", services=("app",),
+                         started_at=now, finished_at=now, results=results, target_count=count)  # fmt: skip
+
+    small, large = report(JSON_INDENT_LIMIT), report(JSON_INDENT_LIMIT + 1)
+    assert render(small, "json").startswith('{\n  "schema": "fanout/report/v1",')
+    one_line = render(large, "json")
+    assert "\n" not in one_line and one_line.startswith('{"schema":"fanout/report/v1",')
+    for each in (small, large):
+        assert json.loads(render(each, "json")) == to_dict(each)  # the same document either way
+    env = Environment(name="prod", path=tmp_path / "prod.toml", services=("app",), source_table=FolderLocation(tmp_path),
+                      directory_table=StaticDirectoryConfig(()), runner=RunnerSettings())  # fmt: skip
+    (stored,) = runs.save(env, small, tmp_path / "runs")
+    text = Path(stored).read_text()
+    assert "\n" not in text and from_dict(json.loads(text)) == small  # compact, and it reads back whole
