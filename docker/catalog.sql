@@ -6,7 +6,9 @@ CREATE TABLE shards (
     port INT NOT NULL DEFAULT 5432,
     dbname TEXT NOT NULL,
     tenants TEXT[] NOT NULL DEFAULT '{}',
-    active BOOLEAN NOT NULL DEFAULT true
+    active BOOLEAN NOT NULL DEFAULT true,
+    -- The row's engine: postgresql, or mysql/mariadb (fanout's sql directory reads it).
+    flavor TEXT NOT NULL DEFAULT 'postgresql'
 );
 INSERT INTO shards (shard_id, env, host, dbname, tenants) VALUES
     ('acme', 'compose', 'shard-1', 'tenant_acme', '{acme}'),
@@ -17,6 +19,11 @@ INSERT INTO shards (shard_id, env, host, dbname, tenants) VALUES
     ('umbrella', 'compose', 'shard-3', 'tenant_umbrella', '{umbrella}'),
     ('hooli', 'compose', 'shard-3', 'tenant_hooli', '{hooli}'),
     ('shared-3', 'compose', 'shard-3', 'shared_3', '{tyrell,cyberdyne}');
+-- The MariaDB shard server's databases: an environment of their own, since their migrations
+-- speak MySQL's dialect.
+INSERT INTO shards (shard_id, env, host, port, dbname, tenants, flavor) VALUES
+    ('nakatomi', 'compose-mariadb', 'shard-mariadb', 3306, 'tenant_nakatomi', '{nakatomi}', 'mariadb'),
+    ('oscorp', 'compose-mariadb', 'shard-mariadb', 3306, 'tenant_oscorp', '{oscorp}', 'mariadb');
 -- A retired tenant stays in the catalog but is not migrated.
 INSERT INTO shards (shard_id, env, host, dbname, tenants, active) VALUES
     ('retired', 'compose', 'shard-2', 'tenant_retired', '{retired}', false);

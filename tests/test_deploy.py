@@ -9,28 +9,59 @@ parses with fanout's own CLI.
 
 from __future__ import annotations
 
+import os
 import re
+import secrets
 import shlex
 import shutil
 import subprocess
 import tomllib
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from click.testing import CliRunner
 from conftest import REPO, unique
+from yoyo import read_migrations
 
 from fanout.cli import cli
 from fanout.embedded import EmbeddedPostgres
+from fanout.engines.mysql import Endpoint, MySQLSession
+from fanout.locking import Owner
 from fanout.rollout import Slice, Waves
+from fanout.secret import Secret
 
 COMPOSE_FILE = REPO / "docker-compose.yml"
 COMPOSE_ENV = REPO / "environments" / "compose.toml"
+MARIADB_ENV = REPO / "environments" / "compose-mariadb.toml"
+MARIADB_SHARD = "shard-mariadb"
 WORKFLOW = REPO / "deploy" / "github-actions" / "migrate-fleet.yml"
 APPLY_JOB = REPO / "deploy" / "kubernetes" / "fanout-apply-job.yaml"
 MERGE_JOB = REPO / "deploy" / "kubernetes" / "fanout-merge-job.yaml"
 VARIABLE = re.compile(r"\$\{([A-Z_][A-Z0-9_]*)")
+
+
+@dataclass(frozen=True)
+class Part:
+    """One environment of the compose stack: its file, its shard servers, the script making their user."""
+
+    env_file: Path
+    flavor: str
+    port: int
+    init_script: str
+    creates_user: str  # what the script runs to make the environment's `user`, up to the user's name
+
+    def shard_servers(self, services: dict[str, Any]) -> list[str]:
+        postgresql = self.flavor == "postgresql"
+        return [n for n in services if n.startswith("shard-") and (n != MARIADB_SHARD) == postgresql]
+
+
+PARTS = [
+    Part(COMPOSE_ENV, "postgresql", 5432, "init-shard.sh", "CREATE ROLE "),
+    Part(MARIADB_ENV, "mariadb", 3306, "init-mariadb-shard.sh", "CREATE USER '"),
+]
 
 
 def compose() -> dict[str, Any]:
@@ -57,15 +88,16 @@ def test_docker_compose_config_validates_the_file() -> None:
     assert result.returncode == 0, result.stderr
 
 
-def test_compose_env_names_only_what_the_compose_file_provides() -> None:
+@pytest.mark.parametrize("part", PARTS, ids=lambda p: p.env_file.stem)
+def test_compose_env_names_only_what_the_compose_file_provides(part: Part) -> None:
     services = compose()["services"]
-    raw = COMPOSE_ENV.read_text()
+    raw = part.env_file.read_text()
     env = tomllib.loads(raw)
     runner_env = environment_of(services["fanout"])
 
     # Every variable the environment file reads is set for the fanout containers.
     for name in set(VARIABLE.findall(raw)):
-        assert name in runner_env, f"compose.toml reads ${{{name}}}, which the fanout service does not set"
+        assert name in runner_env, f"{part.env_file.name} reads ${{{name}}}, which the fanout service does not set"
         assert name in environment_of(services["publish"])
 
     # The bucket is the one the create-bucket job makes, on the MinIO the endpoint names.
@@ -84,13 +116,18 @@ def test_compose_env_names_only_what_the_compose_file_provides() -> None:
     assert host in services and port == "5432"
     assert runner_env[password_variable] == environment_of(services[host])[password_variable]
     assert f"CREATE ROLE {user} " in (REPO / "docker" / "init-catalog.sh").read_text()
+    # The query reads each row's flavor, so a MySQL row is never taken for a PostgreSQL one.
+    assert "flavor" in env["directory"]["query"]
 
-    # Shard credentials: the role init-shard.sh creates, with the password every shard server gets.
-    assert f"CREATE ROLE {env['directory']['user']} " in (REPO / "docker" / "init-shard.sh").read_text()
+    # Shard credentials: the user the init script creates, with the password every shard server gets.
+    assert f"{part.creates_user}{env['directory']['user']}" in (REPO / "docker" / part.init_script).read_text()
     shard_variable = VARIABLE.findall(env["directory"]["password"])[0]
-    for name, service in services.items():
-        if name.startswith("shard-"):
-            assert environment_of(service)[shard_variable] == runner_env[shard_variable]
+    servers = part.shard_servers(services)
+    assert servers
+    for name in servers:
+        assert environment_of(services[name])[shard_variable] == runner_env[shard_variable]
+        assert f"./docker/{part.init_script}:" in services[name]["volumes"][0]
+        assert services[name]["healthcheck"]["test"]
 
     # fanout runs the compose environment, after publish, once every server is healthy.
     assert services["fanout"]["command"][:3] == ["apply", "--env", "compose"]
@@ -100,14 +137,17 @@ def test_compose_env_names_only_what_the_compose_file_provides() -> None:
     assert {n for n in services if n.startswith("shard-")} <= set(waits_for)
 
 
+def test_the_mariadb_shard_server_is_mariadb_11_checked_by_its_own_healthcheck() -> None:
+    service = compose()["services"][MARIADB_SHARD]
+    assert service["image"] == "mariadb:11"
+    assert service["healthcheck"]["test"] == ["CMD", "healthcheck.sh", "--connect", "--innodb_initialized"]
+    assert environment_of(service)["MARIADB_ROOT_PASSWORD"]  # the image refuses to initialize without one
+    assert service["volumes"] == ["./docker/init-mariadb-shard.sh:/docker-entrypoint-initdb.d/10-init-shard.sh:ro"]
+    assert os.access(REPO / "docker" / "init-mariadb-shard.sh", os.X_OK)  # run, not sourced, by the entrypoint
+
+
 def test_the_catalog_lists_databases_that_the_shard_servers_create(postgres: EmbeddedPostgres) -> None:
     services = compose()["services"]
-    created = {
-        name: set(environment_of(service)["TENANT_DATABASES"].split())
-        for name, service in services.items()
-        if name.startswith("shard-")
-    }
-    query = tomllib.loads(COMPOSE_ENV.read_text())["directory"]["query"]
     catalog = unique("catalog")
     postgres.create_databases([catalog])
     try:
@@ -115,18 +155,83 @@ def test_the_catalog_lists_databases_that_the_shard_servers_create(postgres: Emb
             cursor.execute("CREATE ROLE catalog_reader")
             try:
                 cursor.execute((REPO / "docker" / "catalog.sql").read_text())
-                cursor.execute(query, {"env": "compose"})
-                columns = [c.name for c in cursor.description]
-                rows = [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
+                answers = {}
+                for part in PARTS:
+                    env = tomllib.loads(part.env_file.read_text())
+                    cursor.execute(env["directory"]["query"], {"env": part.env_file.stem})
+                    columns = [c.name for c in cursor.description]
+                    answers[part.env_file] = [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
             finally:
                 cursor.execute("DROP OWNED BY catalog_reader; DROP ROLE catalog_reader")
     finally:
         postgres.drop_databases([catalog])
-    assert len(rows) == sum(len(databases) for databases in created.values())
-    for row in rows:
-        assert row["host"] in created, row
-        assert row["port"] == 5432
-        assert row["dbname"] in created[row["host"]], row
+    for part in PARTS:
+        created = {
+            name: set(environment_of(services[name])["TENANT_DATABASES"].split())
+            for name in part.shard_servers(services)
+        }
+        rows = answers[part.env_file]
+        assert len(rows) == sum(len(databases) for databases in created.values()), part
+        for row in rows:
+            assert row["host"] in created, row
+            assert row["port"] == part.port
+            assert row["dbname"] in created[row["host"]], row
+            assert row["flavor"] == part.flavor
+
+
+def test_the_mariadb_init_script_makes_a_user_that_applies_the_compose_mariadb_migrations(
+    mariadb: Any, tmp_path: Path
+) -> None:
+    """docker/init-mariadb-shard.sh, run as the image's entrypoint runs it (root over the socket),
+    against the suite's MariaDB; then its user applies migrations/*/compose-mariadb/ with fanout's engine."""
+    service = compose()["services"][MARIADB_SHARD]
+    databases = environment_of(service)["TENANT_DATABASES"].split()
+    password = secrets.token_urlsafe(12)
+    # The image's client finds its server's socket in the image's config; here the suite's server
+    # has its own, so the script's `mariadb` is the real client pointed at it (and no my.cnf).
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    client = shutil.which("mariadb")
+    assert client is not None
+    (bin_dir / "mariadb").write_text(f'#!/bin/sh\nexec {client} --no-defaults --socket={mariadb.socket} "$@"\n')
+    (bin_dir / "mariadb").chmod(0o755)
+    env = {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}", "TENANT_DATABASES": " ".join(databases), "SHARD_PASSWORD": password,
+        "MARIADB_ROOT_PASSWORD": "",
+    }  # fmt: skip
+    user = tomllib.loads(MARIADB_ENV.read_text())["directory"]["user"]
+    try:
+        made = subprocess.run(
+            ["sh", str(REPO / "docker" / "init-mariadb-shard.sh")], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert made.returncode == 0, made.stderr
+        services = tomllib.loads(MARIADB_ENV.read_text())["services"]
+        for database in databases:
+            session = MySQLSession(
+                Endpoint(mariadb.host, database, user, Secret(password), mariadb.port),
+                Owner(pid=os.getpid(), run_id="compose"),
+            )
+            try:
+                with session.lock(wait=30):
+                    for service_name in services:  # in the environment's order: billing builds on people
+                        folder = REPO / "migrations" / service_name / "compose-mariadb"
+                        for migration in sorted(read_migrations(str(folder)), key=lambda m: m.id):
+                            assert session.apply(migration)
+                    assert len(session.applied()) == 5
+            finally:
+                session.close()
+            with mariadb.admin() as admin, admin.cursor() as cursor:
+                cursor.execute(
+                    "SELECT table_name, index_name FROM information_schema.statistics WHERE table_schema = %s",
+                    (database,),
+                )
+                indexes = set(cursor.fetchall())
+            assert {("person", "person_email_idx"), ("invoice", "invoice_status_idx")} <= indexes
+    finally:
+        with mariadb.admin() as admin, admin.cursor() as cursor:
+            for database in databases:
+                cursor.execute(f"DROP DATABASE IF EXISTS `{database}`")
+            cursor.execute(f"DROP USER IF EXISTS '{user}'@'%'")
 
 
 def test_the_dockerfile_is_slim_non_root_and_pinned() -> None:

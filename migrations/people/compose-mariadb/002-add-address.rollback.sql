@@ -1,0 +1,2 @@
+ALTER TABLE person DROP COLUMN email;
+ALTER TABLE person DROP COLUMN address;
