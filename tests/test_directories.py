@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import socket
 import textwrap
+import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from conftest import MIGRATIONS, PASSWORD_VARIABLE, Fleet
@@ -14,6 +16,11 @@ from sharding_service import ShardingService
 from fanout.errors import EXIT_CONFIG, EXIT_DIRECTORY, EXIT_OK
 
 TOKEN = "directory-token-0123456789"
+# SQL that PostgreSQL and MySQL/MariaDB read alike.
+PORTABLE = {
+    "001-person.sql": "CREATE TABLE person (id INT PRIMARY KEY, name VARCHAR(100) NOT NULL);\n",
+    "002-email.sql": "-- depends: 001-person\nALTER TABLE person ADD COLUMN email VARCHAR(200);\n",
+}
 
 
 @pytest.fixture
@@ -319,6 +326,44 @@ def test_catalog_flavor_errors_are_one_line_and_nothing_runs(
         result = fleet.cli(command, "--env", "test")
         assert result.exit_code == EXIT_DIRECTORY, result.output
         assert message in _error_line(result.stderr)
+
+
+def test_a_catalog_listing_postgresql_and_mariadb_rows_is_one_mixed_fleet_migrated_by_one_apply(
+    fleet: Fleet, mariadb: Any
+) -> None:
+    (pg,) = fleet.add_databases(1)
+    maria = f"maria_{uuid.uuid4().hex[:10]}"
+    mariadb.create_database(maria)
+    try:
+        (catalog,) = fleet.add_databases(1)
+        fleet.query(
+            catalog,
+            "CREATE TABLE shards (shard_id TEXT, host TEXT, port INT, dbname TEXT, flavor TEXT, "
+            '"user" TEXT, password TEXT)',
+        )
+        fleet.query(
+            catalog,
+            "INSERT INTO shards VALUES ('pg', %s, %s, %s, NULL, NULL, NULL), ('maria', %s, %s, %s, 'mariadb', %s, %s)",
+            (fleet.postgres.host, fleet.postgres.port, pg, mariadb.host, mariadb.port, maria, mariadb.user,
+             mariadb.password.reveal()),
+        )  # fmt: skip
+        fleet.publish(PORTABLE)
+        _sql_env(fleet, catalog, 'SELECT shard_id, host, port, dbname, flavor, \\"user\\", password FROM shards')
+
+        applied = fleet.cli("apply", "--env", "test", "--format", "json")
+
+        assert applied.exit_code == EXIT_OK, applied.output
+        assert {r["target"]: r["status"] for r in json.loads(applied.stdout)["results"]} == {
+            "pg": "applied",
+            "maria": "applied",
+        }
+        assert fleet.applied(pg) == ["001-person", "002-email"]
+        with mariadb.admin() as admin, admin.cursor() as cursor:
+            cursor.execute(f"SELECT migration_id FROM `{maria}`._yoyo_migration ORDER BY migration_id")
+            assert [r[0] for r in cursor.fetchall()] == ["001-person", "002-email"]
+        assert mariadb.password.reveal() not in applied.output
+    finally:
+        mariadb.drop_database(maria)
 
 
 def test_pgcat_directory_migrates_primaries_never_replicas(fleet: Fleet) -> None:
