@@ -140,3 +140,32 @@ def test_resume_with_to_retries_the_failed_targets_up_to_that_migration(fleet: F
     assert resumed.exit_code == EXIT_OK, resumed.output
     for database in (broken, healthy):
         assert fleet.applied(database) == ["001-person", "002-address", "003-order"]
+
+
+def test_yoyo_tables_of_an_older_yoyo_are_upgraded_by_yoyo_and_keep_what_they_recorded(fleet: Fleet) -> None:
+    # A new shard gets yoyo's tables at yoyo's current version directly; tables an older yoyo
+    # (< 6: `_yoyo_migration` with id and ctime, no version table) left must still go through
+    # yoyo's own upgrade, which carries their rows over.
+    (old, new) = fleet.add_databases(2)
+    fleet.query(old, "CREATE TABLE person (id INT)")
+    fleet.query(old, "CREATE TABLE _yoyo_migration (id VARCHAR(191) NOT NULL PRIMARY KEY, ctime TIMESTAMP)")
+    fleet.query(old, "INSERT INTO _yoyo_migration VALUES ('001-person', '2020-01-01 00:00:00')")
+    fleet.publish(CHAIN)
+    fleet.write_env()
+
+    result = fleet.cli("apply", "--env", "test", "--format", "json")
+
+    assert result.exit_code == EXIT_OK, result.output
+    ran = {r["database"].rsplit("/", 1)[-1]: [m["id"] for m in r["ran"]] for r in json.loads(result.stdout)["results"]}
+    assert ran[old] == ["002-address", "003-order", "004-audit"]  # 001 was recorded by the older yoyo
+    assert sorted(ran[new]) == sorted(name.removesuffix(".sql") for name in CHAIN)
+    for database in (old, new):
+        assert fleet.query(database, "SELECT version FROM _yoyo_version") == [(2,)]
+        columns = fleet.query(
+            database,
+            "SELECT column_name FROM information_schema.columns WHERE table_name = '_yoyo_migration' ORDER BY 1",
+        )
+        assert columns == [("applied_at_utc",), ("migration_hash",), ("migration_id",)]
+    assert fleet.query(
+        old, "SELECT migration_id, applied_at_utc FROM _yoyo_migration WHERE migration_id = '001-person'"
+    ) == [("001-person", datetime(2020, 1, 1))]

@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
+from types import SimpleNamespace
 from typing import Any
 
 import psycopg2
@@ -45,8 +46,10 @@ import psycopg2.errors
 import psycopg2.extensions
 from psycopg2 import sql
 from yoyo import exceptions as yoyo_exceptions
+from yoyo import internalmigrations
 from yoyo.backends import PostgresqlBackend
 from yoyo.connections import DatabaseURI
+from yoyo.internalmigrations import v2 as internal_v2
 from yoyo.migrations import Migration, MigrationStep, TransactionWrapper
 from yoyo.utils import change_param_style
 
@@ -762,9 +765,49 @@ class _Backend(PostgresqlBackend):  # type: ignore[misc]
 
     def ensure_internal_schema_updated(self) -> None:
         # yoyo re-checks (two queries) on every call unless it upgraded; once is enough per connection.
-        if not self._schema_checked:
+        if self._schema_checked:
+            return
+        present = set(self.list_tables())
+        if self._is_locked and present.isdisjoint({self.migration_table, self.version_table, self.log_table}):
+            self._create_internal_tables()
+        else:
             super().ensure_internal_schema_updated()
-            self._schema_checked = True
+        self._schema_checked = True
+
+    def _create_internal_tables(self) -> None:
+        """yoyo's tables at its current version, created with yoyo's own statements, in one message.
+
+        yoyo gets there by upgrading through its versions: it creates `_yoyo_migration` at
+        version 1, then the log and version tables, reads, drops and recreates the first: 11
+        round trips and a table created for nothing on every new schema (measured on one
+        connection: 19-25 ms of server CPU per schema for all of fanout's and yoyo's tables,
+        14 ms this way). The end state is the same; an older yoyo's tables still go through
+        yoyo's upgrade. The caller holds yoyo's lock, which yoyo upgrades under.
+        """
+        statements: list[str] = []
+        collector = SimpleNamespace(  # what yoyo's table definitions use of a backend; collects their DDL
+            quote_identifier=self.quote_identifier,
+            log_table_quoted=self.log_table_quoted,
+            version_table_quoted=self.version_table_quoted,
+            migration_table_quoted=self.migration_table_quoted,
+            execute=lambda sql, params=None: statements.append(sql),
+        )
+        for create in (
+            internal_v2.create_log_table,
+            internal_v2.create_version_table,
+            internal_v2.create_migration_table,
+        ):
+            create(collector)
+        version = max(internalmigrations.schema_versions)
+        with self.connection.cursor() as cursor:
+            statements.append(
+                cursor.mogrify(
+                    f"INSERT INTO {self.version_table_quoted} VALUES (%s, %s)",
+                    (version, datetime.now(UTC).replace(tzinfo=None)),
+                ).decode()
+            )
+        locking.in_one_transaction(self.connection, statements)
+        self._internal_schema_updated = True
 
     def get_log_data(self, migration: Migration | None = None, operation: str = "apply") -> dict[str, Any]:
         # yoyo resolves the FQDN (a DNS lookup) for every log row; resolve it once per process.
