@@ -13,7 +13,7 @@ resolves it.
 The migrations populate a table of ROWS rows and rewrite it (copying ALTERs, index builds,
 UPDATEs), so most of an apply is spent inside a statement, on an idle machine as on a loaded
 one; kill moments are spread over the length of a clean apply measured first (one per slice).
-The quick form kills 6 times (about 50 s on a loaded 2-core machine); the `slow` form kills 30
+The quick form kills 4 times (45 to 60 s on a loaded 2-core machine); the `slow` form kills 30
 times (FANOUT_MYSQL_KILL_ROUNDS sets another count) and requires that at least a fifth of the
 kills left a DDL statement in doubt. FANOUT_MYSQL_KILL_SEED replays a run's kill moments.
 """
@@ -43,7 +43,7 @@ from fanout.engines.mysql import Endpoint, MySQLSession
 from fanout.locking import Owner
 from fanout.secret import Secret
 
-QUICK_ROUNDS = 6
+QUICK_ROUNDS = 4  # the quick form, in the default selection: about a minute on a loaded 2-core machine
 LONG_ROUNDS = int(os.environ.get("FANOUT_MYSQL_KILL_ROUNDS") or 30)
 CHILD = Path(__file__).resolve().parent / "mysql_apply_child.py"
 
