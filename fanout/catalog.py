@@ -143,6 +143,11 @@ def read(
     tcp: TcpSettings = DEFAULT_TCP,
 ) -> Catalog:
     """Describe the target's namespace and read its applied migration ids. Raises CatalogError."""
+    if target.engine != "postgresql":
+        raise CatalogError(
+            ErrorKind.DATABASE,
+            f"{target.display}: schema inspection reads PostgreSQL catalogs only (not MySQL/MariaDB)",
+        )
     kwargs = target.libpq_kwargs(
         application_name=application_name, connect_timeout=connect_timeout, read_only=True, tcp=tcp
     )
@@ -217,6 +222,8 @@ def scratch(target: Target, *, connect_timeout: float, tcp: TcpSettings = DEFAUL
 
 
 def _execute(target: Target, statement: sql.Composable, connect_timeout: float, tcp: TcpSettings, failure: str) -> None:
+    if target.engine != "postgresql":
+        raise CatalogError(ErrorKind.DATABASE, f"{failure}: schema inspection builds on PostgreSQL only")
     kwargs = target.libpq_kwargs(application_name="fanout inspect build", connect_timeout=connect_timeout, tcp=tcp)
     try:
         connection = psycopg2.connect(**kwargs)

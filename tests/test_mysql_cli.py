@@ -227,3 +227,16 @@ def test_bootstrap_creates_a_mariadb_database(fleet: Fleet, maria: Any) -> None:
         assert maria.password.reveal() not in created.output
     finally:
         maria.drop_database(name)
+
+
+def test_schema_inspection_fails_a_mariadb_shard_cleanly_and_reads_the_postgresql_ones(
+    fleet: Fleet, maria: Any
+) -> None:
+    mixed(fleet, maria, {k: v for k, v in PORTABLE.items() if not k.endswith(".rollback.sql")})
+    assert fleet.cli("apply", "--env", "test").exit_code == EXIT_OK
+
+    inspected = fleet.cli("inspect", "--env", "test", "--format", "json")
+
+    assert inspected.exit_code == EXIT_TARGETS_FAILED, inspected.output
+    assert "schema inspection reads PostgreSQL catalogs only" in inspected.output
+    assert "internal error" not in inspected.output

@@ -30,6 +30,8 @@ def discover_schemas(targets: Sequence[Target], discovery: SchemaDiscovery) -> l
 
 
 def _expand(target: Target, discovery: SchemaDiscovery) -> list[Target]:
+    if target.engine != "postgresql":
+        return [target]  # a MySQL/MariaDB database has no schemas: it stays one target
     kwargs = target.libpq_kwargs(application_name="fanout directory", connect_timeout=10, read_only=True)
     try:
         connection = psycopg2.connect(**kwargs)
