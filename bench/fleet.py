@@ -29,6 +29,9 @@ fanout process), and connections opened (pg_stat_database.sessions).
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
+import hmac
 import os
 import subprocess
 import sys
@@ -200,6 +203,52 @@ def connect_only(postgres: EmbeddedPostgres, databases: list[str], concurrency: 
         list(pool.map(one, databases))
 
 
+def server_cpu(postgres: EmbeddedPostgres) -> float:
+    """CPU seconds of the server's processes that have exited (its backends, once their connection
+    closes): what a run cost the server, whatever else loads the machine. Linux only."""
+    pid = (postgres.log_path.parent / "data" / "postmaster.pid").read_text().split()[0]
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")  # utime stime cutime cstime
+
+
+def scram_keys(postgres: EmbeddedPostgres) -> dict[str, str] | None:
+    """The role's SCRAM-SHA-256 client and server keys, derived once (libpq 18's `scram_client_key`/
+    `scram_server_key`), or None without psycopg 3.3+ on libpq 18+ (not a dependency: measured when present).
+
+    The salt and iteration count come from the role's verifier in pg_authid (the benchmark owns the
+    server); a client in production would learn them from one ordinary SCRAM exchange per role and server.
+    """
+    try:
+        import psycopg
+    except ImportError:
+        return None
+    if psycopg.pq.version() < 180000:
+        return None
+    with postgres.connect() as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT rolpassword FROM pg_authid WHERE rolname = current_user")
+        verifier = cursor.fetchone()[0]  # SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>
+    _, parameters, keys = verifier.split("$")
+    iterations, salt = parameters.split(":")
+    server_key = keys.split(":")[1]
+    salted = hashlib.pbkdf2_hmac("sha256", postgres.password.reveal().encode(), base64.b64decode(salt), int(iterations))
+    client_key = base64.b64encode(hmac.new(salted, b"Client Key", "sha256").digest()).decode()
+    return {"scram_client_key": client_key, "scram_server_key": server_key}
+
+
+def connect_only_with_keys(
+    postgres: EmbeddedPostgres, databases: list[str], concurrency: int, keys: dict[str, str]
+) -> None:
+    """The connect+close floor through psycopg 3 / libpq 18, with SCRAM keys derived once instead of per connection."""
+    import psycopg
+
+    def one(database: str) -> None:
+        kwargs = {k: v for k, v in postgres.connect_kwargs(database).items() if k != "password"}
+        psycopg.connect(**kwargs, **keys).close()
+
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        list(pool.map(one, databases))
+
+
 def fanout_cli(arguments: list[str], expect: int = 0) -> Measure:
     """Run the fanout CLI as a user would and measure that process alone."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
@@ -253,6 +302,7 @@ class Bench:
         self.rows: list[Row] = []
         self.inspect_ratios: list[str] = []
         self.per_schema: list[str] = []
+        self.planned: tuple[Row, Row]  # the last plan case's connect+close floor and fanout plan
         self.folder = root / "local"
         self.folder.mkdir()
         self.tenant_folder = root / "tenants"
@@ -330,20 +380,27 @@ class Bench:
             self.fanout("apply", direct, migrated, concurrency)
         case = f"no-op plan N={n}"
         floor = timed(lambda: connect_only(self.postgres, migrated, concurrency))
-        self.rows.append(Row(case, f"connect+close only (concurrency {concurrency})", floor, vs_floor="1.00x",
-                             connections=str(n)))  # fmt: skip
+        floor_row = Row(case, f"connect+close only (concurrency {concurrency})", floor, vs_floor="1.00x",
+                        connections=str(n))  # fmt: skip
+        self.rows.append(floor_row)
+        keys = scram_keys(self.postgres)
+        if keys is not None:
+            keyed = timed(lambda: connect_only_with_keys(self.postgres, migrated, concurrency, keys))
+            self.rows.append(Row(case, f"connect+close, SCRAM keys derived once ({concurrency})", keyed,
+                                 vs_floor=f"{keyed.wall / floor.wall:.2f}x", connections=str(n)))  # fmt: skip
         before = connections(self.postgres, migrated)
         row = self.fanout("plan", direct, migrated, concurrency)
         row.case = case
         row.vs_floor = f"{row.measure.wall / floor.wall:.2f}x"
         row.connections = str(connections(self.postgres, migrated) - before)
         self.rows.append(row)
+        self.planned = (floor_row, row)
         return migrated
 
     def inspect_case(self, n: int, concurrency: int, migrated: list[str]) -> None:
         """inspect over the fleet plan_case just planned, against its floor and that plan."""
         direct = Endpoint(self.postgres.host, self.postgres.port)
-        floor, plan = self.rows[-2], self.rows[-1]
+        floor, plan = self.planned
         before = connections(self.postgres, migrated)
         row = self.fanout("inspect", direct, migrated, concurrency)
         row.case = f"inspect N={n}"
@@ -356,17 +413,19 @@ class Bench:
             f"{row.measure.cpu / plan.measure.cpu:.2f}x its CPU time"
         )
 
-    def schemas_case(self, n: int) -> None:
+    def schemas_case(self, n: int, *, with_loop: bool = True) -> None:
         """One database of N tenant schemas: yoyo's loop and fanout, apply then a no-op pass, each on its own copy."""
         case = f"schemas N={n} M={len(TENANT_MIGRATIONS)}"
         self._fleets += 1
         looped, fanned = f"s{self._fleets}_yoyo", f"s{self._fleets}_fanout"
-        schemas = tenant_schemas(self.postgres, looped, n)
+        schemas = tenant_schemas(self.postgres, looped, n) if with_loop else []
         tenant_schemas(self.postgres, fanned, n)
         loop = lambda: yoyo_schema_loop(self.postgres, looped, schemas, self.tenant_folder)  # noqa: E731
-        base = timed(loop)
-        self.rows.append(Row(case, "yoyo loop apply (baseline)", base, "1.00x",
-                             connections=str(connections(self.postgres, [looped]))))  # fmt: skip
+        base: Measure | None = None
+        if with_loop:
+            base = timed(loop)
+            self.rows.append(Row(case, "yoyo loop apply (baseline)", base, "1.00x",
+                                 connections=str(connections(self.postgres, [looped]))))  # fmt: skip
         env = self.root / "bench.toml"
         dsn = Endpoint(self.postgres.host, self.postgres.port).dsn(self.postgres, fanned)
         env.write_text(
@@ -374,9 +433,9 @@ class Bench:
             f'[directory]\nkind = "static"\n[directory.schemas]\npattern = "tenant\\\\_%"\n'
             f'[[directory.targets]]\nid = "tenants"\ndsn = "{dsn}"\n'
         )
-        applied: Measure | None = None
+        spent: list[str] = []
         for command, label in (("apply", "fanout apply"), ("plan", "fanout no-op plan")):
-            if command == "plan":
+            if command == "plan" and base is not None:
                 before = connections(self.postgres, [looped])
                 noop = timed(loop)
                 self.rows.append(Row(case, "yoyo loop no-op", noop, "1.00x",
@@ -386,16 +445,22 @@ class Bench:
             arguments = [command, "--env", str(env), "--format", "json", "--concurrency", str(SCHEMA_CONCURRENCY)]
             if command == "apply":
                 arguments += ["--runs-dir", str(self.root / "runs")]
+            cpu_before = server_cpu(self.postgres)
             measure = fanout_cli(arguments)
+            time.sleep(0.5)  # the backends' exit, for their CPU time
+            server = server_cpu(self.postgres) - cpu_before
+            speedup = "-" if base is None else f"{base.wall / measure.wall:.2f}x"
             self.rows.append(
-                Row(case, f"{label} (concurrency {SCHEMA_CONCURRENCY})", measure, f"{base.wall / measure.wall:.2f}x",
+                Row(case, f"{label} (concurrency {SCHEMA_CONCURRENCY})", measure, speedup,
                     connections=str(connections(self.postgres, [fanned]) - before))
             )  # fmt: skip
-            if command == "apply":
-                applied = measure
-        assert applied is not None
-        self.per_schema.append(f"N={n}: fanout apply {applied.wall / n * 1000:.1f} ms per schema")
-        self.postgres.drop_databases([looped, fanned])
+            assert measure.cpu is not None
+            spent.append(
+                f"{command} {measure.wall / n * 1000:.1f} ms wall, CPU {measure.cpu / n * 1000:.1f} ms fanout + "
+                f"{server / n * 1000:.1f} ms server"
+            )
+        self.per_schema.append(f"N={n}, per schema: {'; '.join(spent)}")
+        self.postgres.drop_databases([looped, fanned] if with_loop else [fanned])
 
 
 def table(rows: list[Row]) -> str:
@@ -428,6 +493,12 @@ def main() -> int:
         metavar="N",
         help="tenant schemas in one database",
     )
+    parser.add_argument(
+        "--loop-up-to",
+        type=int,
+        metavar="N",
+        help="run the yoyo loop of the schema case only up to N schemas (at 10,000 it alone takes about half an hour)",
+    )
     args = parser.parse_args()
     if args.smoke:
         args.migrations, args.tuned, args.tuned_network = 5, 4, 4
@@ -453,7 +524,7 @@ def main() -> int:
         for fleet in migrated.values():
             postgres.drop_databases(fleet)
         for n in args.schemas:
-            bench.schemas_case(n)
+            bench.schemas_case(n, with_loop=args.loop_up_to is None or n <= args.loop_up_to)
         rtt = None
         if args.network:
             with latency_proxy(postgres) as proxied:
