@@ -1,6 +1,6 @@
 """`inspect`: the live schema of every shard, read-only, grouped and compared with a reference.
 
-Orchestration only: `fanout.catalog` reads each shard (one connection, no lock, nothing
+Orchestration only: `fanout.engines.postgres.catalog` reads each shard (one connection, no lock, nothing
 written), `fanout.schema` describes, fingerprints, groups and diffs. With the `build`
 reference the migration set is applied by the runner, exactly as `apply` would, to a
 scratch namespace that is dropped afterwards.
@@ -14,9 +14,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
-from fanout import catalog, rollout, runner, schema
+from fanout import rollout, runner, schema
 from fanout.directory import Target
 from fanout.engines import postgres
+from fanout.engines.postgres import catalog
 from fanout.errors import TargetFailed
 from fanout.interrupt import Interrupt
 from fanout.report import (

@@ -1,7 +1,7 @@
 """A shard's live schema as data: a normalized description, its fingerprint, the readable
 differences between two descriptions, and the fleet grouped by (applied version, fingerprint).
 
-Pure: the catalog rows come from `fanout.catalog`, which alone talks to the database.
+Pure: the catalog rows come from `fanout.engines.postgres.catalog`, which alone talks to the database.
 Names are relative to the shard's home schema (the target's schema for schema-per-tenant
 targets, else `public`), so tenant schemas with different names compare equal; objects in
 other schemas keep their schema name.

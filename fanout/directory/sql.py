@@ -21,8 +21,9 @@ import psycopg2
 
 from fanout.config import SqlDirectoryConfig
 from fanout.directory import DEFAULT_TCP, FLAVORS, FLAVORS_HELP, MYSQL, POSTGRESQL, Target
+from fanout.engines.postgres.cancel import PgCancel
 from fanout.errors import DirectoryError
-from fanout.interrupt import PgCancel, Watchdog
+from fanout.interrupt import Watchdog
 from fanout.secret import Secret, error_line, register
 
 _APPLICATION_NAME = "fanout directory"

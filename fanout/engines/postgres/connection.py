@@ -19,7 +19,8 @@ from fanout.engines import (
     EngineError,
     timed_out,
 )
-from fanout.interrupt import Interrupt, PgCancel, Reason, Watched
+from fanout.engines.postgres.cancel import PgCancel
+from fanout.interrupt import Interrupt, Reason, Watched
 from fanout.options import RunOptions, SessionSettings
 from fanout.report import ErrorKind, TargetError
 from fanout.secret import error_line

@@ -26,6 +26,8 @@ from psycopg2 import sql
 
 from fanout.config import TcpSettings
 from fanout.directory import DEFAULT_TCP, Target
+from fanout.engines.postgres.connection import classify_connect_error, classify_database_error
+from fanout.engines.postgres.migrations import MIGRATION_TABLE
 from fanout.report import ErrorKind
 from fanout.secret import error_line
 
@@ -108,7 +110,9 @@ WITH ns AS (
 )
 SELECT coalesce((SELECT json_agg(json_build_object('kind', kind, 'schema', schema, 'name', name, 'table', tbl,
                                                    'attrs', attrs)) FROM objects), '[]'::json),
-       to_regclass('"_yoyo_migration"') IS NOT NULL, to_regclass('"_yoyo_version"') IS NOT NULL
+       to_regclass(format('%%I.%%I', home.s, '_yoyo_migration')) IS NOT NULL,
+       to_regclass(format('%%I.%%I', home.s, '_yoyo_version')) IS NOT NULL, home.s
+FROM (SELECT coalesce(%(schema)s, current_schema()) AS s) AS home
 """
 
 
@@ -154,11 +158,8 @@ def read(
     try:
         connection = psycopg2.connect(**kwargs)
     except psycopg2.Error as e:
-        message = error_line(e)
-        kind = ErrorKind.AUTHENTICATION if "authentication" in message.lower() else ErrorKind.UNREACHABLE
-        if "database" in message.lower() and "does not exist" in message.lower():
-            kind = ErrorKind.DATABASE
-        raise CatalogError(kind, f"cannot connect to {target.display}: {message}") from None
+        failure = classify_connect_error(e, target)
+        raise CatalogError(failure.kind, failure.error.message) from None
     # Autocommit, so that psycopg2 sends no BEGIN of its own (a round trip): the explicit one
     # travels with the settings and the catalog query in one message.
     connection.autocommit = True
@@ -178,17 +179,18 @@ def read(
             cursor.execute(query, {"schema": target.schema})
             row = cursor.fetchone()
             assert row is not None
-            rows, has_migrations, has_version = row
+            rows, has_migrations, has_version, bookkeeping = row
             applied: frozenset[str] = frozenset()
             if has_migrations:
                 column = "migration_id" if has_version else "id"  # yoyo < 6 kept ids only
-                cursor.execute(f'SELECT "{column}" FROM "_yoyo_migration"')
+                # Named with its schema, as the runner does: the search_path may list another one first.
+                table = sql.Identifier(bookkeeping, MIGRATION_TABLE)
+                cursor.execute(sql.SQL("SELECT {} FROM {}").format(sql.Identifier(column), table))
                 applied = frozenset(str(r[0]) for r in cursor.fetchall())
             cursor.execute("ROLLBACK")
     except psycopg2.Error as e:
-        primary = getattr(getattr(e, "diag", None), "message_primary", None) or error_line(e)
-        timeout = {"55P03": ErrorKind.LOCK_TIMEOUT, "57014": ErrorKind.STATEMENT_TIMEOUT}.get(e.pgcode or "")
-        raise CatalogError(timeout or ErrorKind.DATABASE, f"{primary} [{e.pgcode}]" if e.pgcode else primary) from None
+        failure = classify_database_error(e)
+        raise CatalogError(failure.kind, failure.error.message) from None
     finally:
         with contextlib.suppress(psycopg2.Error):
             connection.close()
