@@ -327,8 +327,8 @@ CASES = [
         "DSN of another database engine",
         PLAN,
         EXIT_CONFIG,
-        "DSN must start with postgresql://",
-        env=lambda w: w.static(f"mysql://u:{SECRET}@{HOST}/db"),
+        "DSN must start with postgresql:// or mysql:// or mariadb:// (got oracle scheme)",
+        env=lambda w: w.static(f"oracle://u:{SECRET}@{HOST}/db"),  # mysql:// is a MySQL target now
     ),
     Case(
         "DSN without a database",

@@ -33,7 +33,7 @@ def _assert_one_line_error(output: str, *fragments: str) -> None:
         ),
         (lambda text: text + "\n[runner]\nconcurrency = 0\n", ("runner.concurrency", "greater than or equal to 1")),
         (lambda text: text.replace('services = ["app"]', "services = []"), ("services",)),
-        (lambda text: text.replace("postgresql://", "mysql://"), ("must start with postgresql://",)),
+        (lambda text: text.replace("postgresql://", "oracle://"), ("must start with postgresql:// or mysql://",)),
     ],
     ids=[
         "malformed-toml",
