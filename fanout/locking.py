@@ -349,6 +349,31 @@ def _delete_rows(
     return deleted
 
 
+# SQLSTATE of the check below: a migration released fanout's advisory lock.
+LOCK_RELEASED_SQLSTATE = "FN001"
+
+
+def still_held_sql(cursor: Any, schema: str) -> str:
+    """A statement that fails (LOCK_RELEASED_SQLSTATE) unless this session still holds fanout's advisory lock.
+
+    A migration that calls pg_advisory_unlock_all() (or, outside a transaction, DISCARD ALL)
+    drops the lock that proves fanout's yoyo_lock row alive: another runner would then see
+    the row as stale, break it, and migrate the shard at the same time. Sent with the rows
+    that record a migration, in their transaction, it keeps such a migration from being
+    recorded (or, when transactional, from being applied at all).
+    """
+    schema_literal = cursor.mogrify("%s", (schema,)).decode()
+    tag = "$fanout$" if "$fanout$" not in schema_literal else "$fanout_lock_check$"
+    return (
+        f"DO {tag}BEGIN IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND granted "
+        f"AND pid = pg_catalog.pg_backend_pid() AND classid = {_HELD}::oid "
+        f"AND objid = (pg_catalog.hashtext({schema_literal}))::oid AND objsubid = 2) THEN "
+        f"RAISE EXCEPTION USING ERRCODE = '{LOCK_RELEASED_SQLSTATE}', MESSAGE = 'the migration released fanout''s "
+        "shard lock (pg_advisory_unlock_all() or DISCARD ALL): another runner could have taken the shard; "
+        f"not recorded'; END IF; END{tag}"
+    )
+
+
 def _advisory_holder(cursor: Any, schema: str) -> int | None:
     """The server pid holding fanout's advisory lock on `schema` (pg_locks is visible to every role)."""
     cursor.execute(

@@ -318,3 +318,46 @@ def test_a_session_setting_the_server_does_not_know_fails_each_target_with_the_s
     (failed,) = json.loads(result.stdout)["results"]
     assert 'unrecognized configuration parameter "wrok_mem"' in failed["error"]["message"]
     assert "t" not in fleet.tables(database)
+
+
+def test_a_migration_that_releases_fanouts_lock_is_rolled_back_and_not_recorded(fleet: Fleet) -> None:
+    # Without fanout's advisory lock, its yoyo_lock row looks stale to another runner, which
+    # would break it and migrate the same shard at the same time.
+    (database,) = fleet.add_databases(1)
+    fleet.publish(
+        {
+            "001-person.sql": "CREATE TABLE person (id INT);",
+            "002-unlocks.sql": "-- depends: 001-person\nCREATE TABLE half (id INT);\nSELECT pg_advisory_unlock_all();",
+        }
+    )
+    fleet.write_env()
+
+    result = fleet.cli("apply", "--env", "test", "--format", "json")
+
+    assert result.exit_code == EXIT_TARGETS_FAILED, result.output
+    (failed,) = [r for r in json.loads(result.stdout)["results"] if r["status"] == "failed"]
+    assert failed["error"]["migration"] == "002-unlocks"
+    assert "released fanout's shard lock" in failed["error"]["message"]
+    assert fleet.applied(database) == ["001-person"]
+    assert "half" not in fleet.tables(database, "public")  # its transaction rolled back whole
+    assert _lock_rows(fleet, database) == [(0, 0)]
+
+
+def test_a_non_transactional_migration_that_releases_fanouts_lock_is_left_in_doubt(fleet: Fleet) -> None:
+    (database,) = fleet.add_databases(1)
+    fleet.publish(
+        {
+            "001-person.sql": "CREATE TABLE person (id INT);",
+            "002-discards.sql": "-- depends: 001-person\n-- transactional: false\nCREATE TABLE half (id INT);\nDISCARD ALL;",
+        }
+    )
+    fleet.write_env()
+
+    first = fleet.cli("apply", "--env", "test")
+    again = fleet.cli("apply", "--env", "test", "--format", "json")
+
+    assert first.exit_code == EXIT_TARGETS_FAILED, first.output
+    assert "released fanout's shard lock" in first.output
+    assert fleet.applied(database) == ["001-person"]  # ran, but never recorded
+    (doubt,) = [r for r in json.loads(again.stdout)["results"] if r["status"] == "in-doubt"]
+    assert doubt["in_doubt"]["migration"] == "002-discards"

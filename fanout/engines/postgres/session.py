@@ -447,7 +447,9 @@ class YoyoSession:
         try:
             # Inside the migration's transaction, before the rows: a migration that switched roles
             # must not make fanout record as a role without rights on yoyo's tables.
-            records = [*ORIGINAL_ROLE, *rows()]
+            with self._connection.cursor() as cursor:
+                held = locking.still_held_sql(cursor, self._schema)
+            records = [*ORIGINAL_ROLE, *rows(), held]
             if statements is not None:
                 prologue = self._prologue()
                 self._dirty = True
