@@ -83,6 +83,9 @@ class Mark:
     pid: int
     started_at: datetime
     invalid_before: tuple[str, ...]
+    # MySQL/MariaDB: a rollback that stopped between two statements, none of them in doubt;
+    # `fanout rollback` continues it where it stopped instead of refusing.
+    resumable: bool = False
 
 
 def mark_sql(

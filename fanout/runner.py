@@ -736,7 +736,7 @@ def _rollback_service(
             "pending": tuple(m.id for m in plan.migrations if m.id not in now),
         }
 
-    doubtful = [shard.marks[m] for m in plan.undo if m in shard.marks]
+    doubtful = [shard.marks[m] for m in plan.undo if m in shard.marks and not shard.marks[m].resumable]
     if doubtful and not state.rolled_back:
         # A migration the request selects was started (applied or rolled back) and never recorded:
         # what the shard holds of it is unknown, so nothing of this service is rolled back around it.

@@ -21,6 +21,7 @@ from yoyo import read_migrations
 
 from fanout.directory import Target
 from fanout.engines.mysql import MySQLSession, migration_statements
+from fanout.engines.mysql.base import _rollback_statements
 from fanout.errors import EXIT_OK, EXIT_PENDING, EXIT_TARGETS_FAILED
 from fanout.locking import Owner
 
@@ -240,3 +241,39 @@ def test_schema_inspection_fails_a_mariadb_shard_cleanly_and_reads_the_postgresq
     assert inspected.exit_code == EXIT_TARGETS_FAILED, inspected.output
     assert "schema inspection reads PostgreSQL catalogs only" in inspected.output
     assert "internal error" not in inspected.output
+
+
+def test_a_rollback_stopped_between_statements_is_in_doubt_until_rollback_continues_it(
+    fleet: Fleet, maria: Any, tmp_path: Path
+) -> None:
+    (shard,) = maria.databases(1)
+    fleet.publish(PORTABLE)
+    fleet.write_env(targets=[{"id": "maria", "dsn": mysql_dsn(maria, shard)}])
+    assert fleet.cli("apply", "--env", "test").exit_code == EXIT_OK
+    # What a kill after the first statement of 002's rollback leaves: the index dropped, the column still there.
+    (tmp_path / "002-email.sql").write_text(PORTABLE["002-email.sql"])
+    (tmp_path / "002-email.rollback.sql").write_text(PORTABLE["002-email.rollback.sql"])
+    migration = read_migrations(str(tmp_path))[0]
+    opened = MySQLSession(Target.from_dsn("t", maria.url(shard)), Owner(pid=os.getpid(), run_id="run-killed"))
+    try:
+        with opened.lock(5):
+            opened._run_statement(migration, _rollback_statements(migration)[0], "rollback")
+    finally:
+        opened.close()
+
+    status = fleet.cli("status", "--env", "test", "--format", "json")
+    assert status.exit_code == EXIT_TARGETS_FAILED, status.output
+    (result,) = by_target(status.stdout)["maria"]
+    assert result["status"] == "in-doubt"
+    assert (
+        result["in_doubt"]["statement_text"]
+        == "its rollback stopped after statement 1 of 2 (DROP INDEX person_email ON person;)"
+    )
+    assert "`fanout rollback` selecting it continues the rollback" in result["error"]["message"]
+
+    rolled = fleet.cli("rollback", "--env", "test", "--to", "001-person", "--reason", "finish it", "--format", "json")
+    assert rolled.exit_code == EXIT_OK, rolled.output
+    assert maria_applied(maria, shard) == ["001-person"]
+    columns = query(maria, shard, "SELECT column_name FROM information_schema.columns WHERE table_schema = %s "
+                                  "AND table_name = 'person' ORDER BY ordinal_position", (shard,))  # fmt: skip
+    assert columns == [("id",), ("name",)]  # the rollback's second statement ran, its first did not run twice

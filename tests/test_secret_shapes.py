@@ -3,8 +3,8 @@
 Hypothesis draws users and passwords made of the characters that break DSNs (`% / @ : ?
 # =`), non-ASCII letters and ordinary ones, writes them percent-encoded or raw, and feeds
 them through every entry point that takes a DSN or a credential: a static target, the
-`sql` directory's `dsn`, the `http` directory's answers, a PgCat file, and `bootstrap
---target`. Each example runs the real CLI (`-vv`, every report format, `--output` files,
+`sql` directory's `dsn`, the `http` directory's answers, a PgCat file, `bootstrap
+--target`, and a `mysql://` target (static, `http` flavor `mariadb`, bootstrap, unlock). Each example runs the real CLI (`-vv`, every report format, `--output` files,
 run records locally and in S3) and scans all of it for any piece of the password.
 """
 
@@ -15,8 +15,10 @@ import re
 import shutil
 import string
 import textwrap
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import pytest
@@ -170,5 +172,34 @@ def test_no_piece_of_a_password_from_the_sharding_service_is_ever_printed(
                 "host": world.postgres.host, "port": world.postgres.port, "flavor": "postgres", "user": user,
                 "password": password, "database": world.databases[0] if tenant == "acme" else world.databases[1],
             }  # fmt: skip
+        _write(world, f'[directory]\nkind = "http"\nendpoint = "{sharding.url}"\nretries = 0\n')
+        _assert_never_printed(password, _everything(world, runs_dir, _run_commands(world)))
+
+
+@pytest.fixture
+def maria_shard(mariadb: Any) -> Iterator[tuple[Any, str]]:
+    name = f"secrets_{uuid.uuid4().hex[:10]}"
+    mariadb.create_database(name)
+    yield mariadb, name
+    mariadb.drop_database(name)
+
+
+@EXAMPLES
+@given(user=users, password=passwords, encoding=encodings)
+def test_no_piece_of_a_mysql_password_is_ever_printed(
+    world: Fleet, runs_dir: Path, maria_shard: tuple[Any, str], user: str, password: str, encoding: str
+) -> None:
+    mariadb, shard = maria_shard
+    dsn = "mysql" + _dsn(user, password, mariadb.host, mariadb.port, shard, encoding).removeprefix("postgresql")
+    _write(world, f'[directory]\nkind = "static"\n[[directory.targets]]\nid = "m1"\ndsn = {_toml(dsn)}\n')
+    commands = [*_run_commands(world), ["bootstrap", "--env", "test", "--target", dsn, "--create-database"]]
+    commands.append(["unlock", "--env", "test", "--force", "--format", "json"])
+    _assert_never_printed(password, _everything(world, runs_dir, commands))
+    with ShardingService() as sharding:
+        sharding.state.pages = [["acme"]]
+        sharding.state.databases["acme"] = {
+            "host": mariadb.host, "port": mariadb.port, "flavor": "mariadb", "user": user, "password": password,
+            "database": shard,
+        }  # fmt: skip
         _write(world, f'[directory]\nkind = "http"\nendpoint = "{sharding.url}"\nretries = 0\n')
         _assert_never_printed(password, _everything(world, runs_dir, _run_commands(world)))

@@ -61,6 +61,14 @@ def in_doubt_error(doubt: InDoubt) -> TargetError:
             f"in doubt: {doubt.describe()}. Not run again: check the shard, then `fanout resolve --migration "
             f"{doubt.migration} --took-effect` ({again} after it) or `--not-run` ({again} with it)",
         )
+    if doubt.statement is None and doubt.statement_text is not None:
+        # MySQL/MariaDB: a rollback stopped between two statements; rolling back again continues it.
+        return TargetError(
+            ErrorKind.IN_DOUBT,
+            f"in doubt: {doubt.describe()}. `fanout rollback` selecting it continues the rollback where it stopped; "
+            f"or settle it with `fanout mark --migration {doubt.migration}` (it is still applied) or "
+            f"`fanout unmark --migration {doubt.migration}` (its rollback is complete)",
+        )
     if doubt.operation == "rollback":
         return TargetError(
             ErrorKind.IN_DOUBT,

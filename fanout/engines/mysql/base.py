@@ -141,11 +141,15 @@ class _Base:
             "ORDER BY `migration_id`, `statement`"
         )
         marks: dict[str, indoubt.Mark] = {}
+        started: set[str] = set()
         for migration_id, operation, state, run_id, host, pid, updated_at in cursor.fetchall():
             doubtful = state == "started" or (operation == "rollback" and migration_id in applied_ids)
-            if doubtful and (migration_id not in marks or state == "started"):
+            if doubtful and migration_id not in started:
+                if state == "started":
+                    started.add(migration_id)
+                resumable = state != "started"  # a rollback stopped between statements
                 marks[migration_id] = indoubt.Mark(migration_id, operation, run_id, host, pid,
-                                                   updated_at or datetime.min, ())  # fmt: skip
+                                                   updated_at or datetime.min, (), resumable)  # fmt: skip
         return marks
 
     def _doubt(self, migration: Migration, mark: indoubt.Mark) -> InDoubt:
