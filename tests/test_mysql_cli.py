@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +24,7 @@ from yoyo import read_migrations
 from fanout.directory import Target
 from fanout.engines.mysql import MySQLSession, migration_statements
 from fanout.engines.mysql.base import _rollback_statements
-from fanout.errors import EXIT_OK, EXIT_PENDING, EXIT_TARGETS_FAILED
+from fanout.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PENDING, EXIT_TARGETS_FAILED
 from fanout.locking import Owner
 
 MARIADB_PASSWORD = "FANOUT_TEST_MARIADB_PASSWORD"
@@ -277,3 +279,55 @@ def test_a_rollback_stopped_between_statements_is_in_doubt_until_rollback_contin
     columns = query(maria, shard, "SELECT column_name FROM information_schema.columns WHERE table_schema = %s "
                                   "AND table_name = 'person' ORDER BY ordinal_position", (shard,))  # fmt: skip
     assert columns == [("id",), ("name",)]  # the rollback's second statement ran, its first did not run twice
+
+
+def test_a_second_signal_kills_the_mariadb_statement_in_flight_and_releases_the_lock(fleet: Fleet, maria: Any) -> None:
+    (shard,) = maria.databases(1)
+    query(maria, shard, "CREATE TABLE held (id INT PRIMARY KEY, x INT)")
+    query(maria, shard, "INSERT INTO held VALUES (1, 0)")
+    fleet.publish({"001-update.sql": "UPDATE held SET x = 1 WHERE id = 1;\n"})
+    fleet.write_env(targets=[{"id": "maria", "dsn": mysql_dsn(maria, shard)}], extra='[runner]\nlock_timeout = "60s"\n')
+    with maria.admin() as blocker, blocker.cursor() as cursor:
+        cursor.execute(f"USE `{shard}`")
+        cursor.execute("START TRANSACTION")
+        cursor.execute("SELECT * FROM held WHERE id = 1 FOR UPDATE")  # the migration's UPDATE waits on this row
+        process = fleet.spawn("apply", "--env", "test", "--format", "json")
+        waiting = "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE INFO LIKE 'UPDATE held%%'"
+        deadline = time.monotonic() + 60
+        while query(maria, shard, waiting) == [(0,)]:
+            assert time.monotonic() < deadline and process.poll() is None, "the migration never started"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGINT)
+        assert process.stderr is not None
+        first_warning = process.stderr.readline()
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=30)  # far less than the 60 s lock wait
+        cursor.execute("ROLLBACK")
+    assert process.returncode == EXIT_INTERRUPTED, first_warning + stderr
+    (row,) = json.loads(stdout)["results"]
+    assert row["status"] == "skipped" and row["error"]["kind"] == "interrupted", row
+    assert query(maria, shard, "SELECT x FROM held") == [(0,)]
+    assert query(maria, shard, "SELECT COUNT(*) FROM _yoyo_migration") == [(0,)]
+    assert query(maria, shard, "SELECT COUNT(*) FROM yoyo_lock") == [(0,)]  # the lock was given back
+
+
+def test_unlock_on_a_mariadb_shard_refuses_a_live_holder_and_terminates_it_on_request(fleet: Fleet, maria: Any) -> None:
+    (shard,) = maria.databases(1)
+    fleet.publish(PORTABLE)
+    fleet.write_env(targets=[{"id": "maria", "dsn": mysql_dsn(maria, shard)}])
+    holder = MySQLSession(Target.from_dsn("t", maria.url(shard)), Owner(pid=os.getpid(), run_id="run-stuck"))
+    try:
+        with holder.lock(5):
+            refused = fleet.cli("unlock", "--env", "test", "--format", "json")
+            assert refused.exit_code == EXIT_TARGETS_FAILED, refused.output
+            assert "alive" in refused.output
+            ended = fleet.cli("unlock", "--env", "test", "--terminate", "--reason", "stuck since Friday")
+            assert ended.exit_code == EXIT_OK, ended.output
+            assert query(maria, shard, "SELECT COUNT(*) FROM yoyo_lock") == [(0,)]
+    finally:
+        holder.close()
+    applied = fleet.cli("apply", "--env", "test")
+    assert applied.exit_code == EXIT_OK, applied.output
+    assert query(maria, shard, "SELECT action, run_id, reason FROM fanout_lock_log") == [
+        ("terminated", "run-stuck", "stuck since Friday"),
+    ]  # fmt: skip

@@ -472,3 +472,22 @@ def test_bootstrap_creates_a_missing_database_once_and_refuses_an_unquotable_nam
         mariadb.drop_database(name)
     with pytest.raises(TargetFailed, match="not a name fanout quotes safely"):
         ensure_database(target(mariadb, "bad`name"))
+
+
+def test_a_killed_statement_that_answers_normally_is_not_recorded(mariadb: Any, database: str, tmp_path: Path) -> None:
+    # KILL QUERY makes SLEEP return 1 instead of failing: only the watchdog's verdict tells.
+    migrations = by_id(write(tmp_path / "m", {"001-wait.sql": "SELECT SLEEP(30);\n"}))
+    opened = applying(
+        mariadb, database, timeouts=Timeouts(read=None), watching=Watching(Interrupt(), time.monotonic() + 1.5, 1.5)
+    )
+    try:
+        with opened.lock(5):
+            started = time.monotonic()
+            with pytest.raises(EngineError) as raised:
+                opened.apply(migrations["001-wait"], Recording("sha"))
+            took = time.monotonic() - started
+            assert opened.applied() == {} and opened.recorded_checksums() == {}
+    finally:
+        opened.close()
+    assert raised.value.kind is ErrorKind.TARGET_TIMEOUT, raised.value
+    assert took < 15

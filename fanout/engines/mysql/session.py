@@ -56,6 +56,11 @@ from fanout.secret import register
 
 log = logging.getLogger(__name__)
 
+
+class _Killed(pymysql.err.OperationalError):  # type: ignore[misc]
+    """Raised (and caught) inside the session: the watchdog killed the statement, the server answered anyway."""
+
+
 LOCK_POLL_SECONDS = 0.5
 
 
@@ -379,6 +384,7 @@ class MySQLSession(_Base):
                     # No implicit commit: the statement and its mark are one transaction.
                     cursor.execute("START TRANSACTION")
                     cursor.execute(statement.sql)
+                    self._raise_if_killed()
                     cursor.execute(mark, (*params, "done", *owner, operation))
                     cursor.execute("COMMIT")
                     return
@@ -386,6 +392,7 @@ class MySQLSession(_Base):
                 marked = True
                 cursor.execute(statement.sql)
                 ran = True
+                self._raise_if_killed()  # it may have finished: its mark stays `started`
                 cursor.execute(
                     f"UPDATE `{PROGRESS_TABLE}` SET `state` = 'done', `updated_at` = UTC_TIMESTAMP(6) "
                     "WHERE `migration_id` = %s AND `statement` = %s",
@@ -426,6 +433,12 @@ class MySQLSession(_Base):
                 else ErrorKind.IN_DOUBT
             )
             raise engine_error(TargetError(kind, message, migration.id), retryable=retryable, in_doubt=doubt) from None
+
+    def _raise_if_killed(self) -> None:
+        """After the run's watchdog sent KILL QUERY, nothing more commits, even when the server answered as if the
+        statement had finished (a killed SLEEP returns 1, not an error)."""
+        if self._watch is not None and self._watch.handle.reason is not None:
+            raise _Killed(1317, "Query execution was interrupted")
 
     def _refused_whole(self, error: BaseException) -> bool:
         """Did the server refuse the statement before changing anything?
@@ -520,6 +533,7 @@ class MySQLSession(_Base):
                         cursor.execute(statement)
                     else:
                         cursor.execute(*statement)
+                self._raise_if_killed()
                 cursor.execute("COMMIT")
         except BaseException:
             self._rollback_quietly()
