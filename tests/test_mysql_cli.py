@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -331,3 +332,30 @@ def test_unlock_on_a_mariadb_shard_refuses_a_live_holder_and_terminates_it_on_re
     assert query(maria, shard, "SELECT action, run_id, reason FROM fanout_lock_log") == [
         ("terminated", "run-stuck", "stuck since Friday"),
     ]  # fmt: skip
+
+
+def test_a_lock_wait_timeout_on_mariadb_is_retried_and_the_report_says_so(fleet: Fleet, maria: Any) -> None:
+    (shard,) = maria.databases(1)
+    query(maria, shard, "CREATE TABLE busy (id INT PRIMARY KEY)")
+    fleet.publish({"001-alter.sql": "ALTER TABLE busy ADD COLUMN note VARCHAR(20);\n"})
+    fleet.write_env(
+        targets=[{"id": "maria", "dsn": mysql_dsn(maria, shard)}],
+        extra='[runner]\nlock_timeout = "1s"\nretries = 5\nretry_backoff = 0.5\n',
+    )
+    blocker = maria.admin()
+    try:
+        with blocker.cursor() as cursor:
+            cursor.execute(f"USE `{shard}`")
+            cursor.execute("START TRANSACTION")
+            cursor.execute("SELECT * FROM busy")  # a metadata lock the ALTER waits for, 1 s at a time
+        release = threading.Timer(2.5, blocker.rollback)
+        release.start()
+        applied = fleet.cli("apply", "--env", "test", "--format", "json")
+        release.join()
+    finally:
+        blocker.close()
+    assert applied.exit_code == EXIT_OK, applied.output
+    (row,) = json.loads(applied.stdout)["results"]
+    assert row["status"] == "applied"
+    assert row["retries"] and all("(1205)" in r["reason"] for r in row["retries"]), row["retries"]
+    assert query(maria, shard, "SELECT COUNT(*) FROM fanout_progress") == [(0,)]  # nothing was left in doubt
