@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from conftest import Fleet
+from tcp_faults import StallingProxy
 from yoyo import read_migrations
 
 from fanout.directory import Target
@@ -359,3 +360,25 @@ def test_a_lock_wait_timeout_on_mariadb_is_retried_and_the_report_says_so(fleet:
     assert row["status"] == "applied"
     assert row["retries"] and all("(1205)" in r["reason"] for r in row["retries"]), row["retries"]
     assert query(maria, shard, "SELECT COUNT(*) FROM fanout_progress") == [(0,)]  # nothing was left in doubt
+
+
+def test_a_mariadb_shard_that_stops_answering_is_found_by_the_liveness_check(fleet: Fleet, maria: Any) -> None:
+    quiet, stalled = maria.databases(2)
+    fleet.publish({"001-a.sql": "CREATE TABLE a (id INT);\n", "002-b.sql": "CREATE TABLE stall_here_b (id INT);\n"})
+    with StallingProxy((maria.host, maria.port), b"stall_here_b") as proxy:
+        proxied = f"mysql://{maria.user}:${{{MARIADB_PASSWORD}}}@127.0.0.1:{proxy.port}/{stalled}"
+        targets = [{"id": "quiet", "dsn": mysql_dsn(maria, quiet)}, {"id": "stalled", "dsn": proxied}]
+        fleet.write_env(targets=targets, extra="[runner]\nliveness_check = 1\n")
+        started = time.monotonic()
+        result = fleet.cli("apply", "--env", "test", "--format", "json")
+        elapsed = time.monotonic() - started
+        assert proxy.stalled.is_set()
+
+    assert result.exit_code == EXIT_TARGETS_FAILED, result.output
+    assert elapsed < 30  # the check (1 s), the proof that the session sits idle (2 s), process and imports
+    rows = by_target(result.stdout)
+    error = rows["stalled"][0]["error"]
+    assert error["kind"] == "unresponsive", error
+    assert "a second connection found the server no longer working on it" in error["message"]
+    assert rows["quiet"][0]["status"] == "applied"
+    assert maria_applied(maria, stalled) == ["001-a"]

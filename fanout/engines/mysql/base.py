@@ -100,8 +100,7 @@ class _Base:
         verdict = self._watch.verdict() if self._watch is not None else None
         if verdict is not None:
             return verdict
-        failure = failure_of(error, otherwise=otherwise)
-        return failure
+        return failure_of(error, otherwise=otherwise)
 
     def _tables(self, cursor: Any, names: Sequence[str]) -> set[str]:
         cursor.execute(

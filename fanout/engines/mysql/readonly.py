@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any
@@ -121,8 +122,6 @@ class ReadOnlySession(_Base):
                     cursor.execute(f"SELECT `migration_hash`, `migration_id` FROM `{MIGRATION_TABLE}`")
                     return {str(h): str(i) for h, i in cursor.fetchall()}
                 # yoyo < 6 kept ids, not hashes.
-                import hashlib
-
                 cursor.execute(f"SELECT `id` FROM `{MIGRATION_TABLE}`")
                 return {hashlib.sha256(str(r[0]).encode()).hexdigest(): str(r[0]) for r in cursor.fetchall()}
         except pymysql.err.MySQLError as e:
