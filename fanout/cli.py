@@ -697,6 +697,7 @@ def shards(env: Environment, fmt: str) -> None:
         payload = [
             {
                 "id": t.id,
+                "engine": t.engine,
                 "server": t.server,
                 "database": t.dbname,
                 "schema": t.schema,

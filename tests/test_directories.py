@@ -174,6 +174,7 @@ def test_http_directory_mysql_and_mariadb_flavors_are_mysql_targets_beside_postg
     assert targets[database]["dsn"].startswith("postgresql://postgres@")
     assert targets["tenant_my"]["dsn"] == "mysql://migrator@my-db:3306/tenant_my"
     assert targets["tenant_my"]["server"] == "my-db:3306"
+    assert (targets["tenant_my"]["engine"], targets[database]["engine"]) == ("mysql", "postgresql")
     # mariadb is the mysql engine (the server's flavor is read when connecting); one database, two tenants.
     assert targets["tenant_maria"]["dsn"] == "mysql://migrator@my-db:3307/tenant_maria"
     assert targets["tenant_maria"]["tenants"] == ["maria", "maria-2"]
