@@ -79,6 +79,8 @@ lock:
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
 
-## The benchmark table (issue targets); minutes, not part of `make test` (a smoke run is).
-bench: $(VENV)/.installed-test
+## The benchmark tables (issue targets): PostgreSQL, then MariaDB (bench/mariadb.py, about 20 minutes;
+## skipped with one line without mariadb-server); not part of `make test` (a smoke run of each is).
+bench: $(VENV)/.installed-test mariadb
 	$(BIN)/python bench/fleet.py
+	$(BIN)/python bench/mariadb.py
