@@ -15,6 +15,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, cast, runtime_checkable
 
+from fanout.interrupt import Reason
 from fanout.report import ErrorKind, InDoubt, LockHolder, TargetError
 
 if TYPE_CHECKING:
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     from fanout.config import TcpSettings
     from fanout.directory import Target
     from fanout.engines.connections import Connections
-    from fanout.interrupt import Interrupt
+    from fanout.interrupt import Interrupt, Watched
     from fanout.options import RunOptions
 
 
@@ -192,6 +193,75 @@ class Resolving(Protocol):
     def resolve_statement(self, migration: Migration, *, took_effect: bool, reason: str) -> str | None:
         """Settle the statement of `migration` in doubt; what was done, or None when nothing is in doubt."""
         ...
+
+
+class WritesNothing:
+    """The writing half of a Session for a read-only (plan) session: it runs and records nothing.
+
+    A dry run goes through the runner's own procedure; only these answers differ.
+    """
+
+    def apply(self, migration: Migration, recording: Recording | None = None) -> bool:
+        """Plan mode: record nothing, run nothing."""
+        return False
+
+    def rollback(self, migration: Migration, recorded: Recording, reason: str | None) -> bool:
+        """Plan mode: a dry run of a rollback rolls nothing back."""
+        return False
+
+    def run_hook(self, migration: Migration) -> None:
+        """Plan mode: hooks are not run."""
+
+    def failed_hooks(self) -> set[str]:
+        return set()  # plan runs no hook, so it has none to remember
+
+    def note_hook(self, hook_id: str, sha256: str, *, failed: bool, reason: str | None) -> None:
+        """Plan mode: nothing is written."""
+
+    def adopt(self, changes: Sequence[ChecksumChange], environment: str, reason: str | None) -> None:
+        raise EngineError(TargetError(ErrorKind.INTERNAL, "a read-only session records nothing"))
+
+    def settle(self, items: Sequence[SettleItem], *, record: bool, reason: str, force: bool) -> Settled:
+        raise EngineError(TargetError(ErrorKind.INTERNAL, "a read-only session records nothing"))
+
+
+def watchdog_verdict(
+    handle: Watched, *, grace: float, target_timeout: float | None, cancel: str, still_working: str
+) -> EngineError | None:
+    """What the run's watchdog did to a session's connection, as the target's error (None: nothing).
+
+    `cancel` names how the engine cancels a statement ("a cancel request", "KILL QUERY");
+    `still_working` is what a statement cancelled at the target timeout left behind.
+    """
+    if handle.reason is None:
+        return None
+    cut = (
+        f"no answer {grace:g}s after {cancel}: connection abandoned "
+        "(the server frees the shard's lock when it ends the session)"
+    )
+    if handle.reason is Reason.ABORT:
+        message = "cancelled by a second interrupt" + (f"; {cut}" if handle.abandoned else "")
+        return EngineError(TargetError(ErrorKind.INTERRUPTED, message))
+    if handle.reason is Reason.SILENT:
+        return EngineError(
+            TargetError(
+                ErrorKind.UNRESPONSIVE,
+                f"the shard stopped answering: no answer for {handle.silent_for:.0f}s, and a second connection "
+                "found the server no longer working on it; connection abandoned (the server frees the "
+                "shard's lock when it ends the session)",
+            )
+        )
+    if handle.abandoned:
+        return EngineError(
+            TargetError(
+                ErrorKind.UNRESPONSIVE,
+                f"the shard stopped answering: still waiting at the target timeout ({target_timeout or 0:g}s), "
+                f"then {cut}",
+            )
+        )
+    return EngineError(
+        TargetError(ErrorKind.TARGET_TIMEOUT, f"target timeout ({target_timeout or 0:g}s): {still_working}")
+    )
 
 
 class Engine(Protocol):

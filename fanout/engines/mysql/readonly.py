@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
@@ -16,7 +16,7 @@ from fanout import checksums, indoubt
 from fanout.checksums import LOG_TABLE as CHECKSUM_LOG_TABLE
 from fanout.checksums import TABLE as CHECKSUM_TABLE
 from fanout.directory import Target
-from fanout.engines import ChecksumChange, Recording, Settled, SettleItem
+from fanout.engines import WritesNothing
 from fanout.engines.mysql.base import DEFAULT_TIMEOUTS, NO_SETTINGS, _Base
 from fanout.engines.mysql.core import (
     MIGRATION_TABLE,
@@ -24,18 +24,17 @@ from fanout.engines.mysql.core import (
     Endpoint,
     Settings,
     Timeouts,
-    engine_error,
     flavor_of,
     lock_name,
     settings_sql,
 )
 from fanout.engines.mysql.watch import Watching
 from fanout.locking import OWNER_TABLE, YOYO_LOCK_TABLE
-from fanout.report import ErrorKind, InDoubt, LockHolder, TargetError
+from fanout.report import InDoubt, LockHolder
 from fanout.secret import register
 
 
-class ReadOnlySession(_Base):
+class ReadOnlySession(WritesNothing, _Base):
     """Reads yoyo's and fanout's tables inside READ ONLY transactions; creates nothing and takes no lock.
 
     Works as a user with only SELECT: a plan, status or verify never writes a shard.
@@ -148,29 +147,6 @@ class ReadOnlySession(_Base):
 
     def in_doubt(self, migration: Migration, mark: indoubt.Mark, *, repair: bool) -> tuple[InDoubt | None, str | None]:
         return self._doubt(migration, mark), None
-
-    def apply(self, migration: Migration, recording: Recording | None = None) -> bool:
-        """Plan mode: record nothing, run nothing."""
-        return False
-
-    def rollback(self, migration: Migration, recorded: Recording, reason: str | None) -> bool:
-        """Plan mode: a dry run of a rollback rolls nothing back."""
-        return False
-
-    def run_hook(self, migration: Migration) -> None:
-        """Plan mode: hooks are not run."""
-
-    def failed_hooks(self) -> set[str]:
-        return set()  # plan runs no hook, so it has none to remember
-
-    def note_hook(self, hook_id: str, sha256: str, *, failed: bool, reason: str | None) -> None:
-        """Plan mode: nothing is written."""
-
-    def adopt(self, changes: Sequence[ChecksumChange], environment: str, reason: str | None) -> None:
-        raise engine_error(TargetError(ErrorKind.DATABASE, "a read-only session records nothing"))
-
-    def settle(self, items: Sequence[SettleItem], *, record: bool, reason: str, force: bool) -> Settled:
-        raise engine_error(TargetError(ErrorKind.DATABASE, "a read-only session records nothing"))
 
     def close(self, *, reuse: bool = False) -> None:
         if self._connection is not None:

@@ -20,12 +20,12 @@ import pymysql.connections
 import pymysql.err
 
 from fanout.config import TcpSettings
-from fanout.engines import EngineError
+from fanout.engines import EngineError, watchdog_verdict
 from fanout.engines.mysql.core import (
     engine_error,
     error_code,
 )
-from fanout.interrupt import Interrupt, Reason
+from fanout.interrupt import Interrupt
 from fanout.report import ErrorKind, TargetError
 
 log = logging.getLogger(__name__)
@@ -155,31 +155,10 @@ class _Watch:
 
     def verdict(self) -> EngineError | None:
         """What the watchdog did to the connection, as the target's error (None: nothing)."""
-        handle = self.handle
-        if handle.reason is None:
-            return None
-        cut = (
-            f"no answer {self._watchdog.grace:g}s after KILL QUERY: connection abandoned "
-            "(the server frees the shard's lock when it ends the session)"
+        return watchdog_verdict(
+            self.handle,
+            grace=self._watchdog.grace,
+            target_timeout=self._watching.target_timeout,
+            cancel="KILL QUERY",
+            still_working="still working: its statement was killed (KILL QUERY)",
         )
-        if handle.reason is Reason.ABORT:
-            message = "cancelled by a second interrupt" + (f"; {cut}" if handle.abandoned else "")
-            return engine_error(TargetError(ErrorKind.INTERRUPTED, message))
-        if handle.reason is Reason.SILENT:
-            return engine_error(
-                TargetError(
-                    ErrorKind.UNRESPONSIVE,
-                    f"the shard stopped answering: no answer for {handle.silent_for:.0f}s, and a second connection "
-                    "found the server no longer working on it; connection abandoned (the server frees the "
-                    "shard's lock when it ends the session)",
-                )
-            )
-        timeout = self._watching.target_timeout
-        if handle.abandoned:
-            return engine_error(
-                TargetError(
-                    ErrorKind.UNRESPONSIVE,
-                    f"the shard stopped answering: still waiting at the target timeout ({timeout or 0:g}s), then {cut}",
-                )
-            )
-        return timed_out(timeout, "still working: its statement was killed (KILL QUERY)")

@@ -15,12 +15,9 @@ from psycopg2 import sql
 
 from fanout import pooler
 from fanout.directory import Target
-from fanout.engines import (
-    EngineError,
-    timed_out,
-)
+from fanout.engines import EngineError, watchdog_verdict
 from fanout.engines.postgres.cancel import PgCancel
-from fanout.interrupt import Interrupt, Reason, Watched
+from fanout.interrupt import Interrupt, Watched
 from fanout.options import RunOptions, SessionSettings
 from fanout.report import ErrorKind, TargetError
 from fanout.secret import error_line
@@ -167,34 +164,14 @@ class Watch:
 
     def classify(self, error: psycopg2.Error, *, otherwise: ErrorKind = ErrorKind.DATABASE) -> EngineError:
         """What `error` means, given what the watchdog did to the connection (if anything)."""
-        handle = self.handle
-        if handle.reason is None:
-            return classify_database_error(error, otherwise=otherwise)
-        cut = (
-            f"no answer {self._watchdog.grace:g}s after a cancel request: connection abandoned "
-            "(the server frees the shard's lock when it ends the session)"
+        verdict = watchdog_verdict(
+            self.handle,
+            grace=self._watchdog.grace,
+            target_timeout=self._options.target_timeout,
+            cancel="a cancel request",
+            still_working="still working: cancelled and rolled back",
         )
-        if handle.reason is Reason.ABORT:
-            message = "cancelled by a second interrupt" + (f"; {cut}" if handle.abandoned else "")
-            return EngineError(TargetError(ErrorKind.INTERRUPTED, message))
-        if handle.reason is Reason.SILENT:
-            return EngineError(
-                TargetError(
-                    ErrorKind.UNRESPONSIVE,
-                    f"the shard stopped answering: no answer for {handle.silent_for:.0f}s, and a second connection "
-                    "found the server no longer working on it; connection abandoned (the server frees the "
-                    "shard's lock when it ends the session)",
-                )
-            )
-        if handle.abandoned:
-            return EngineError(
-                TargetError(
-                    ErrorKind.UNRESPONSIVE,
-                    f"the shard stopped answering: still waiting at the target timeout "
-                    f"({self._options.target_timeout:g}s), then {cut}",
-                )
-            )
-        return timed_out(self._options, "still working: cancelled and rolled back")
+        return verdict or classify_database_error(error, otherwise=otherwise)
 
 
 def connection_lost(error: psycopg2.Error) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import psycopg2
@@ -15,13 +15,7 @@ from yoyo.migrations import Migration
 
 from fanout import checksums, indoubt, locking
 from fanout.directory import Target
-from fanout.engines import (
-    ChecksumChange,
-    EngineError,
-    Recording,
-    Settled,
-    SettleItem,
-)
+from fanout.engines import EngineError, WritesNothing
 from fanout.engines.connections import Connections
 from fanout.engines.postgres.connection import (
     TrackedConnection,
@@ -41,10 +35,10 @@ from fanout.engines.postgres.migrations import (
 )
 from fanout.interrupt import Interrupt
 from fanout.options import RunOptions
-from fanout.report import ErrorKind, InDoubt, LockHolder, TargetError
+from fanout.report import InDoubt, LockHolder
 
 
-class ReadOnlySession:
+class ReadOnlySession(WritesNothing):
     """Reads yoyo's tables inside READ ONLY transactions; creates nothing and takes no lock."""
 
     def __init__(
@@ -156,29 +150,6 @@ class ReadOnlySession:
                 return examine(cursor, self._schema, self._schema_only, migration, mark)[0], None
         except psycopg2.Error as e:
             raise self._watch.classify(e) from None
-
-    def apply(self, migration: Migration, recording: Recording) -> bool:
-        """Plan mode: record nothing, run nothing."""
-        return False
-
-    def rollback(self, migration: Migration, recorded: Recording, reason: str | None) -> bool:
-        """Plan mode: a dry run of a rollback rolls nothing back."""
-        return False
-
-    def run_hook(self, migration: Migration) -> None:
-        """Plan mode: hooks are not run."""
-
-    def failed_hooks(self) -> set[str]:
-        return set()  # plan runs no hook, so it has none to remember
-
-    def note_hook(self, hook_id: str, sha256: str, *, failed: bool, reason: str | None) -> None:
-        """Plan mode: nothing is written."""
-
-    def adopt(self, changes: Sequence[ChecksumChange], environment: str, reason: str | None) -> None:
-        raise EngineError(TargetError(ErrorKind.INTERNAL, "a read-only session records nothing"))
-
-    def settle(self, items: Sequence[SettleItem], *, record: bool, reason: str, force: bool) -> Settled:
-        raise EngineError(TargetError(ErrorKind.INTERNAL, "a read-only session records nothing"))
 
     def close(self, *, reuse: bool = False) -> None:
         self._watch.release()
