@@ -53,12 +53,17 @@ _INVALID_SQL = (
 # The INVALID indexes of one schema, through indexed lookups only: the schema's relations by their
 # dependency on it (pg_depend), their indexes (pg_index by indrelid). Scanning pg_index instead
 # costs time in proportion to every index of the database, for each of thousands of tenant schemas.
+# No join either: planning joins of catalogs that other sessions are filling (DDL in other tenant
+# schemas) probes the ends of their indexes for merge-join estimates, 2.7 ms of planning per schema
+# at 10,000 schemas, four times the execution; lookups by a subquery's value are not estimated that way.
+# An index lives in the schema of its table, so the schema's name is the index's.
 _SCHEMA_INVALID_SQL = (
-    "SELECT coalesce(array_agg(format('%I.%I', n.nspname, c.relname) ORDER BY 1), '{{}}') "
-    "FROM pg_catalog.pg_namespace n JOIN pg_catalog.pg_depend d ON d.refclassid = 'pg_catalog.pg_namespace'::regclass "
-    "AND d.refobjid = n.oid AND d.classid = 'pg_catalog.pg_class'::regclass "
-    "JOIN pg_catalog.pg_index i ON i.indrelid = d.objid AND NOT i.indisvalid "
-    "JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid WHERE n.nspname = '{schema}'"
+    "SELECT coalesce(array_agg(format('%I.%I', '{schema}', "
+    "(SELECT c.relname FROM pg_catalog.pg_class c WHERE c.oid = i.indexrelid)) ORDER BY 1), '{{}}') "
+    "FROM pg_catalog.pg_index i WHERE NOT i.indisvalid AND i.indrelid = ANY (ARRAY("
+    "SELECT d.objid FROM pg_catalog.pg_depend d WHERE d.refclassid = 'pg_catalog.pg_namespace'::regclass "
+    "AND d.classid = 'pg_catalog.pg_class'::regclass "
+    "AND d.refobjid = (SELECT n.oid FROM pg_catalog.pg_namespace n WHERE n.nspname = '{schema}')))"
 )
 # Schemas made by initdb are pinned on PostgreSQL 14 and older: no dependency on them is recorded.
 _PINNED = frozenset({"public", "pg_catalog", "information_schema", "pg_toast"})

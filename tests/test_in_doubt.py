@@ -300,3 +300,36 @@ def test_a_lock_timeout_midway_through_an_index_build_is_not_retried_blindly(fle
     assert row["error"]["invalid_indexes"] == ["public.big_k"]
     assert again == EXIT_OK, second  # the writer is gone: the repair drops the INVALID index and builds it
     assert index_state(fleet, name) is True and marks(fleet, name) == []
+
+
+def test_a_tenant_schemas_invalid_index_is_its_own_and_no_other_tenants(fleet: Fleet) -> None:
+    # Schema targets look their INVALID indexes up by the schema's own relations (pg_depend),
+    # not by scanning pg_index: the index a failed build left in one tenant is that tenant's alone.
+    (database,) = fleet.add_databases(1)
+    for schema in ("tenant_a", "tenant_b", 'tenant_"c'):
+        fleet.query(database, f'CREATE SCHEMA "{schema.replace(chr(34), chr(34) * 2)}"')
+    fleet.publish(
+        {
+            "001-person.sql": "CREATE TABLE person (name TEXT);\nINSERT INTO person VALUES ('same'), ('same');",
+            "002-index.sql": "-- transactional: false\n-- depends: 001-person\n"
+            "CREATE UNIQUE INDEX CONCURRENTLY person_name ON person (name);",
+        }
+    )
+    fleet.write_env(
+        extra="[directory.schemas]\nquery = \"SELECT nspname FROM pg_namespace WHERE nspname LIKE 'tenant%'\"\n"
+    )
+    text = (fleet.environments_dir / "test.toml").read_text()
+    head, targets = text.split("[[directory.targets]]", 1)  # [directory.schemas] belongs before the targets
+    targets_block, schemas_block = targets.split("[directory.schemas]")
+    (fleet.environments_dir / "test.toml").write_text(
+        head + "[directory.schemas]" + schemas_block + "[[directory.targets]]" + targets_block
+    )
+    fleet.query(database, "CREATE TABLE tenant_b.person (name TEXT)")  # tenant_b's 001 fails: no index there
+
+    result = fleet.cli("apply", "--env", "test", "--format", "json")
+
+    assert result.exit_code == EXIT_TARGETS_FAILED, result.output
+    errors = {r["schema"]: r["error"] for r in json.loads(result.stdout)["results"]}
+    assert errors["tenant_a"]["invalid_indexes"] == ["tenant_a.person_name"]
+    assert errors['tenant_"c']["invalid_indexes"] == ['"tenant_""c".person_name']
+    assert errors["tenant_b"]["kind"] == "migration" and errors["tenant_b"]["invalid_indexes"] == []
