@@ -353,6 +353,12 @@ class _Backend(MySQLBackend):  # type: ignore[misc]
         # yoyo finds out by creating and dropping a table; MySQL and MariaDB never roll DDL back.
         return False
 
+    def quote_identifier(self, identifier: str) -> str:
+        # yoyo asks the server for sql_mode (SHOW VARIABLES, a round trip and a slow statement that
+        # does not run in parallel) on every call, to use double quotes under ANSI_QUOTES. Backticks
+        # quote an identifier under every sql_mode, ANSI_QUOTES included: the statements mean the same.
+        return "`" + identifier.replace("`", "``") + "`"
+
 
 @dataclass(frozen=True, slots=True)
 class ProgressRow:
