@@ -133,6 +133,7 @@ def read_shard(mariadb: Any, database: str) -> tuple[Shard, dict[tuple[str, int]
         # A killed child's statement may still run on the server (it finishes what it was sent):
         # reading its table can wait for its metadata lock, never longer than this.
         cursor.execute("SET SESSION lock_wait_timeout = 120")
+        sessions_ended(cursor, database)
         cursor.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = %s", (database,))
         tables = {r[0] for r in cursor.fetchall()}
         cursor.execute(
@@ -165,6 +166,23 @@ def read_shard(mariadb: Any, database: str) -> tuple[Shard, dict[tuple[str, int]
         cursor.execute("SELECT COUNT(*) FROM yoyo_lock") if "yoyo_lock" in tables else None
         locks = cursor.fetchone()[0] if "yoyo_lock" in tables else 0
     return shard, marks, recorded, locks
+
+
+def sessions_ended(cursor: Any, database: str) -> None:
+    """Wait (bounded) until no other session works in `database`: a killed child's last statement runs on.
+
+    Read while it runs, information_schema skips a table that a copying ALTER is swapping in
+    (MariaDB opens no table it cannot lock there): an index that exists then looks missing.
+    """
+    deadline = time.monotonic() + 120
+    while True:
+        cursor.execute(
+            "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE DB = %s AND ID <> CONNECTION_ID()", (database,)
+        )
+        if cursor.fetchone()[0] == 0:
+            return
+        assert time.monotonic() < deadline, f"a session still works in {database} after 120 s"
+        time.sleep(0.1)
 
 
 def check_invariants(mariadb: Any, database: str) -> tuple[dict[tuple[str, int], str], set[str]]:
