@@ -304,5 +304,4 @@ _MODULES = {"postgresql": "fanout.engines.postgres", "mysql": "fanout.engines.my
 
 def for_target(target: Target) -> Engine:
     """The engine that speaks to `target`'s database."""
-    name = getattr(target, "engine", "postgresql")
-    return cast("Engine", importlib.import_module(_MODULES[name]))
+    return cast("Engine", importlib.import_module(_MODULES[target.engine]))
