@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
 from fanout import inspection, lint, runner, runs, schema, source
 from fanout.config import Environment, S3Location, UnpublishedPolicy, interpolate
@@ -31,6 +32,7 @@ from fanout.rollout import WHOLE_FLEET, FailureBudget, Limits, Slice, Waves
 ResultCallback = Callable[[TargetResult], None]
 StartCallback = Callable[[int, list[int]], None]  # (targets, wave sizes)
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def new_run_id() -> str:
@@ -202,17 +204,13 @@ def _adopt(
     interrupt: Interrupt | None,
 ) -> list[runner.Adoption]:
     interrupt = interrupt or Interrupt()
-    # A signal before the shards are reached ends the command at once: nothing was touched.
-    targets = interrupt.until_stopped(lambda: _named_targets(env, target_ids), "listing the shard directory")
-    options = _options(env, Mode.APPLY, settings)
-    with tempfile.TemporaryDirectory(prefix="fanout-snapshot-") as workdir:
-        snapshot = interrupt.until_stopped(
-            lambda: source.take_snapshot(env, env.select_services(()), Path(workdir)), "reading the migrations"
-        )
-        return runner.adopt(
+    return _on_named_shards(
+        env, target_ids, settings, interrupt,
+        lambda snapshot, targets, options: runner.adopt(
             snapshot, targets, options, environment=env.name, run_id=new_run_id(),
             migration_ids=migration_ids, reason=reason, interrupt=interrupt,
-        )  # fmt: skip
+        ),
+    )  # fmt: skip
 
 
 def mark(
@@ -263,16 +261,13 @@ def resolve(
     if not reason.strip():
         raise ConfigError("resolve: --reason must say why; it is logged on each shard")
     interrupt = interrupt or Interrupt()
-    targets = interrupt.until_stopped(lambda: _named_targets(env, target_ids), "listing the shard directory")
-    options = _options(env, Mode.APPLY, settings)
-    with tempfile.TemporaryDirectory(prefix="fanout-snapshot-") as workdir:
-        snapshot = interrupt.until_stopped(
-            lambda: source.take_snapshot(env, env.select_services(()), Path(workdir)), "reading the migrations"
-        )
-        return runner.resolve(
+    return _on_named_shards(
+        env, target_ids, settings, interrupt,
+        lambda snapshot, targets, options: runner.resolve(
             snapshot, targets, options, run_id=new_run_id(), migration_id=migration_id, took_effect=took_effect,
             reason=reason, interrupt=interrupt,
-        )  # fmt: skip
+        ),
+    )  # fmt: skip
 
 
 def _settle(
@@ -292,17 +287,34 @@ def _settle(
     if not reason.strip():
         raise ConfigError(f"{verb}: --reason must say why; it is logged on each shard")
     interrupt = interrupt or Interrupt()
-    # A signal before the shards are reached ends the command at once: nothing was touched.
+    return _on_named_shards(
+        env, target_ids, settings, interrupt,
+        lambda snapshot, targets, options: runner.settle(
+            snapshot, targets, options, run_id=new_run_id(), environment=env.name, migration_ids=migration_ids,
+            record=record, reason=reason, force=force, interrupt=interrupt,
+        ),
+    )  # fmt: skip
+
+
+def _on_named_shards(
+    env: Environment,
+    target_ids: Sequence[str],
+    settings: RunSettings,
+    interrupt: Interrupt,
+    act: Callable[[source.Snapshot, tuple[Target, ...], runner.RunOptions], T],
+) -> T:
+    """List the named targets (all, when none is named) and read every service's migrations, then `act`.
+
+    accept, baseline, mark, unmark and resolve work by hand on shards: a signal before the
+    shards are reached ends the command at once, with nothing touched.
+    """
     targets = interrupt.until_stopped(lambda: _named_targets(env, target_ids), "listing the shard directory")
     options = _options(env, Mode.APPLY, settings)
     with tempfile.TemporaryDirectory(prefix="fanout-snapshot-") as workdir:
         snapshot = interrupt.until_stopped(
             lambda: source.take_snapshot(env, env.select_services(()), Path(workdir)), "reading the migrations"
         )
-        return runner.settle(
-            snapshot, targets, options, run_id=new_run_id(), environment=env.name, migration_ids=migration_ids,
-            record=record, reason=reason, force=force, interrupt=interrupt,
-        )  # fmt: skip
+        return act(snapshot, targets, options)
 
 
 def _named_targets(env: Environment, target_ids: Sequence[str]) -> tuple[Target, ...]:
