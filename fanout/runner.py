@@ -148,6 +148,7 @@ def run(
         for migration in options.at:
             if rollback_selection.owner(graphs, migration) is None:
                 raise ConfigError(f"--at {migration}: no such migration in the run's sets")
+    _note_settings_not_sent(targets, options)
     if on_start is not None:
         on_start(len(targets), options.limits.waves.sizes(len(targets)))
     interrupt = interrupt or Interrupt()
@@ -378,6 +379,26 @@ def ensure_database(target: Target, *, connect_timeout: float = 10.0, tcp: TcpSe
     Safe when two bootstraps race: the loser sees the database exist.
     """
     return engines.for_target(target).ensure_database(target, connect_timeout=connect_timeout, tcp=tcp)
+
+
+def _note_settings_not_sent(targets: Sequence[Target], options: RunOptions) -> None:
+    """Warn once per run, by name, about `[session]` settings some of the run's shards will not get.
+
+    They are PostgreSQL settings: an engine that does not take them opens its sessions
+    without them, and a mixed fleet still runs. Names only: the values add nothing here.
+    """
+    if not options.session.settings:
+        return
+    without: dict[str, int] = {}
+    for target in targets:
+        engine = engines.for_target(target)
+        if not engine.SESSION_SETTINGS:
+            without[engine.NAME] = without.get(engine.NAME, 0) + 1
+    names = ", ".join(name for name, _ in options.session.settings)
+    for engine_name, count in without.items():
+        log.warning(
+            "[session] %s: not sent to the %d %s target(s) of this run (PostgreSQL settings)", names, count, engine_name
+        )
 
 
 # ---- one target ---------------------------------------------------------------------
@@ -928,6 +949,7 @@ def adopt(
     current = {m_id: (p.service, sha) for p in plans for m_id, sha in p.sha256.items()}
     interrupt = interrupt or Interrupt()
     writing = replace(options, mode=Mode.APPLY)
+    _note_settings_not_sent(targets, options)
 
     def one(target: Target) -> Adoption:
         try:
@@ -1028,6 +1050,7 @@ def settle(
         raise ConfigError(f"no migration {', '.join(map(repr, unknown))} in the migration set of any service")
     interrupt = interrupt or Interrupt()
     writing = replace(options, mode=Mode.APPLY)
+    _note_settings_not_sent(targets, options)
 
     def one(target: Target) -> Settlement:
         try:
@@ -1079,6 +1102,7 @@ def resolve(
     migration = found[migration_id]
     interrupt = interrupt or Interrupt()
     writing = replace(options, mode=Mode.APPLY)
+    _note_settings_not_sent(targets, options)
 
     def one(target: Target) -> Settlement:
         if target.engine == "postgresql":

@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -217,6 +218,40 @@ def test_a_statement_in_doubt_is_reported_then_resolved_and_apply_continues(
                                   "AND table_name = 'a' ORDER BY ordinal_position", (shard,))  # fmt: skip
     assert columns == [("id",), ("b",), ("c",)]  # statement 2 was not run again, statement 3 ran
     assert query(maria, shard, "SELECT action, reason FROM fanout_checksum_log") == [("resolved-done", "saw column b")]
+
+
+def test_session_settings_are_named_once_for_mariadb_shards_and_still_reach_postgresql(
+    fleet: Fleet, maria: Any
+) -> None:
+    # Portable SQL whose result shows the session's time zone: PostgreSQL stores local time, in [session] timezone.
+    pg, shards = mixed(fleet, maria, {"001-seen.sql": "CREATE TABLE seen (at TIMESTAMP NULL);\n"
+                                                      "INSERT INTO seen (at) VALUES (CURRENT_TIMESTAMP);\n"})  # fmt: skip
+    fleet.write_env(
+        targets=[{"id": "pg", "dsn": fleet.dsn(pg)}, {"id": "maria-1", "dsn": mysql_dsn(maria, shards[0])},
+                 {"id": "maria-2", "dsn": mysql_dsn(maria, shards[1])}],
+        extra='[session]\ntimezone = "Etc/GMT-14"\nwork_mem = "8MB"\n',
+    )  # fmt: skip
+
+    applied = fleet.cli("apply", "--env", "test", "--format", "json")
+
+    assert applied.exit_code == EXIT_OK, applied.output
+    line = "[session] timezone, work_mem: not sent to the 2 MySQL/MariaDB target(s) of this run (PostgreSQL settings)"
+    assert applied.stderr.count("[session]") == 1 and line in applied.stderr, applied.stderr
+    assert "Etc/GMT-14" not in applied.stderr and "8MB" not in applied.stderr  # names, never values
+    json.loads(applied.stdout)  # the report itself is untouched
+    utc = datetime.now(UTC).replace(tzinfo=None)
+    ((pg_at,),) = fleet.query(pg, "SELECT at FROM seen")
+    assert timedelta(hours=13) < pg_at - utc < timedelta(hours=15)  # UTC+14: the setting reached PostgreSQL
+    for shard in shards:
+        ((maria_at,),) = query(maria, shard, "SELECT at FROM seen")
+        assert abs(maria_at - utc) < timedelta(hours=1)  # fanout's own UTC session, nothing of [session]
+
+    baselined = fleet.cli("baseline", "--env", "test")  # sessions opened outside a run say it too
+    assert baselined.exit_code == EXIT_OK, baselined.output
+    assert baselined.stderr.count(line) == 1, baselined.stderr
+    fleet.write_env(targets=[{"id": "pg", "dsn": fleet.dsn(pg)}], extra='[session]\nwork_mem = "8MB"\n')
+    alone = fleet.cli("plan", "--env", "test")
+    assert alone.exit_code == EXIT_OK and "[session]" not in alone.stderr, alone.stderr
 
 
 def test_bootstrap_creates_a_mariadb_database(fleet: Fleet, maria: Any) -> None:

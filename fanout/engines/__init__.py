@@ -267,6 +267,10 @@ def watchdog_verdict(
 class Engine(Protocol):
     """What an engine module provides."""
 
+    NAME: str  # how a message names the engine's shards: "PostgreSQL", "MySQL/MariaDB"
+    # Its sessions set the environment's `[session]` settings (PostgreSQL settings by name and value).
+    SESSION_SETTINGS: bool
+
     def open_session(
         self,
         target: Target,

@@ -54,6 +54,10 @@ from fanout.locking import Owner
 from fanout.options import RunOptions
 from fanout.report import ErrorKind, Mode, TargetError
 
+NAME = "MySQL/MariaDB"
+# `[session]` holds PostgreSQL settings, whose names and values MySQL does not share: none is sent
+# (its lock and statement limits come from [runner], translated in core.settings_from).
+SESSION_SETTINGS = False
 WRITE_SECONDS = 60.0  # a request the server does not take within this is a dead connection
 UNLOCK_LOCK_SECONDS = 10.0  # unlock's wait for a row lock on the lock table when the environment sets none
 
@@ -117,6 +121,8 @@ def connection_key(target: Target, options: RunOptions, run_id: str) -> str:
 
 
 __all__ = [
+    "NAME",
+    "SESSION_SETTINGS",
     "Endpoint",
     "Flavor",
     "InDoubtError",
