@@ -1105,16 +1105,18 @@ def resolve(
     _note_settings_not_sent(targets, options)
 
     def one(target: Target) -> Settlement:
-        if target.engine == "postgresql":
-            return Settlement(target.id, target.display, (), "PostgreSQL shard: no statement progress to resolve "
+        engine = engines.for_target(target)
+        if not engine.RESOLVING:
+            return Settlement(target.id, target.display, (), f"{engine.NAME} shard: no statement progress to resolve "
                               "(`fanout mark`/`unmark` settle a migration in doubt)")  # fmt: skip
         try:
-            session = engines.for_target(target).open_session(target, writing, run_id, interrupt)
+            session = engine.open_session(target, writing, run_id, interrupt)
         except EngineError as failure:
             return Settlement(target.id, target.display, (), failure.error.message, failed=True)
         try:
-            if not isinstance(session, engines.Resolving):
-                return Settlement(target.id, target.display, (), "no statement progress to resolve on this engine")
+            if not isinstance(session, engines.Resolving):  # the engine's RESOLVING and its session disagree
+                message = f"internal error: a {engine.NAME} session cannot resolve a statement"
+                return Settlement(target.id, target.display, (), message, failed=True)
             with session.lock(options.lock_wait):
                 note = session.resolve_statement(migration, took_effect=took_effect, reason=reason)
         except EngineError as failure:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -25,8 +26,10 @@ from tcp_faults import StallingProxy
 from yoyo import read_migrations
 
 from fanout.directory import Target
+from fanout.engines import Resolving, mysql, postgres
 from fanout.engines.mysql import MySQLSession, migration_statements
 from fanout.engines.mysql.base import _rollback_statements
+from fanout.engines.postgres.session import YoyoSession
 from fanout.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PENDING, EXIT_TARGETS_FAILED
 from fanout.locking import Owner
 
@@ -218,6 +221,36 @@ def test_a_statement_in_doubt_is_reported_then_resolved_and_apply_continues(
                                   "AND table_name = 'a' ORDER BY ordinal_position", (shard,))  # fmt: skip
     assert columns == [("id",), ("b",), ("c",)]  # statement 2 was not run again, statement 3 ran
     assert query(maria, shard, "SELECT action, reason FROM fanout_checksum_log") == [("resolved-done", "saw column b")]
+
+
+def test_resolve_leaves_a_postgresql_shard_alone_without_connecting_to_it(fleet: Fleet, maria: Any) -> None:
+    (shard,) = maria.databases(1)
+    fleet.publish(PORTABLE)
+    with socket.socket() as probe:  # a port nothing listens on: resolve must not even try it
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    targets = [{"id": "pg", "dsn": f"postgresql://postgres@127.0.0.1:{port}/gone"},
+               {"id": "maria", "dsn": mysql_dsn(maria, shard)}]  # fmt: skip
+    fleet.write_env(targets=targets)
+
+    resolved = fleet.cli("resolve", "--env", "test", "--migration", "001-person", "--not-run", "--reason", "checked",
+                         "--format", "json")  # fmt: skip
+
+    assert resolved.exit_code == EXIT_OK, resolved.output
+    settled = {r["target"]: r for r in json.loads(resolved.stdout)}
+    assert settled["pg"] == {
+        "target": "pg", "database": settled["pg"]["database"], "changed": [], "refused": False, "failed": False,
+        "message": "PostgreSQL shard: no statement progress to resolve (`fanout mark`/`unmark` settle a migration "
+        "in doubt)",
+    }  # fmt: skip
+    assert settled["maria"]["message"] == "001-person: no statement in doubt: nothing to do"
+    assert not settled["maria"]["failed"]
+
+
+def test_an_engine_says_it_resolves_exactly_when_its_apply_session_can() -> None:
+    # resolve decides on the engine's word, before any session: it must match the session's capability.
+    assert mysql.RESOLVING and issubclass(MySQLSession, Resolving)
+    assert not postgres.RESOLVING and not issubclass(YoyoSession, Resolving)
 
 
 def test_session_settings_are_named_once_for_mariadb_shards_and_still_reach_postgresql(

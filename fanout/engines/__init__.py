@@ -270,6 +270,9 @@ class Engine(Protocol):
     NAME: str  # how a message names the engine's shards: "PostgreSQL", "MySQL/MariaDB"
     # Its sessions set the environment's `[session]` settings (PostgreSQL settings by name and value).
     SESSION_SETTINGS: bool
+    # It records progress statement by statement, so its apply sessions are Resolving: `fanout resolve`
+    # opens one only on such an engine (on any other there is nothing to settle, and no shard to touch).
+    RESOLVING: bool
 
     def open_session(
         self,

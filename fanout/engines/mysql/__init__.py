@@ -58,6 +58,7 @@ NAME = "MySQL/MariaDB"
 # `[session]` holds PostgreSQL settings, whose names and values MySQL does not share: none is sent
 # (its lock and statement limits come from [runner], translated in core.settings_from).
 SESSION_SETTINGS = False
+RESOLVING = True  # progress is recorded statement by statement (fanout_progress): MySQLSession.resolve_statement
 WRITE_SECONDS = 60.0  # a request the server does not take within this is a dead connection
 UNLOCK_LOCK_SECONDS = 10.0  # unlock's wait for a row lock on the lock table when the environment sets none
 
@@ -122,6 +123,7 @@ def connection_key(target: Target, options: RunOptions, run_id: str) -> str:
 
 __all__ = [
     "NAME",
+    "RESOLVING",
     "SESSION_SETTINGS",
     "Endpoint",
     "Flavor",

@@ -55,12 +55,14 @@ from fanout.options import RunOptions
 from fanout.report import Mode
 
 __all__ = [
-    "APPLICATION_NAME", "MIGRATION_TABLE", "NAME", "SESSION_SETTINGS", "connection_key", "ensure_database",
-    "open_session", "unlock",
+    "APPLICATION_NAME", "MIGRATION_TABLE", "NAME", "RESOLVING", "SESSION_SETTINGS", "connection_key",
+    "ensure_database", "open_session", "unlock",
 ]  # fmt: skip
 
 NAME = "PostgreSQL"
 SESSION_SETTINGS = True  # set on every session, after fanout's own (connection.settings_sql)
+# A migration is one transaction or, when it is not, in doubt as a whole (fanout mark/unmark settle it).
+RESOLVING = False
 
 # How long unlock waits for a row lock on yoyo's lock table when the environment sets no lock_timeout.
 UNLOCK_LOCK_TIMEOUT = "10s"
