@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP_FLAGS := --quiet --disable-pip-version-check
 
-.PHONY: demo test lint typecheck unit bench lock clean pgbouncer mariadb
+.PHONY: demo test test-long lint typecheck unit bench lock clean pgbouncer mariadb
 
 # One virtualenv, a stamp per extra: `make demo` installs only fanout and its embedded
 # stack (.[embedded]); `make test` adds the test tools (.[test], which includes it).
@@ -25,8 +25,15 @@ $(VENV)/.installed-test: pyproject.toml requirements.lock
 demo: $(VENV)/.installed-embedded
 	$(BIN)/fanout demo
 
-## Lint, type-check and the whole test suite (starts its own PostgreSQL and S3).
+## Lint, type-check and the default round of the suite (starts its own PostgreSQL and S3): every
+## test but the long forms (pytest marker `slow`: kill storms, the wheel installed from the index),
+## each of which has a quick form in this round.
 test: lint typecheck pgbouncer mariadb unit
+
+## The same with the long forms too: `make test-long`.
+UNIT_SELECT := -m "not slow"
+test-long: UNIT_SELECT :=
+test-long: test
 
 ## Debian's pgbouncer for tests/test_pooler.py: installed with apt-get when missing (as root).
 ## Under CI=true a missing pgbouncer fails here; elsewhere those tests skip with one line.
@@ -67,7 +74,7 @@ typecheck: $(VENV)/.installed-test
 	$(BIN)/mypy
 
 unit: $(VENV)/.installed-test
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(UNIT_SELECT) $(PYTEST_ARGS)
 
 ## Re-pin the dependency set after changing pyproject.toml.
 lock:
