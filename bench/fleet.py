@@ -63,7 +63,7 @@ TENANT_MIGRATIONS = {
     ),
     "005-first-account.sql": "-- depends: 004-invoice\nINSERT INTO account (name) VALUES ('first');",
 }
-SCHEMA_CONCURRENCY = 16
+SCHEMA_CONCURRENCY = int(os.environ.get("XSC", "16"))
 
 
 def migration_set(count: int) -> dict[str, str]:

@@ -33,7 +33,11 @@ TABLE = "fanout_in_doubt"
 
 
 def create_sql(schema: str) -> str:
-    """The statement that creates the marks table in `schema` (with fanout's other tables) when missing."""
+    """The statement that creates the marks table in `schema` when missing.
+
+    Created before the first mark is written (a non-transactional migration), not with the
+    other tables: most shards never hold a mark. A missing table holds no mark.
+    """
     return (
         f"CREATE TABLE IF NOT EXISTS {qualified(schema, TABLE)} ("
         '"migration_id" TEXT PRIMARY KEY, "operation" TEXT NOT NULL, "run_id" TEXT NOT NULL, "host" TEXT NOT NULL, '
@@ -123,12 +127,21 @@ def clear_sql(cursor: Any, schema: str, migration_id: str) -> str:
     return sql.decode()
 
 
-def read(cursor: Any, schema: str, *, only_schema: bool, marks: bool = True) -> tuple[dict[str, Mark], tuple[str, ...]]:
-    """Every mark of the shard (when `marks`: the table exists) and every INVALID index, in one round trip.
+def read(
+    cursor: Any, schema: str, *, only_schema: bool, marks: bool | None = True
+) -> tuple[dict[str, Mark], tuple[str, ...]]:
+    """Every mark of the shard and every INVALID index, in one round trip (two when `marks` is None and there are some).
 
+    `marks`: whether the marks table exists; None: find out (it is created with the first mark).
     `only_schema`: only the INVALID indexes of `schema` (a schema-per-tenant target), else all of the database's.
     """
     invalid = invalid_sql(schema if only_schema else None)
+    if marks is None:
+        exists = cursor.mogrify("to_regclass(%s) IS NOT NULL", (qualified(schema, TABLE),)).decode()
+        cursor.execute(f"SELECT inv.names, {exists} FROM ({invalid}) AS inv(names)")
+        names, marks = cursor.fetchone()
+        if not marks:
+            return {}, tuple(names)
     if not marks:
         cursor.execute(invalid)
         return {}, tuple(cursor.fetchone()[0])

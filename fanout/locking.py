@@ -70,26 +70,44 @@ class Owner:
     since: datetime | None = None
 
 
+# PostgreSQL 16 takes a column's storage in CREATE TABLE. A table whose variable-length columns
+# are all PLAIN gets no TOAST table and index: half the relations (and about half the server
+# time) of creating fanout's small bookkeeping tables in each of thousands of tenant schemas.
+# Their values are short (names, ids, digests), far below the 8 kB a PLAIN row may hold.
+PLAIN_STORAGE_SINCE = 160000
+
+
+def plain(connection: Any) -> str:
+    """The column suffix that keeps a text column inline (no TOAST table), where the server takes it."""
+    return " STORAGE PLAIN" if connection.server_version >= PLAIN_STORAGE_SINCE else ""
+
+
 def create_tables(connection: Any, schema: str, *, create_schema: bool, extra: Sequence[str] = ()) -> None:
-    """Create the schema (for schema-per-tenant targets), both lock tables and `extra` ones, once, race-free.
+    """Create the schema (for schema-per-tenant targets), both lock tables and `extra` ones, once, race-free."""
+    setup = [*create_once_sql(connection, schema)]
+    if create_schema:
+        setup.append(f"CREATE SCHEMA IF NOT EXISTS {_quote(schema)}")
+    text = "TEXT" + plain(connection)
+    setup += [
+        f"CREATE TABLE IF NOT EXISTS {qualified(schema, YOYO_LOCK_TABLE)} "
+        '("locked" INT DEFAULT 1, "ctime" TIMESTAMP, "pid" INT NOT NULL, PRIMARY KEY ("locked"))',
+        f"CREATE TABLE IF NOT EXISTS {qualified(schema, OWNER_TABLE)} ("
+        f'"locked" INT DEFAULT 1 PRIMARY KEY, "pid" INT NOT NULL, "ctime" TIMESTAMP NOT NULL, '
+        f'"host" {text} NOT NULL, "run_id" {text} NOT NULL, "backend_pid" INT NOT NULL)',
+        *extra,
+    ]
+    in_one_transaction(connection, setup)
+
+
+def create_once_sql(connection: Any, schema: str) -> list[str]:
+    """What a transaction that creates fanout's tables in `schema` starts with.
 
     Concurrent runners would otherwise race inside CREATE ... IF NOT EXISTS and one would
     fail on the catalog's unique index; the transaction-scoped advisory lock orders them.
     A plain yoyo creating `yoyo_lock` at the same instant can still collide; the caller retries.
     """
     with connection.cursor() as cursor:
-        setup = [cursor.mogrify("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_SETUP, schema)).decode()]
-    if create_schema:
-        setup.append(f"CREATE SCHEMA IF NOT EXISTS {_quote(schema)}")
-    setup += [
-        f"CREATE TABLE IF NOT EXISTS {qualified(schema, YOYO_LOCK_TABLE)} "
-        '("locked" INT DEFAULT 1, "ctime" TIMESTAMP, "pid" INT NOT NULL, PRIMARY KEY ("locked"))',
-        f"CREATE TABLE IF NOT EXISTS {qualified(schema, OWNER_TABLE)} ("
-        '"locked" INT DEFAULT 1 PRIMARY KEY, "pid" INT NOT NULL, "ctime" TIMESTAMP NOT NULL, '
-        '"host" TEXT NOT NULL, "run_id" TEXT NOT NULL, "backend_pid" INT NOT NULL)',
-        *extra,
-    ]
-    in_one_transaction(connection, setup)
+        return [cursor.mogrify("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_SETUP, schema)).decode()]
 
 
 @dataclass(frozen=True, slots=True)

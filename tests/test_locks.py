@@ -433,7 +433,13 @@ def test_accept_and_baseline_waiting_for_a_held_lock_stop_on_sigint_with_exit_13
     fleet.publish(MIGRATIONS)
     fleet.write_env()
     assert fleet.cli("apply", "--env", "test").exit_code == EXIT_OK
-    before = fleet.query(name, "SELECT count(*) FROM fanout_checksum_log")
+
+    def logged() -> int:  # the log table is created with its first row
+        if "fanout_checksum_log" not in fleet.tables(name):
+            return 0
+        return int(fleet.query(name, "SELECT count(*) FROM fanout_checksum_log")[0][0])
+
+    before = logged()
     fleet.query(name, "INSERT INTO yoyo_lock VALUES (1, now(), 424242)")  # a plain yoyo holds the shard
     process = fleet.spawn(*command, "--env", "test", "--lock-wait", "120")
     deadline = time.monotonic() + 20
@@ -452,4 +458,4 @@ def test_accept_and_baseline_waiting_for_a_held_lock_stop_on_sigint_with_exit_13
         pytest.fail(f"{command[0]} kept waiting for the lock after SIGINT")
     assert process.returncode == EXIT_INTERRUPTED, (out, err)
     assert "Traceback" not in err and "Aborted" not in err, err
-    assert fleet.query(name, "SELECT count(*) FROM fanout_checksum_log") == before  # nothing recorded
+    assert logged() == before  # nothing recorded

@@ -157,7 +157,7 @@ class _Backend(PostgresqlBackend):  # type: ignore[misc]
                     self.connection,
                     self.bookkeeping,
                     create_schema=bool(self.schema),
-                    extra=(*checksums.create_sql(self.bookkeeping), indoubt.create_sql(self.bookkeeping)),
+                    extra=(checksums.create_sql(self.bookkeeping, "TEXT" + locking.plain(self.connection)),),
                 )
                 return
             except (psycopg2.errors.UniqueViolation, psycopg2.errors.DuplicateObject, psycopg2.errors.DuplicateTable):
@@ -265,6 +265,8 @@ class YoyoSession:
         self._dirty = False
         self._schema_only = target.schema is not None
         self._repair = options.repair_invalid
+        # fanout_checksum_log is created when first written; True once it is known to exist.
+        self._has_log = False
         try:
             plain = connect_kwargs(target, options, run_id)
             if reused is None:
@@ -386,7 +388,7 @@ class YoyoSession:
     def marks_and_invalid(self) -> tuple[dict[str, indoubt.Mark], tuple[str, ...]]:
         try:
             with self._connection.cursor() as cursor:
-                return indoubt.read(cursor, self._schema, only_schema=self._schema_only)
+                return indoubt.read(cursor, self._schema, only_schema=self._schema_only, marks=None)
         except psycopg2.Error as e:
             raise self._watch.classify(e) from None
 
@@ -512,6 +514,7 @@ class YoyoSession:
         """yoyo's `_yoyo_log` "rollback" row and the removal of its `_yoyo_migration` row, as yoyo's
         `rollback_one` writes them, then the removal of fanout's checksum row, logged."""
         backend = self._backend
+        self._create_log()
         rows = [
             self._yoyo_row(backend.log_migration_sql, backend.get_log_data(migration, "rollback")),
             self._yoyo_row(backend.unmark_migration_sql, {"migration_hash": migration.hash}),
@@ -529,7 +532,8 @@ class YoyoSession:
         """Commit the started mark of a non-transactional `operation` in a fresh session, before its
         first statement; returns the INVALID indexes already there (recorded with the mark, so that
         what the operation leaves behind can be told apart later)."""
-        self._clean()
+        # The marks table is created before the first mark (the round trip that restores a fresh session).
+        self._commit_clean([*locking.create_once_sql(self._connection, self._schema), indoubt.create_sql(self._schema)])
         owner = self._owner
         with self._connection.cursor() as cursor:
             _, before = indoubt.read(cursor, self._schema, only_schema=self._schema_only, marks=False)
@@ -640,6 +644,7 @@ class YoyoSession:
 
     def adopt(self, changes: Sequence[ChecksumChange], environment: str, reason: str | None) -> None:
         try:
+            self._create_log()
             statements = [
                 statement
                 for c in changes
@@ -657,6 +662,7 @@ class YoyoSession:
             applied = self.applied()
             marks, _ = self.marks_and_invalid()
             recorded = self.recorded_checksums()
+            self._create_log()
             statements, notes, changed, refused = self._settle_rows(
                 items, applied, marks, recorded, record, reason, force
             )
@@ -818,7 +824,9 @@ class YoyoSession:
     def failed_hooks(self) -> set[str]:
         try:
             with self._connection.cursor() as cursor:
-                return checksums.failed_hooks(cursor, self._schema)
+                failed = checksums.failed_hooks(cursor, self._schema)
+                self._has_log = failed is not None
+                return failed or set()
         except psycopg2.Error as e:
             self._reset()
             raise self._watch.classify(e) from None
@@ -826,12 +834,21 @@ class YoyoSession:
     def note_hook(self, hook_id: str, sha256: str, *, failed: bool, reason: str | None) -> None:
         action = checksums.How.HOOK_FAILED if failed else checksums.How.HOOK_RAN
         try:
+            self._create_log()
             with self._connection.cursor() as cursor:
                 statement = checksums.log_sql(cursor, self._schema, hook_id, None, sha256, action, reason)
             self.record([statement])
         except (psycopg2.Error, EngineError) as e:
             # The report still names the failure; only the reminder for the next run is lost.
             log.warning("%s: could not log post-apply hook %s as %s: %s", self._display, hook_id, action.value, e)
+
+    def _create_log(self) -> None:
+        """Create fanout_checksum_log before its first row is written (its own transaction, once per session)."""
+        if not self._has_log:
+            self._commit_clean(
+                [*locking.create_once_sql(self._connection, self._schema), checksums.create_log_sql(self._schema)]
+            )
+            self._has_log = True
 
     def _reset(self) -> None:
         """Leave the connection usable (to release the lock) after a failed statement."""
