@@ -63,7 +63,7 @@ TENANT_MIGRATIONS = {
     ),
     "005-first-account.sql": "-- depends: 004-invoice\nINSERT INTO account (name) VALUES ('first');",
 }
-SCHEMA_CONCURRENCY = int(os.environ.get("XSC", "16"))
+SCHEMA_CONCURRENCY = 16
 
 
 def migration_set(count: int) -> dict[str, str]:
@@ -413,7 +413,7 @@ class Bench:
             f"{row.measure.cpu / plan.measure.cpu:.2f}x its CPU time"
         )
 
-    def schemas_case(self, n: int, *, with_loop: bool = True) -> None:
+    def schemas_case(self, n: int, *, with_loop: bool = True, concurrency: int = SCHEMA_CONCURRENCY) -> None:
         """One database of N tenant schemas: yoyo's loop and fanout, apply then a no-op pass, each on its own copy."""
         case = f"schemas N={n} M={len(TENANT_MIGRATIONS)}"
         self._fleets += 1
@@ -442,7 +442,7 @@ class Bench:
                                      connections=str(connections(self.postgres, [looped]) - before)))  # fmt: skip
                 base = noop
             before = connections(self.postgres, [fanned])
-            arguments = [command, "--env", str(env), "--format", "json", "--concurrency", str(SCHEMA_CONCURRENCY)]
+            arguments = [command, "--env", str(env), "--format", "json", "--concurrency", str(concurrency)]
             if command == "apply":
                 arguments += ["--runs-dir", str(self.root / "runs")]
             cpu_before = server_cpu(self.postgres)
@@ -451,7 +451,7 @@ class Bench:
             server = server_cpu(self.postgres) - cpu_before
             speedup = "-" if base is None else f"{base.wall / measure.wall:.2f}x"
             self.rows.append(
-                Row(case, f"{label} (concurrency {SCHEMA_CONCURRENCY})", measure, speedup,
+                Row(case, f"{label} (concurrency {concurrency})", measure, speedup,
                     connections=str(connections(self.postgres, [fanned]) - before))
             )  # fmt: skip
             assert measure.cpu is not None
@@ -494,6 +494,9 @@ def main() -> int:
         help="tenant schemas in one database",
     )
     parser.add_argument(
+        "--schema-concurrency", type=int, default=SCHEMA_CONCURRENCY, help="fanout's concurrency in the schema case"
+    )
+    parser.add_argument(
         "--loop-up-to",
         type=int,
         metavar="N",
@@ -524,7 +527,9 @@ def main() -> int:
         for fleet in migrated.values():
             postgres.drop_databases(fleet)
         for n in args.schemas:
-            bench.schemas_case(n, with_loop=args.loop_up_to is None or n <= args.loop_up_to)
+            bench.schemas_case(
+                n, with_loop=args.loop_up_to is None or n <= args.loop_up_to, concurrency=args.schema_concurrency
+            )
         rtt = None
         if args.network:
             with latency_proxy(postgres) as proxied:
