@@ -36,6 +36,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -157,6 +158,50 @@ def yoyo_schema_loop(postgres: EmbeddedPostgres, database: str, schemas: list[st
         with backend.lock():
             backend.apply_migrations(backend.to_apply(migrations))
         backend.connection.close()
+
+
+def on_each_schema(
+    postgres: EmbeddedPostgres,
+    database: str,
+    schemas: list[str],
+    concurrency: int,
+    messages: Callable[[str], list[str]],
+) -> None:
+    """Send each schema's `messages` on one of `concurrency` connections to the database, schemas taken in turn."""
+    pending = iter(schemas)
+    taking = threading.Lock()
+
+    def worker() -> None:
+        with postgres.connect(database) as connection, connection.cursor() as cursor:
+            connection.autocommit = True
+            while True:
+                with taking:
+                    schema = next(pending, None)
+                if schema is None:
+                    return
+                for message in messages(schema):
+                    cursor.execute(message)
+                    if cursor.description is not None:
+                        cursor.fetchall()
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def schema_floor(postgres: EmbeddedPostgres, database: str, schemas: list[str], concurrency: int) -> None:
+    """The tenant migrations' SQL alone: per schema, one transaction per migration, no lock, nothing recorded."""
+    bodies = [f"BEGIN;\n{body}\nCOMMIT" for body in TENANT_MIGRATIONS.values()]
+    on_each_schema(postgres, database, schemas, concurrency, lambda s: [f'SET search_path TO "{s}"', *bodies])
+
+
+def schema_read_floor(postgres: EmbeddedPostgres, database: str, schemas: list[str], concurrency: int) -> None:
+    """What a no-op pass cannot do without: read each schema's applied migrations (one query, one table)."""
+    on_each_schema(
+        postgres, database, schemas, concurrency, lambda s: [f'SELECT "migration_hash" FROM "{s}"."_yoyo_migration"']
+    )
 
 
 def tenant_schemas(postgres: EmbeddedPostgres, database: str, n: int) -> list[str]:
@@ -414,13 +459,21 @@ class Bench:
         )
 
     def schemas_case(self, n: int, *, with_loop: bool = True, concurrency: int = SCHEMA_CONCURRENCY) -> None:
-        """One database of N tenant schemas: yoyo's loop and fanout, apply then a no-op pass, each on its own copy."""
+        """One database of N tenant schemas: yoyo's loop, the SQL-alone floor and fanout, apply then a no-op
+        pass, each on its own copy."""
         case = f"schemas N={n} M={len(TENANT_MIGRATIONS)}"
         self._fleets += 1
-        looped, fanned = f"s{self._fleets}_yoyo", f"s{self._fleets}_fanout"
+        looped, fanned, floored = f"s{self._fleets}_yoyo", f"s{self._fleets}_fanout", f"s{self._fleets}_floor"
         schemas = tenant_schemas(self.postgres, looped, n) if with_loop else []
         tenant_schemas(self.postgres, fanned, n)
+        tenant_schemas(self.postgres, floored, n)
         loop = lambda: yoyo_schema_loop(self.postgres, looped, schemas, self.tenant_folder)  # noqa: E731
+        every = [f"tenant_{i:05d}" for i in range(n)]
+        floors = {
+            "apply": lambda: schema_floor(self.postgres, floored, every, concurrency),
+            "plan": lambda: schema_read_floor(self.postgres, fanned, every, concurrency),
+        }
+        floor_labels = {"apply": "SQL alone floor", "plan": "read yoyo's table floor"}
         base: Measure | None = None
         if with_loop:
             base = timed(loop)
@@ -449,18 +502,25 @@ class Bench:
             measure = fanout_cli(arguments)
             time.sleep(0.5)  # the backends' exit, for their CPU time
             server = server_cpu(self.postgres) - cpu_before
+            opened = connections(self.postgres, [fanned]) - before
+            floor = timed(floors[command])
+            time.sleep(0.5)
+            floor_server = server_cpu(self.postgres) - cpu_before - server
             speedup = "-" if base is None else f"{base.wall / measure.wall:.2f}x"
+            self.rows.append(Row(case, f"{floor_labels[command]} ({concurrency})", floor, vs_floor="1.00x"))
             self.rows.append(
                 Row(case, f"{label} (concurrency {concurrency})", measure, speedup,
-                    connections=str(connections(self.postgres, [fanned]) - before))
+                    vs_floor=f"{measure.wall / floor.wall:.2f}x",
+                    connections=str(opened))
             )  # fmt: skip
             assert measure.cpu is not None
             spent.append(
                 f"{command} {measure.wall / n * 1000:.1f} ms wall, CPU {measure.cpu / n * 1000:.1f} ms fanout + "
-                f"{server / n * 1000:.1f} ms server"
+                f"{server / n * 1000:.1f} ms server (floor: {floor.wall / n * 1000:.1f} ms wall, "
+                f"{floor_server / n * 1000:.1f} ms server)"
             )
         self.per_schema.append(f"N={n}, per schema: {'; '.join(spent)}")
-        self.postgres.drop_databases([looped, fanned] if with_loop else [fanned])
+        self.postgres.drop_databases([looped, fanned, floored] if with_loop else [fanned, floored])
 
 
 def table(rows: list[Row]) -> str:

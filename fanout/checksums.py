@@ -89,8 +89,20 @@ def read(cursor: Any, schema: str, *, exists: bool | None = None) -> dict[str, R
         exists = bool(cursor.fetchone()[0])
     if not exists:
         return {}
-    cursor.execute(f'SELECT "migration_id", "sha256", "service", "environment", "how" FROM {qualified(schema, TABLE)}')
+    cursor.execute(f"SELECT {_COLUMNS} FROM {qualified(schema, TABLE)}")
     return {row[0]: Recorded(*row) for row in cursor.fetchall()}
+
+
+_COLUMNS = '"migration_id", "sha256", "service", "environment", "how"'
+
+
+def json_sql(schema: str) -> str:
+    """A scalar subquery: what `read` reads, as one JSON array (for a read folded into a larger query)."""
+    return f"(SELECT coalesce(json_agg(json_build_array({_COLUMNS})), '[]') FROM {qualified(schema, TABLE)})"
+
+
+def from_json(rows: list[list[str]]) -> dict[str, Recorded]:
+    return {row[0]: Recorded(*row) for row in rows}
 
 
 def record_sql(

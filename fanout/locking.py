@@ -192,6 +192,11 @@ def release(connection: Any, me: Owner, schema: str, *, before: Sequence[str] = 
     in_one_transaction(connection, statements, before=before, then=unlock)
 
 
+def taken_sql(schema: str) -> str:
+    """An expression: whether yoyo's lock row is there (held, or left behind); `read_holder` says by whom."""
+    return f"EXISTS (SELECT 1 FROM {qualified(schema, YOYO_LOCK_TABLE)})"
+
+
 def read_holder(connection: Any, schema: str) -> LockHolder | None:
     """The current holder, with whether its session is alive (None for plain yoyo: unknowable).
 

@@ -13,9 +13,18 @@ MIGRATION_TABLE = "_yoyo_migration"
 VERSION_TABLE = "_yoyo_version"
 
 
-def read_applied(cursor: Any, schema: str) -> dict[str, str]:
-    cursor.execute(f'SELECT "migration_hash", "migration_id" FROM {locking.qualified(schema, MIGRATION_TABLE)}')
-    return {row[0]: row[1] for row in cursor.fetchall()}
+def applied_json_sql(schema: str) -> str:
+    """A scalar subquery: yoyo's records of the applied migrations (hash, id), as one JSON array.
+
+    A scalar subquery so that a session reads them in the round trip of its other reads."""
+    return (
+        '(SELECT coalesce(json_agg(json_build_array("migration_hash", "migration_id")), \'[]\') '
+        f"FROM {locking.qualified(schema, MIGRATION_TABLE)})"
+    )
+
+
+def applied_from_json(rows: list[list[str]]) -> dict[str, str]:
+    return {row[0]: row[1] for row in rows}
 
 
 def plain_rollback_sql(migration: Migration) -> list[str] | None:

@@ -30,8 +30,9 @@ from fanout.engines.postgres.connection import (
 from fanout.engines.postgres.migrations import (
     MIGRATION_TABLE,
     VERSION_TABLE,
+    applied_from_json,
+    applied_json_sql,
     examine,
-    read_applied,
 )
 from fanout.interrupt import Interrupt
 from fanout.options import RunOptions
@@ -101,6 +102,7 @@ class ReadOnlySession(WritesNothing):
             self.initialized, self._has_version_table, self._has_lock_table, self._has_checksums, self._has_marks = (
                 bool(v) for v in row[1:]
             )
+            self._read_state()
         except psycopg2.Error as e:
             self.close()
             raise self._watch.classify(e) from None
@@ -108,10 +110,32 @@ class ReadOnlySession(WritesNothing):
             self.close()
             raise
 
+    def _read_state(self) -> None:
+        """Read what a plan asks of the shard (lock row, yoyo's records, checksums, INVALID indexes) in one round trip.
+
+        One query of scalar subqueries over the tables the probe found: a plan over thousands of
+        tenant schemas paid a round trip for each of them. The rarer reads (who holds a lock, the
+        marks of migrations in doubt, a yoyo older than 6) follow only when there is something.
+        """
+        parts = [f"({indoubt.invalid_sql(self._schema if self._schema_only else None)})"]
+        if self._has_lock_table:
+            parts.append(locking.taken_sql(self._schema))
+        if self.initialized and self._has_version_table:
+            parts.append(applied_json_sql(self._schema))
+        if self._has_checksums:
+            parts.append(checksums.json_sql(self._schema))
+        with self._connection.cursor() as cursor:
+            cursor.execute("SELECT " + ", ".join(parts))
+            row = list(cursor.fetchone() or ())
+        self._invalid: tuple[str, ...] = tuple(row.pop(0))
+        self._taken = bool(row.pop(0)) if self._has_lock_table else False
+        self._applied = applied_from_json(row.pop(0)) if self.initialized and self._has_version_table else None
+        self._checksums = checksums.from_json(row.pop(0)) if self._has_checksums else {}
+
     @contextmanager
     def lock(self, wait: float) -> Iterator[tuple[LockHolder | None, None]]:
         try:
-            holder = locking.read_holder(self._connection, self._schema) if self._has_lock_table else None
+            holder = locking.read_holder(self._connection, self._schema) if self._taken else None
         except psycopg2.Error as e:
             raise self._watch.classify(e) from None
         yield holder, None
@@ -119,10 +143,10 @@ class ReadOnlySession(WritesNothing):
     def applied(self) -> dict[str, str]:
         if not self.initialized:
             return {}
+        if self._applied is not None:
+            return self._applied
         try:
             with self._connection.cursor() as cursor:
-                if self._has_version_table:
-                    return read_applied(cursor, self._schema)
                 # yoyo < 6 kept ids, not hashes.
                 cursor.execute(f'SELECT "id" FROM {locking.qualified(self._schema, MIGRATION_TABLE)}')
                 return {hashlib.sha256(row[0].encode()).hexdigest(): row[0] for row in cursor.fetchall()}
@@ -130,16 +154,14 @@ class ReadOnlySession(WritesNothing):
             raise self._watch.classify(e) from None
 
     def recorded_checksums(self) -> dict[str, checksums.Recorded]:
-        try:
-            with self._connection.cursor() as cursor:
-                return checksums.read(cursor, self._schema, exists=self._has_checksums)
-        except psycopg2.Error as e:
-            raise self._watch.classify(e) from None
+        return self._checksums
 
     def marks_and_invalid(self) -> tuple[dict[str, indoubt.Mark], tuple[str, ...]]:
+        if not self._has_marks:
+            return {}, self._invalid
         try:
             with self._connection.cursor() as cursor:
-                return indoubt.read(cursor, self._schema, only_schema=self._schema_only, marks=self._has_marks)
+                return indoubt.read(cursor, self._schema, only_schema=self._schema_only)
         except psycopg2.Error as e:
             raise self._watch.classify(e) from None
 

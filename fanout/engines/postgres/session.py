@@ -60,10 +60,11 @@ from fanout.engines.postgres.connection import (
 )
 from fanout.engines.postgres.migrations import (
     MIGRATION_TABLE,
+    applied_from_json,
+    applied_json_sql,
     examine,
     plain_rollback_sql,
     plain_sql,
-    read_applied,
     sql_statements,
 )
 from fanout.interrupt import Interrupt
@@ -267,6 +268,11 @@ class YoyoSession:
         self._repair = options.repair_invalid
         # fanout_checksum_log is created when first written; True once it is known to exist.
         self._has_log = False
+        self._yoyo_templates: dict[tuple[str, ...], str] = {}
+        # What applied() read for the calls that follow it (each taken once), and whether it probed the log.
+        self._next_checksums: dict[str, checksums.Recorded] | None = None
+        self._next_marks: tuple[dict[str, indoubt.Mark], tuple[str, ...]] | None = None
+        self._log_probed = False
         try:
             plain = connect_kwargs(target, options, run_id)
             if reused is None:
@@ -371,14 +377,34 @@ class YoyoSession:
                 log.warning("could not release the lock on %s; the next run breaks it", self._display)
 
     def applied(self) -> dict[str, str]:
+        """yoyo's records; the same round trip reads what the runner asks next (checksums, INVALID indexes,
+        whether marks and the log exist), kept for the next `recorded_checksums` and `marks_and_invalid`."""
         try:
             self._backend.ensure_internal_schema_updated()  # yoyo creates (or upgrades) its tables here
             with self._connection.cursor() as cursor:
-                return read_applied(cursor, self._schema)
+                exist = cursor.mogrify(
+                    "to_regclass(%s) IS NOT NULL, to_regclass(%s) IS NOT NULL",
+                    (
+                        locking.qualified(self._schema, indoubt.TABLE),
+                        locking.qualified(self._schema, checksums.LOG_TABLE),
+                    ),
+                ).decode()
+                cursor.execute(
+                    f"SELECT {applied_json_sql(self._schema)}, {checksums.json_sql(self._schema)}, "  # created with the lock tables
+                    f"({indoubt.invalid_sql(self._schema if self._schema_only else None)}), {exist}"
+                )
+                applied, recorded, invalid, has_marks, has_log = cursor.fetchone()
         except psycopg2.Error as e:
             raise self._watch.classify(e) from None
+        self._next_checksums = checksums.from_json(recorded)
+        self._next_marks = None if has_marks else ({}, tuple(invalid))
+        self._has_log, self._log_probed = bool(has_log), True
+        return applied_from_json(applied)
 
     def recorded_checksums(self) -> dict[str, checksums.Recorded]:
+        found, self._next_checksums = self._next_checksums, None
+        if found is not None:
+            return found
         try:
             with self._connection.cursor() as cursor:
                 return checksums.read(cursor, self._schema, exists=True)  # created with the lock tables
@@ -386,6 +412,9 @@ class YoyoSession:
             raise self._watch.classify(e) from None
 
     def marks_and_invalid(self) -> tuple[dict[str, indoubt.Mark], tuple[str, ...]]:
+        found, self._next_marks = self._next_marks, None
+        if found is not None:
+            return found
         try:
             with self._connection.cursor() as cursor:
                 return indoubt.read(cursor, self._schema, only_schema=self._schema_only, marks=None)
@@ -766,10 +795,16 @@ class YoyoSession:
 
     def _yoyo_row(self, template: str, values: dict[str, Any]) -> str:
         """One of yoyo's statements (its SQL template, its values), as text."""
-        backend = self._backend
-        query, params = change_param_style(psycopg2.paramstyle, backend.format_sql(template), values)
+        # yoyo formats a template's table names and rewrites its parameters with a regex built
+        # for each call: a sixth of fanout's CPU per tenant schema. Both are the same for every
+        # row of a session (same tables, same parameter names).
+        key = (template, *values)
+        query = self._yoyo_templates.get(key)
+        if query is None:
+            query, _ = change_param_style(psycopg2.paramstyle, self._backend.format_sql(template), values)
+            self._yoyo_templates[key] = query
         with self._connection.cursor() as cursor:
-            return str(cursor.mogrify(query, params).decode())
+            return str(cursor.mogrify(query, values).decode())
 
     def _records(
         self,
@@ -822,6 +857,8 @@ class YoyoSession:
             raise self._watch.classify(e, otherwise=ErrorKind.MIGRATION) from None
 
     def failed_hooks(self) -> set[str]:
+        if self._log_probed and not self._has_log:
+            return set()  # no log table, no failed hook (applied() looked)
         try:
             with self._connection.cursor() as cursor:
                 failed = checksums.failed_hooks(cursor, self._schema)
