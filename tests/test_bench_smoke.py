@@ -41,13 +41,17 @@ def test_benchmark_smoke_run_prints_its_table() -> None:
         assert float(row["RSS MB"]) > 0 and float(row["CPU s"]) > 0  # measured on the fanout process itself
     assert [r["runner"].split(" (")[0] for r in schemas] == [
         "yoyo loop apply",
+        "SQL alone floor",
         "fanout apply",
         "yoyo loop no-op",
+        "read yoyo's table floor",
         "fanout no-op plan",
     ]
-    for row in schemas[1::2]:
+    for row in (schemas[2], schemas[5]):
         # At most one per schema (16 workers for 5 schemas), plus the one that lists the schemas.
         assert int(row["connections"]) <= 5 + 1
+        assert row["vs floor"].endswith("x")  # against the floor measured in the same run
     assert "schema per tenant, N=5, per schema: apply " in result.stdout  # wall, fanout's and the server's CPU
+    assert "(floor: " in result.stdout
     assert "measured round trip" in result.stdout
     assert "inspect against the no-op plan over the same fleet, N=5: " in result.stdout
