@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import getpass
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -90,7 +91,7 @@ def read(cursor: Any, schema: str, *, exists: bool | None = None) -> dict[str, R
     if not exists:
         return {}
     cursor.execute(f"SELECT {_COLUMNS} FROM {qualified(schema, TABLE)}")
-    return {row[0]: Recorded(*row) for row in cursor.fetchall()}
+    return from_json(cursor.fetchall())
 
 
 _COLUMNS = '"migration_id", "sha256", "service", "environment", "how"'
@@ -101,7 +102,8 @@ def json_sql(schema: str) -> str:
     return f"(SELECT coalesce(json_agg(json_build_array({_COLUMNS})), '[]') FROM {qualified(schema, TABLE)})"
 
 
-def from_json(rows: list[list[str]]) -> dict[str, Recorded]:
+def from_json(rows: Sequence[Sequence[str]]) -> dict[str, Recorded]:
+    """The checksums by migration id, from rows of `_COLUMNS` (as `read` fetches them, or `json_sql` returns them)."""
     return {row[0]: Recorded(*row) for row in rows}
 
 

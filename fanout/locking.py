@@ -77,9 +77,9 @@ class Owner:
 PLAIN_STORAGE_SINCE = 160000
 
 
-def plain(connection: Any) -> str:
-    """The column suffix that keeps a text column inline (no TOAST table), where the server takes it."""
-    return " STORAGE PLAIN" if connection.server_version >= PLAIN_STORAGE_SINCE else ""
+def inline_text(connection: Any) -> str:
+    """The type of fanout's short text columns: kept inline (no TOAST table) where the server takes it."""
+    return "TEXT STORAGE PLAIN" if connection.server_version >= PLAIN_STORAGE_SINCE else "TEXT"
 
 
 def create_tables(connection: Any, schema: str, *, create_schema: bool, extra: Sequence[str] = ()) -> None:
@@ -87,7 +87,7 @@ def create_tables(connection: Any, schema: str, *, create_schema: bool, extra: S
     setup = [*create_once_sql(connection, schema)]
     if create_schema:
         setup.append(f"CREATE SCHEMA IF NOT EXISTS {_quote(schema)}")
-    text = "TEXT" + plain(connection)
+    text = inline_text(connection)
     setup += [
         f"CREATE TABLE IF NOT EXISTS {qualified(schema, YOYO_LOCK_TABLE)} "
         '("locked" INT DEFAULT 1, "ctime" TIMESTAMP, "pid" INT NOT NULL, PRIMARY KEY ("locked"))',

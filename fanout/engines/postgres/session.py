@@ -158,7 +158,7 @@ class _Backend(PostgresqlBackend):  # type: ignore[misc]
                     self.connection,
                     self.bookkeeping,
                     create_schema=bool(self.schema),
-                    extra=(checksums.create_sql(self.bookkeeping, "TEXT" + locking.plain(self.connection)),),
+                    extra=(checksums.create_sql(self.bookkeeping, locking.inline_text(self.connection)),),
                 )
                 return
             except (psycopg2.errors.UniqueViolation, psycopg2.errors.DuplicateObject, psycopg2.errors.DuplicateTable):
@@ -266,13 +266,12 @@ class YoyoSession:
         self._dirty = False
         self._schema_only = target.schema is not None
         self._repair = options.repair_invalid
-        # fanout_checksum_log is created when first written; True once it is known to exist.
-        self._has_log = False
+        # fanout_checksum_log is created when first written: whether it exists, None until known.
+        self._has_log: bool | None = None
         self._yoyo_templates: dict[tuple[str, ...], str] = {}
-        # What applied() read for the calls that follow it (each taken once), and whether it probed the log.
+        # What applied() read for the calls that follow it, each taken once.
         self._next_checksums: dict[str, checksums.Recorded] | None = None
         self._next_marks: tuple[dict[str, indoubt.Mark], tuple[str, ...]] | None = None
-        self._log_probed = False
         try:
             plain = connect_kwargs(target, options, run_id)
             if reused is None:
@@ -398,7 +397,7 @@ class YoyoSession:
             raise self._watch.classify(e) from None
         self._next_checksums = checksums.from_json(recorded)
         self._next_marks = None if has_marks else ({}, tuple(invalid))
-        self._has_log, self._log_probed = bool(has_log), True
+        self._has_log = bool(has_log)
         return applied_from_json(applied)
 
     def recorded_checksums(self) -> dict[str, checksums.Recorded]:
@@ -562,7 +561,7 @@ class YoyoSession:
         first statement; returns the INVALID indexes already there (recorded with the mark, so that
         what the operation leaves behind can be told apart later)."""
         # The marks table is created before the first mark (the round trip that restores a fresh session).
-        self._commit_clean([*locking.create_once_sql(self._connection, self._schema), indoubt.create_sql(self._schema)])
+        self._create(indoubt.create_sql(self._schema))
         owner = self._owner
         with self._connection.cursor() as cursor:
             _, before = indoubt.read(cursor, self._schema, only_schema=self._schema_only, marks=False)
@@ -857,7 +856,7 @@ class YoyoSession:
             raise self._watch.classify(e, otherwise=ErrorKind.MIGRATION) from None
 
     def failed_hooks(self) -> set[str]:
-        if self._log_probed and not self._has_log:
+        if self._has_log is False:
             return set()  # no log table, no failed hook (applied() looked)
         try:
             with self._connection.cursor() as cursor:
@@ -880,12 +879,14 @@ class YoyoSession:
             log.warning("%s: could not log post-apply hook %s as %s: %s", self._display, hook_id, action.value, e)
 
     def _create_log(self) -> None:
-        """Create fanout_checksum_log before its first row is written (its own transaction, once per session)."""
+        """Create fanout_checksum_log before its first row is written (once per session)."""
         if not self._has_log:
-            self._commit_clean(
-                [*locking.create_once_sql(self._connection, self._schema), checksums.create_log_sql(self._schema)]
-            )
+            self._create(checksums.create_log_sql(self._schema))
             self._has_log = True
+
+    def _create(self, statement: str) -> None:
+        """Create one of the tables fanout creates when first written, in its own transaction, race-free."""
+        self._commit_clean([*locking.create_once_sql(self._connection, self._schema), statement])
 
     def _reset(self) -> None:
         """Leave the connection usable (to release the lock) after a failed statement."""
