@@ -20,10 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psycopg2
 import pytest
 import yaml
 from click.testing import CliRunner
 from conftest import REPO, unique
+from psycopg2 import sql
 from yoyo import read_migrations
 
 from fanout.cli import cli
@@ -179,6 +181,58 @@ def test_the_catalog_lists_databases_that_the_shard_servers_create(postgres: Emb
             assert row["flavor"] == part.flavor
 
 
+# What a generated or hand-typed password may hold: both quotes, a backslash, shell syntax.
+HOSTILE_PASSWORD = 'it\'s "x" \\ $(false) `false` ;-- '
+
+
+def test_the_postgres_init_scripts_quote_what_they_are_given(postgres: EmbeddedPostgres, tmp_path: Path) -> None:
+    """docker/init-shard.sh and init-catalog.sh, run as the image's entrypoint runs them (psql as the
+    superuser), against the suite's PostgreSQL: a password and a database name full of quotes
+    become exactly that password and that name, and no password reaches a command line."""
+    assert postgres.bin_dir is not None
+    shard_password, catalog_password = HOSTILE_PASSWORD + "shard", HOSTILE_PASSWORD + "catalog"
+    databases = [unique("tenant"), unique('Tenant"Odd')]
+    # The image mounts docker/ at /fanout; here the catalog's SQL is read where it is.
+    catalog_script = tmp_path / "init-catalog.sh"
+    catalog_script.write_text(
+        (REPO / "docker" / "init-catalog.sh")
+        .read_text()
+        .replace("/fanout/catalog.sql", str(REPO / "docker" / "catalog.sql"))
+    )
+    env = {
+        "PATH": f"{postgres.bin_dir}:{os.environ['PATH']}", "PGHOST": postgres.host, "PGPORT": str(postgres.port),
+        "PGPASSWORD": postgres.password.reveal(), "POSTGRES_USER": postgres.user,
+        "SHARD_PASSWORD": shard_password, "CATALOG_PASSWORD": catalog_password, "TENANT_DATABASES": " ".join(databases),
+    }  # fmt: skip
+    try:
+        for script in (REPO / "docker" / "init-shard.sh", catalog_script):
+            made = subprocess.run(["sh", str(script)], env=env, capture_output=True, text=True, timeout=60)
+            assert made.returncode == 0, made.stderr
+        for user, password, database in [
+            ("fanout", shard_password, databases[0]),
+            ("fanout", shard_password, databases[1]),
+            ("catalog_reader", catalog_password, "catalog"),
+        ]:
+            connection = psycopg2.connect(
+                host=postgres.host, port=postgres.port, user=user, password=password, dbname=database
+            )
+            with connection, connection.cursor() as cursor:
+                cursor.execute("SELECT current_database(), current_user")
+                assert cursor.fetchone() == (database, user)
+            connection.close()
+        with postgres.connect("postgres") as connection, connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT datname, pg_get_userbyid(datdba) FROM pg_database WHERE datname = ANY(%s)", [databases]
+            )
+            assert sorted(cursor.fetchall()) == sorted((name, "fanout") for name in databases)
+    finally:
+        with postgres.connect("postgres") as connection, connection.cursor() as cursor:
+            for database in [*databases, "catalog"]:
+                cursor.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(database)))
+            cursor.execute("DROP ROLE IF EXISTS fanout")
+            cursor.execute("DROP ROLE IF EXISTS catalog_reader")
+
+
 def test_the_mariadb_init_script_makes_a_user_that_applies_the_compose_mariadb_migrations(
     mariadb: Any, tmp_path: Path
 ) -> None:
@@ -186,7 +240,7 @@ def test_the_mariadb_init_script_makes_a_user_that_applies_the_compose_mariadb_m
     against the suite's MariaDB; then its user applies migrations/*/compose-mariadb/ with fanout's engine."""
     service = compose()["services"][MARIADB_SHARD]
     databases = environment_of(service)["TENANT_DATABASES"].split()
-    password = secrets.token_urlsafe(12)
+    password = HOSTILE_PASSWORD + secrets.token_urlsafe(12)
     # The image's client finds its server's socket in the image's config; here the suite's server
     # has its own, so the script's `mariadb` is the real client pointed at it (and no my.cnf).
     bin_dir = tmp_path / "bin"
