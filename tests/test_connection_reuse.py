@@ -8,6 +8,7 @@ connection per target; a connection that failed is closed, never handed on.
 from __future__ import annotations
 
 import json
+import time
 
 from conftest import Fleet, unique
 
@@ -100,3 +101,82 @@ def test_a_schema_held_by_another_runner_waits_while_the_shared_connection_serve
     assert fleet.query(database, f'SELECT count(*) FROM "{first}"._yoyo_migration') == [(1,)]
     # The failed target's connection was closed, not handed on: a second one served the other schema.
     assert report["rollout"]["connections_opened"] == 2
+
+
+def _plan_view(report: dict) -> dict[str, dict]:  # type: ignore[type-arg]
+    """What a plan says of each target, without its timing."""
+    return {r["target"]: {k: v for k, v in r.items() if k != "seconds"} for r in report["results"]}
+
+
+def _plan(fleet: Fleet) -> dict:  # type: ignore[type-arg]
+    """A plan's report, whatever its exit code (this test compares what it says)."""
+    result = fleet.cli("plan", "--env", "test", "--format", "json", "--concurrency", "1")
+    assert "results" in result.stdout, result.output
+    return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+
+def _transactions(fleet: Fleet, database: str) -> tuple[int, int]:
+    """The database's (commits, rollbacks), once no session of it is left to report them."""
+    for _ in range(100):
+        if fleet.query("postgres", "SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (database,)) == [(0,)]:
+            break
+        time.sleep(0.05)
+    commits, rollbacks = fleet.query(
+        "postgres", "SELECT xact_commit, xact_rollback FROM pg_stat_database WHERE datname = %s", (database,)
+    )[0]
+    return int(commits), int(rollbacks)
+
+
+def test_plan_over_schemas_of_every_shape_says_what_a_plan_of_each_alone_says(fleet: Fleet) -> None:
+    """The plan reads a tenant schema in one message when it holds the tables the previous one
+    held; whatever the next schema holds (nothing, a lock row, no checksums, a drifted checksum,
+    a newer migration), the answer is the one a plan of that schema alone gives."""
+    (database,) = fleet.add_databases(1)
+    names = [
+        unique(f"tenant_{shape}") for shape in ("a", "b", "new", "c", "locked", "yoyo_only", "drift", "ahead", "d")
+    ]
+    a, b, new, c, locked, yoyo_only, drift, ahead, d = names
+    targets = _schemas(fleet, database, names)
+    fleet.publish({"001-t.sql": "CREATE TABLE t (id INT);"})
+    fleet.write_env([t for t in targets if t["id"] != new])
+    _run(fleet, "apply")
+    fleet.publish({"001-t.sql": "CREATE TABLE t (id INT);", "002-u.sql": "-- depends: 001-t\nCREATE TABLE u (id INT);"})
+    fleet.write_env([t for t in targets if t["id"] == ahead])
+    _run(fleet, "apply")
+    fleet.query(database, f'INSERT INTO "{locked}".yoyo_lock (locked, ctime, pid) VALUES (1, now(), 1)')
+    fleet.query(database, f'DROP TABLE "{yoyo_only}".fanout_checksums, "{yoyo_only}".fanout_lock')
+    fleet.query(database, f"UPDATE \"{drift}\".fanout_checksums SET sha256 = repeat('0', 64)")
+
+    alone = {}
+    for target in targets:
+        fleet.write_env([target])
+        alone.update(_plan_view(_plan(fleet)))
+    fleet.write_env(targets)
+    together = _plan(fleet)
+
+    assert together["rollout"]["connections_opened"] == 1
+    assert _plan_view(together) == alone
+    assert {alone[name]["status"] for name in (a, b, c, d, new, locked)} == {"pending"}
+    assert alone[ahead]["status"] == "up-to-date" and alone[drift]["status"] == "drifted"
+    assert alone[locked]["lock_holder"]["pid"] == 1 and alone[a]["lock_holder"] is None
+    assert alone[new]["initialized"] is False and alone[new]["pending"] == ["001-t", "002-u"]
+    assert alone[yoyo_only]["unverified"] == ["001-t"] and alone[a]["unverified"] == []
+
+
+def test_plan_reads_schemas_shaped_like_the_last_in_one_implicit_transaction(fleet: Fleet) -> None:
+    (database,) = fleet.add_databases(1)
+    names = [unique("tenant") for _ in range(12)]
+    targets = _schemas(fleet, database, names)
+    fleet.publish({"001-t.sql": "CREATE TABLE t (id INT);"})
+    fleet.write_env(targets)
+    _run(fleet, "apply")
+    before = _transactions(fleet, database)
+
+    plan = _run(fleet, "plan")
+
+    commits, rollbacks = (now - then for now, then in zip(_transactions(fleet, database), before, strict=True))
+    assert {r["status"] for r in plan["results"]} == {"up-to-date"}
+    # The first schema is read the long way (BEGIN READ ONLY ... ROLLBACK): nothing to guess from.
+    # Every other one is a single message: its implicit transaction commits, nothing is rolled back.
+    assert rollbacks == 1
+    assert commits >= len(names) - 1

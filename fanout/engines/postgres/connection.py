@@ -104,6 +104,9 @@ class TrackedConnection(psycopg2.extensions.connection):
     """Knows since when it waits for the server: the watchdog's cue to check the session is alive."""
 
     busy_since: float | None = None
+    # Which of yoyo's and fanout's tables the last tenant schema read on this connection held
+    # (the plan's guess for the next one; readonly.ReadOnlySession).
+    shape: tuple[bool, ...] | None = None
 
     def commit(self) -> None:
         self.busy_since = time.monotonic()
@@ -251,25 +254,30 @@ ORIGINAL_ROLE = ("SET SESSION AUTHORIZATION DEFAULT", "RESET ROLE")
 FINISHED_AT = psycopg2.extensions.AsIs("(clock_timestamp() AT TIME ZONE 'UTC')")
 
 
-def settings_sql(connection: Any, schema: str | None, settings: SessionSettings, *, watch: bool) -> list[str]:
+def settings_sql(
+    connection: Any, schema: str | None, settings: SessionSettings, *, watch: bool, local: bool = False
+) -> list[str]:
     """fanout's settings for a shard session, then the environment's, as statements.
+
+    `local`: SET LOCAL, for a message whose implicit transaction is all the session there is.
 
     `watch`: make the server notice a dead runner within a second, even mid-statement
     (PostgreSQL 14+); otherwise a runner killed during a long migration keeps its
     transaction, and with it the shard lock, until the statement ends.
     """
     statements: list[sql.Composable] = []
+    set_ = sql.SQL("SET LOCAL" if local else "SET")
     if schema:
-        statements.append(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+        statements.append(sql.SQL("{} search_path TO {}").format(set_, sql.Identifier(schema)))
     for name in ("lock_timeout", "statement_timeout"):
         value = getattr(settings, name)
         if value is not None:
-            statements.append(sql.SQL("SET {} = {}").format(sql.Identifier(name), sql.Literal(value)))
+            statements.append(sql.SQL("{} {} = {}").format(set_, sql.Identifier(name), sql.Literal(value)))
     if watch:
-        statements.append(sql.SQL(f"SET client_connection_check_interval = '{CLIENT_CHECK_INTERVAL}'"))
+        statements.append(sql.SQL(f"{{}} client_connection_check_interval = '{CLIENT_CHECK_INTERVAL}'").format(set_))
     for name, value in settings.settings:
         setting = sql.SQL(".").join(sql.Identifier(part) for part in name.split("."))
-        statements.append(sql.SQL("SET {} = {}").format(setting, sql.Literal(value)))
+        statements.append(sql.SQL("{} {} = {}").format(set_, setting, sql.Literal(value)))
     return [statement.as_string(connection) for statement in statements]
 
 

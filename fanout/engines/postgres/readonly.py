@@ -7,6 +7,7 @@ import hashlib
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import psycopg2
 import psycopg2.errors
@@ -24,6 +25,7 @@ from fanout.engines.postgres.connection import (
     check_session,
     classify_connect_error,
     connect_kwargs,
+    connection_lost,
     one_message,
     settings_sql,
 )
@@ -37,6 +39,9 @@ from fanout.engines.postgres.migrations import (
 from fanout.interrupt import Interrupt
 from fanout.options import RunOptions
 from fanout.report import InDoubt, LockHolder
+
+# The tables the probe looks for, in the order of its columns.
+_PROBED = (MIGRATION_TABLE, VERSION_TABLE, locking.YOYO_LOCK_TABLE, checksums.TABLE, indoubt.TABLE)
 
 
 class ReadOnlySession(WritesNothing):
@@ -72,43 +77,99 @@ class ReadOnlySession(WritesNothing):
         self._watch = Watch(self._connection, interrupt, options, deadline)
         self.initialized = False
         self._schema_only = target.schema is not None
+        self._options = options
         try:
             if reused is None:
-                self._connection.set_session(readonly=True)
+                # Transactions are explicit (BEGIN READ ONLY in the probe's message), or implicit in
+                # one message: psycopg2's own BEGIN would cost a round trip per target. The session
+                # default (default_transaction_read_only, set at connect) still makes every one read-only.
+                self._connection.autocommit = True
                 self._backend_pid = check_session(self._connection, target, kwargs, started, self._watch)
             elif self._backend_pid is not None:
                 self._watch.check_liveness(self._connection, kwargs, self._backend_pid)
-            with self._connection.cursor() as cursor:
-                # Settings and the probe of yoyo's tables in one round trip; the tables are looked
-                # up in the target's schema, or the one the session starts in (yoyo's default).
-                settings = settings_sql(self._connection, target.schema, options.session, watch=False)
-                probe = cursor.mogrify(
-                    "SELECT s, "
-                    + ", ".join(["to_regclass(format('%%I.%%I', s, %s)) IS NOT NULL"] * 5)
-                    + " FROM (SELECT coalesce(%s, current_schema()) AS s) AS schema",
-                    (
-                        MIGRATION_TABLE,
-                        VERSION_TABLE,
-                        locking.YOYO_LOCK_TABLE,
-                        checksums.TABLE,
-                        indoubt.TABLE,
-                        target.schema,
-                    ),
-                ).decode()
-                cursor.execute(one_message([*settings, probe]))
-                row = cursor.fetchone()
-            assert row is not None
-            self._schema: str = row[0] or ""
-            self.initialized, self._has_version_table, self._has_lock_table, self._has_checksums, self._has_marks = (
-                bool(v) for v in row[1:]
-            )
-            self._read_state()
+            if not self._read_in_one_message():
+                self._read_in_transaction()
         except psycopg2.Error as e:
             self.close()
             raise self._watch.classify(e) from None
         except EngineError:
             self.close()
             raise
+
+    def _probe_sql(self, cursor: TrackedCursor) -> tuple[str, str]:
+        """The probe's select list (the schema read, then whether each of `_PROBED` is there) and its FROM."""
+        columns = cursor.mogrify(
+            "s, " + ", ".join(["to_regclass(format('%%I.%%I', s, %s)) IS NOT NULL"] * len(_PROBED)), _PROBED
+        ).decode()
+        source = cursor.mogrify(" FROM (SELECT coalesce(%s, current_schema()) AS s) AS schema", (self._target.schema,))
+        return columns, source.decode()
+
+    def _read_in_one_message(self) -> bool:
+        """The plan's reads of a tenant schema in one round trip, when its tables are where the last schema's were.
+
+        Tenant schemas of one database almost always hold the same tables, so the state query is
+        built for the tables the connection's previous schema held and sent with the probe and
+        the settings (SET LOCAL, in the message's implicit transaction). False when the guess
+        was wrong or the shard needs more than these reads (a lock row, marks, a yoyo older
+        than 6): the caller then reads it the long way, in a transaction.
+        """
+        connection, schema = self._connection, self._target.schema
+        guess = connection.shape if isinstance(connection, TrackedConnection) else None
+        if schema is None or guess is None:
+            return False
+        settings = settings_sql(connection, schema, self._options.session, watch=False, local=True)
+        parts = ", ".join(self._state_sql(schema, *guess))
+        try:
+            with connection.cursor() as cursor:
+                columns, source = self._probe_sql(cursor)
+                cursor.execute(one_message([*settings, f"SELECT {columns}, {parts}{source}"]))
+                row = list(cursor.fetchone() or ())
+        except psycopg2.Error as e:
+            # A table of the guess missing (or a setting refused): the long way reads it again and
+            # says what is wrong. Anything the watchdog did, or a lost connection, is final.
+            if not self._watch.untouched() or connection_lost(e) or (e.pgcode or "")[:2] not in ("42", "3F"):
+                raise
+            return False
+        if tuple(bool(v) for v in row[1 : 1 + len(_PROBED)]) != guess:
+            return False
+        self._schema = row[0]
+        self._found(*guess)
+        self._take_state(row[1 + len(_PROBED) :])
+        return not (self._taken or self._has_marks or (self.initialized and self._applied is None))
+
+    def _read_in_transaction(self) -> None:
+        """Probe, then read, inside one READ ONLY transaction (ended by `close`)."""
+        with self._connection.cursor() as cursor:
+            # Settings and the probe of yoyo's tables in one round trip; the tables are looked
+            # up in the target's schema, or the one the session starts in (yoyo's default).
+            settings = settings_sql(self._connection, self._target.schema, self._options.session, watch=False)
+            columns, source = self._probe_sql(cursor)
+            cursor.execute(one_message(["BEGIN READ ONLY", *settings, f"SELECT {columns}{source}"]))
+            row = cursor.fetchone()
+        assert row is not None
+        self._schema = row[0] or ""
+        shape = tuple(bool(v) for v in row[1:])
+        self._found(*shape)
+        if isinstance(self._connection, TrackedConnection) and self._target.schema is not None:
+            self._connection.shape = shape
+        self._read_state()
+
+    def _found(self, migrations: bool, versions: bool, lock: bool, checksums_: bool, marks: bool) -> None:
+        self.initialized, self._has_version_table, self._has_lock_table = migrations, versions, lock
+        self._has_checksums, self._has_marks = checksums_, marks
+
+    def _state_sql(
+        self, schema: str, migrations: bool, versions: bool, lock: bool, checksums_: bool, _marks: bool
+    ) -> list[str]:
+        """The state reads as scalar expressions, for the tables given as present."""
+        parts = [f"({indoubt.invalid_sql(schema if self._schema_only else None)})"]
+        if lock:
+            parts.append(locking.taken_sql(schema))
+        if migrations and versions:
+            parts.append(applied_json_sql(schema))
+        if checksums_:
+            parts.append(checksums.json_sql(schema))
+        return parts
 
     def _read_state(self) -> None:
         """Read what a plan asks of the shard (lock row, yoyo's records, checksums, INVALID indexes) in one round trip.
@@ -117,16 +178,19 @@ class ReadOnlySession(WritesNothing):
         tenant schemas paid a round trip for each of them. The rarer reads (who holds a lock, the
         marks of migrations in doubt, a yoyo older than 6) follow only when there is something.
         """
-        parts = [f"({indoubt.invalid_sql(self._schema if self._schema_only else None)})"]
-        if self._has_lock_table:
-            parts.append(locking.taken_sql(self._schema))
-        if self.initialized and self._has_version_table:
-            parts.append(applied_json_sql(self._schema))
-        if self._has_checksums:
-            parts.append(checksums.json_sql(self._schema))
+        parts = self._state_sql(
+            self._schema,
+            self.initialized,
+            self._has_version_table,
+            self._has_lock_table,
+            self._has_checksums,
+            self._has_marks,
+        )
         with self._connection.cursor() as cursor:
             cursor.execute("SELECT " + ", ".join(parts))
-            row = list(cursor.fetchone() or ())
+            self._take_state(list(cursor.fetchone() or ()))
+
+    def _take_state(self, row: list[Any]) -> None:
         self._invalid: tuple[str, ...] = tuple(row.pop(0))
         self._taken = bool(row.pop(0)) if self._has_lock_table else False
         self._applied = applied_from_json(row.pop(0)) if self.initialized and self._has_version_table else None
@@ -177,8 +241,16 @@ class ReadOnlySession(WritesNothing):
         self._watch.release()
         try:
             # Everything this session set (search_path, timeouts) was set inside its READ ONLY
-            # transaction: the rollback restores the session as it was when it was opened.
-            self._connection.rollback()
+            # transaction (or its one message's): the rollback restores the session as it was opened.
+            status = self._connection.info.transaction_status
+            if status in (
+                psycopg2.extensions.TRANSACTION_STATUS_INTRANS,
+                psycopg2.extensions.TRANSACTION_STATUS_INERROR,
+            ):
+                with self._connection.cursor() as cursor:
+                    cursor.execute("ROLLBACK")
+            elif status != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
+                reuse = False
         except psycopg2.Error:
             reuse = False
         reuse = reuse and self._watch.untouched() and not self._connection.closed
