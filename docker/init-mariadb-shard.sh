@@ -3,7 +3,7 @@
 # server (the image's entrypoint runs this once, against its socket-only first start).
 # The password is escaped for a string literal (\ and '), each name for a quoted identifier (`),
 # and the statements go to the client on its input, never on its command line.
-set -eu
+set -euf  # -f: the names are split on spaces, never globbed
 literal() { printf '%s' "$1" | sed -e 's/\\/\\\\/g' -e "s/'/''/g"; }
 identifier() { printf '%s' "$1" | sed -e 's/`/``/g'; }
 sql="CREATE USER 'fanout'@'%' IDENTIFIED BY '$(literal "$SHARD_PASSWORD")';"

@@ -9,6 +9,7 @@ parses with fanout's own CLI.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -188,7 +189,7 @@ HOSTILE_PASSWORD = 'it\'s "x" \\ $(false) `false` ;-- '
 def test_the_postgres_init_scripts_quote_what_they_are_given(postgres: EmbeddedPostgres, tmp_path: Path) -> None:
     """docker/init-shard.sh and init-catalog.sh, run as the image's entrypoint runs them (psql as the
     superuser), against the suite's PostgreSQL: a password and a database name full of quotes
-    become exactly that password and that name, and no password reaches a command line."""
+    become exactly that password and that name."""
     assert postgres.bin_dir is not None
     shard_password, catalog_password = HOSTILE_PASSWORD + "shard", HOSTILE_PASSWORD + "catalog"
     databases = [unique("tenant"), unique('Tenant"Odd')]
@@ -213,13 +214,12 @@ def test_the_postgres_init_scripts_quote_what_they_are_given(postgres: EmbeddedP
             ("fanout", shard_password, databases[1]),
             ("catalog_reader", catalog_password, "catalog"),
         ]:
-            connection = psycopg2.connect(
+            login = psycopg2.connect(
                 host=postgres.host, port=postgres.port, user=user, password=password, dbname=database
             )
-            with connection, connection.cursor() as cursor:
+            with contextlib.closing(login), login.cursor() as cursor:
                 cursor.execute("SELECT current_database(), current_user")
                 assert cursor.fetchone() == (database, user)
-            connection.close()
         with postgres.connect("postgres") as connection, connection.cursor() as cursor:
             cursor.execute(
                 "SELECT datname, pg_get_userbyid(datdba) FROM pg_database WHERE datname = ANY(%s)", [databases]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg2
 import psycopg2.errors
@@ -21,6 +21,9 @@ from fanout.interrupt import Interrupt, Watched
 from fanout.options import RunOptions, SessionSettings
 from fanout.report import ErrorKind, TargetError
 from fanout.secret import error_line
+
+if TYPE_CHECKING:
+    from fanout.engines.postgres.readonly import Shape
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +109,7 @@ class TrackedConnection(psycopg2.extensions.connection):
     busy_since: float | None = None
     # Which of yoyo's and fanout's tables the last tenant schema read on this connection held
     # (the plan's guess for the next one; readonly.ReadOnlySession).
-    shape: tuple[bool, ...] | None = None
+    shape: Shape | None = None
 
     def commit(self) -> None:
         self.busy_since = time.monotonic()
@@ -274,7 +277,9 @@ def settings_sql(
         if value is not None:
             statements.append(sql.SQL("{} {} = {}").format(set_, sql.Identifier(name), sql.Literal(value)))
     if watch:
-        statements.append(sql.SQL(f"{{}} client_connection_check_interval = '{CLIENT_CHECK_INTERVAL}'").format(set_))
+        statements.append(
+            sql.SQL("{} client_connection_check_interval = {}").format(set_, sql.Literal(CLIENT_CHECK_INTERVAL))
+        )
     for name, value in settings.settings:
         setting = sql.SQL(".").join(sql.Identifier(part) for part in name.split("."))
         statements.append(sql.SQL("{} {} = {}").format(set_, setting, sql.Literal(value)))

@@ -7,7 +7,7 @@ import hashlib
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg2
 import psycopg2.errors
@@ -40,7 +40,17 @@ from fanout.interrupt import Interrupt
 from fanout.options import RunOptions
 from fanout.report import InDoubt, LockHolder
 
-# The tables the probe looks for, in the order of its columns.
+
+class Shape(NamedTuple):
+    """Which of yoyo's and fanout's tables a shard holds, in the order the probe reads them (`_PROBED`)."""
+
+    migrations: bool
+    versions: bool
+    lock: bool
+    checksums: bool
+    marks: bool
+
+
 _PROBED = (MIGRATION_TABLE, VERSION_TABLE, locking.YOYO_LOCK_TABLE, checksums.TABLE, indoubt.TABLE)
 
 
@@ -115,25 +125,28 @@ class ReadOnlySession(WritesNothing):
         """
         connection, schema = self._connection, self._target.schema
         guess = connection.shape if isinstance(connection, TrackedConnection) else None
-        if schema is None or guess is None:
+        # Before PostgreSQL 13 a message keeps the statement_timeout it started with: the SET LOCAL
+        # of the environment's would not bound the SELECT after it.
+        if schema is None or guess is None or connection.server_version < 130000:
             return False
         settings = settings_sql(connection, schema, self._options.session, watch=False, local=True)
-        parts = ", ".join(self._state_sql(schema, *guess))
+        parts = ", ".join(self._state_sql(schema, guess))
         try:
             with connection.cursor() as cursor:
                 columns, source = self._probe_sql(cursor)
                 cursor.execute(one_message([*settings, f"SELECT {columns}, {parts}{source}"]))
                 row = list(cursor.fetchone() or ())
         except psycopg2.Error as e:
-            # A table of the guess missing (or a setting refused): the long way reads it again and
-            # says what is wrong. Anything the watchdog did, or a lost connection, is final.
+            # A table of the guess missing (undefined table, column or schema: classes 42 and 3F,
+            # as is a setting refused by name): the long way reads it again and says what is wrong.
+            # Anything the watchdog did, a lost connection, or any other error is final.
             if not self._watch.untouched() or connection_lost(e) or (e.pgcode or "")[:2] not in ("42", "3F"):
                 raise
             return False
-        if tuple(bool(v) for v in row[1 : 1 + len(_PROBED)]) != guess:
+        if Shape(*(bool(v) for v in row[1 : 1 + len(_PROBED)])) != guess:
             return False
         self._schema = row[0]
-        self._found(*guess)
+        self._found(guess)
         self._take_state(row[1 + len(_PROBED) :])
         return not (self._taken or self._has_marks or (self.initialized and self._applied is None))
 
@@ -148,53 +161,44 @@ class ReadOnlySession(WritesNothing):
             row = cursor.fetchone()
         assert row is not None
         self._schema = row[0] or ""
-        shape = tuple(bool(v) for v in row[1:])
-        self._found(*shape)
+        shape = Shape(*(bool(v) for v in row[1:]))
+        self._found(shape)
         if isinstance(self._connection, TrackedConnection) and self._target.schema is not None:
             self._connection.shape = shape
-        self._read_state()
-
-    def _found(self, migrations: bool, versions: bool, lock: bool, checksums_: bool, marks: bool) -> None:
-        self.initialized, self._has_version_table, self._has_lock_table = migrations, versions, lock
-        self._has_checksums, self._has_marks = checksums_, marks
-
-    def _state_sql(
-        self, schema: str, migrations: bool, versions: bool, lock: bool, checksums_: bool, _marks: bool
-    ) -> list[str]:
-        """The state reads as scalar expressions, for the tables given as present."""
-        parts = [f"({indoubt.invalid_sql(schema if self._schema_only else None)})"]
-        if lock:
-            parts.append(locking.taken_sql(schema))
-        if migrations and versions:
-            parts.append(applied_json_sql(schema))
-        if checksums_:
-            parts.append(checksums.json_sql(schema))
-        return parts
-
-    def _read_state(self) -> None:
-        """Read what a plan asks of the shard (lock row, yoyo's records, checksums, INVALID indexes) in one round trip.
-
-        One query of scalar subqueries over the tables the probe found: a plan over thousands of
-        tenant schemas paid a round trip for each of them. The rarer reads (who holds a lock, the
-        marks of migrations in doubt, a yoyo older than 6) follow only when there is something.
-        """
-        parts = self._state_sql(
-            self._schema,
-            self.initialized,
-            self._has_version_table,
-            self._has_lock_table,
-            self._has_checksums,
-            self._has_marks,
-        )
         with self._connection.cursor() as cursor:
-            cursor.execute("SELECT " + ", ".join(parts))
+            cursor.execute("SELECT " + ", ".join(self._state_sql(self._schema, shape)))
             self._take_state(list(cursor.fetchone() or ()))
+
+    def _found(self, shape: Shape) -> None:
+        self.initialized, self._has_version_table, self._has_lock_table = shape.migrations, shape.versions, shape.lock
+        self._has_checksums, self._has_marks = shape.checksums, shape.marks
+
+    def _state_sql(self, schema: str, shape: Shape) -> list[str]:
+        """What a plan asks of the shard, as scalar expressions over the tables `shape` says are there.
+
+        The lock row, yoyo's records, the checksums, the INVALID indexes and whether any mark is
+        left: a plan over thousands of tenant schemas paid a round trip for each of them. The
+        rarer reads (who holds a lock, the marks themselves, a yoyo older than 6) follow only
+        when there is something to read.
+        """
+        parts = [f"({indoubt.invalid_sql(schema if self._schema_only else None)})"]
+        if shape.lock:
+            parts.append(locking.taken_sql(schema))
+        if shape.migrations and shape.versions:
+            parts.append(applied_json_sql(schema))
+        if shape.checksums:
+            parts.append(checksums.json_sql(schema))
+        if shape.marks:
+            # The marks table stays once created: only a mark in it is worth the long way.
+            parts.append(f"EXISTS (SELECT 1 FROM {locking.qualified(schema, indoubt.TABLE)})")
+        return parts
 
     def _take_state(self, row: list[Any]) -> None:
         self._invalid: tuple[str, ...] = tuple(row.pop(0))
         self._taken = bool(row.pop(0)) if self._has_lock_table else False
         self._applied = applied_from_json(row.pop(0)) if self.initialized and self._has_version_table else None
         self._checksums = checksums.from_json(row.pop(0)) if self._has_checksums else {}
+        self._has_marks = bool(row.pop(0)) if self._has_marks else False
 
     @contextmanager
     def lock(self, wait: float) -> Iterator[tuple[LockHolder | None, None]]:
