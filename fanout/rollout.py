@@ -13,8 +13,9 @@ import re
 import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from queue import Empty, SimpleQueue
 from typing import Generic, TypeVar
 
 from fanout.errors import ConfigError
@@ -197,6 +198,10 @@ def schedule(
     per_server_cap = limits.per_server or limits.concurrency
     failures = 0
     running: Counter[str] = Counter()
+    # Futures arrive here from their done callbacks as they finish: cheaper than
+    # concurrent.futures.wait, which hooks a waiter into every running future each time one
+    # finishes (at 10,000 tenant schemas, a tenth of the runner's CPU in a plan).
+    finished: SimpleQueue[Future[R]] = SimpleQueue()
     start = 0
     with ThreadPoolExecutor(max_workers=max(1, limits.concurrency), thread_name_prefix="fanout-target") as pool:
         for size in limits.waves.sizes(len(items)):
@@ -208,14 +213,16 @@ def schedule(
                 if outcome.stop_reason is None:
                     outcome.stop_reason = _stop_reason(stop, failures, len(items), limits.budget)
                 if outcome.stop_reason is None:
-                    _fill(queue, in_flight, pool, work, items, server_of, running, per_server_cap, limits.concurrency)
+                    _fill(
+                        queue, in_flight, pool, work, items, server_of, running, per_server_cap, limits.concurrency,
+                        finished.put,
+                    )  # fmt: skip
                     outcome.peak_in_flight = max(outcome.peak_in_flight, len(in_flight))
                     for server, count in running.items():
                         outcome.peak_per_server[server] = max(outcome.peak_per_server.get(server, 0), count)
                 elif not in_flight:
                     break
-                done, _ = wait(in_flight, timeout=_TICK_SECONDS, return_when=FIRST_COMPLETED)
-                for future in done:
+                for future in _finished(finished, _TICK_SECONDS):
                     index = in_flight.pop(future)
                     running[server_of(items[index])] -= 1
                     result = future.result()
@@ -238,6 +245,7 @@ def _fill(
     running: Counter[str],
     per_server_cap: int,
     concurrency: int,
+    when_done: Callable[[Future[R]], object],
 ) -> None:
     """Start queued items, in order, skipping over those whose server is at its cap."""
     position = 0
@@ -249,7 +257,22 @@ def _fill(
             continue
         queue.pop(position)
         running[server] += 1
-        in_flight[pool.submit(work, items[index])] = index
+        future = pool.submit(work, items[index])
+        in_flight[future] = index
+        future.add_done_callback(when_done)
+
+
+def _finished(finished: SimpleQueue[Future[R]], timeout: float) -> list[Future[R]]:
+    """The futures that finished: waits up to `timeout` for the first (so a stop is seen within it)."""
+    try:
+        done = [finished.get(timeout=timeout)]
+    except Empty:
+        return []
+    while True:
+        try:
+            done.append(finished.get_nowait())
+        except Empty:
+            return done
 
 
 def _stop_reason(stop: threading.Event | None, failures: int, total: int, budget: FailureBudget) -> str | None:
