@@ -48,7 +48,8 @@ def create_sql(schema: str) -> str:
 
 # Every INVALID index fanout can see, as schema.name; `{where}` narrows it to a target's schema.
 _INVALID_SQL = (
-    "SELECT coalesce(array_agg(format('%I.%I', n.nspname, c.relname) ORDER BY 1), '{{}}') FROM pg_catalog.pg_index i "
+    "SELECT coalesce(array_agg(format('%I.%I', n.nspname, c.relname) ORDER BY format('%I.%I', n.nspname, c.relname)), "
+    "'{{}}') FROM pg_catalog.pg_index i "
     "JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
     "WHERE NOT i.indisvalid AND n.nspname NOT IN ('pg_catalog', 'information_schema') {where}"
 )
@@ -62,13 +63,33 @@ _INVALID_SQL = (
 # at 10,000 schemas, four times the execution; lookups by a subquery's value are not estimated that way.
 # An index lives in the schema of its table, so the schema's name is the index's.
 _SCHEMA_INVALID_SQL = (
-    "SELECT coalesce(array_agg(format('%I.%I', '{schema}', "
-    "(SELECT c.relname FROM pg_catalog.pg_class c WHERE c.oid = i.indexrelid)) ORDER BY 1), '{{}}') "
+    "SELECT coalesce(array_agg(name ORDER BY name), '{{}}') FROM (SELECT format('%I.%I', '{schema}', "
+    "(SELECT c.relname FROM pg_catalog.pg_class c WHERE c.oid = i.indexrelid)) AS name "
     "FROM pg_catalog.pg_index i WHERE NOT i.indisvalid AND i.indrelid = ANY (ARRAY("
     "SELECT d.objid FROM pg_catalog.pg_depend d WHERE d.refclassid = 'pg_catalog.pg_namespace'::regclass "
     "AND d.classid = 'pg_catalog.pg_class'::regclass "
-    "AND d.refobjid = (SELECT n.oid FROM pg_catalog.pg_namespace n WHERE n.nspname = '{schema}')))"
+    "AND d.refobjid = (SELECT n.oid FROM pg_catalog.pg_namespace n WHERE n.nspname = '{schema}')))) AS invalid"
 )
+# Every INVALID index of the database, as pairs of its schema and schema.name: a plan over many
+# tenant schemas of one database reads them once (one scan of pg_index, 10-20 ms at 10,000
+# schemas) instead of once per schema (0.47 ms of server CPU each, a third of a plan's reads).
+INVALID_BY_SCHEMA_SQL = (
+    "SELECT coalesce(json_agg(json_build_array(n.nspname, format('%I.%I', n.nspname, c.relname)) "
+    "ORDER BY format('%I.%I', n.nspname, c.relname)), '[]') "
+    "FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid "
+    "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+    "WHERE NOT i.indisvalid AND n.nspname NOT IN ('pg_catalog', 'information_schema')"
+)
+
+
+def invalid_by_schema(pairs: Sequence[Sequence[str]]) -> dict[str, tuple[str, ...]]:
+    """`INVALID_BY_SCHEMA_SQL`'s pairs as each schema's INVALID indexes, in `invalid_sql`'s order."""
+    by_schema: dict[str, list[str]] = {}
+    for schema, index in pairs:
+        by_schema.setdefault(schema, []).append(index)
+    return {schema: tuple(indexes) for schema, indexes in by_schema.items()}
+
+
 # Schemas made by initdb are pinned on PostgreSQL 14 and older: no dependency on them is recorded.
 _PINNED = frozenset({"public", "pg_catalog", "information_schema", "pg_toast"})
 

@@ -234,3 +234,46 @@ def test_plan_reads_a_schema_shaped_like_the_one_before_in_one_implicit_transact
     # A guess naming a table the schema lacks fails (one more rollback) and reads it the long way.
     assert rollbacks_reading("a", "yoyo_only") == 3
     assert rollbacks_reading("a", "new") == 3
+
+
+def _invalid_index(fleet: Fleet, database: str, schema: str, name: str) -> None:
+    """An INVALID index, as a failed CREATE INDEX CONCURRENTLY leaves one."""
+    fleet.query(database, f'CREATE INDEX "{name}" ON "{schema}".t (id)')
+    fleet.query(
+        database, f'UPDATE pg_index SET indisvalid = false WHERE indexrelid = \'"{schema}"."{name}"\'::regclass'
+    )
+
+
+def _pg_index_scans(fleet: Fleet, database: str) -> int:
+    _transactions(fleet, database)  # waits until the run's sessions have reported their counts
+    return int(fleet.query(database, "SELECT seq_scan FROM pg_stat_sys_tables WHERE relname = 'pg_index'")[0][0])
+
+
+def test_plan_reads_a_databases_invalid_indexes_once_and_gives_each_schema_its_own_in_order(fleet: Fleet) -> None:
+    """A plan over tenant schemas reads the database's INVALID indexes in one query (a scan of
+    pg_index) shared by its sessions, not once per schema; each schema is told its own, sorted
+    by name, as a plan of that schema alone (which reads them by the schema's relations) says."""
+    (database,) = fleet.add_databases(1)
+    first, second, clean = unique("tenant_a"), unique("tenant_b"), unique("tenant_c")
+    targets = _schemas(fleet, database, [first, second, clean])
+    fleet.publish({"001-t.sql": "CREATE TABLE t (id INT);"})
+    fleet.write_env(targets)
+    _run(fleet, "apply")
+    # Created in the reverse of their order by name: the order they are told in is the names'.
+    for schema, name in [(first, "t_zz"), (first, "t_aa"), (second, "t_mm")]:
+        _invalid_index(fleet, database, schema, name)
+
+    # Reading the count scans pg_index too (a new backend's start): that is subtracted.
+    start = _pg_index_scans(fleet, database)
+    before = _pg_index_scans(fleet, database)
+    together = {r["target"]: r["invalid_indexes"] for r in _plan(fleet)["results"]}
+    assert _pg_index_scans(fleet, database) - before - (before - start) == 1
+
+    assert together == {first: [f"{first}.t_aa", f"{first}.t_zz"], second: [f"{second}.t_mm"], clean: []}
+    # What the per-schema query (apply's, under the shard's lock) and the whole database's say
+    # (`query` passes parameters: a % is written %%).
+    assert fleet.query(database, indoubt.invalid_sql(first).replace("%", "%%")) == [
+        ([f"{first}.t_aa", f"{first}.t_zz"],)
+    ]
+    every = fleet.query(database, indoubt.invalid_sql(None).replace("%", "%%"))[0][0]
+    assert every == sorted(every) and set(every) == {f"{first}.t_aa", f"{first}.t_zz", f"{second}.t_mm"}

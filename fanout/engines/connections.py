@@ -52,6 +52,7 @@ class Connections:
             database = self._keys.setdefault(id(target), (target, key(target)))[1]
             self._waiting[database] = self._waiting.get(database, 0) + 1
         self._open: dict[str, int] = {}  # per server: in use and idle
+        self._facts: dict[tuple[str, str], Any] = {}
         self.opened = 0
 
     def key(self, target: Target) -> str:
@@ -109,6 +110,23 @@ class Connections:
             self._open[target.server] = self._open.get(target.server, 1) - 1
         with contextlib.suppress(Exception):
             connection.close()
+
+    def fact(self, target: Target, name: str) -> Any:
+        """What a session of this run learned about the target's database (`learn`), or None."""
+        key = self.key(target)
+        with self._lock:
+            return self._facts.get((key, name))
+
+    def learn(self, target: Target, name: str, value: Any) -> None:
+        """Share a fact about the target's database with the run's later sessions of that database.
+
+        For what is read in one query for the whole database, where reading it once per tenant
+        schema costs the server a query per schema. Read-only runs only: a session that writes
+        reads its shard's state under its own lock.
+        """
+        key = self.key(target)
+        with self._lock:
+            self._facts.setdefault((key, name), value)
 
     def close_idle(self) -> None:
         with self._lock:

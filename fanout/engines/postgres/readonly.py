@@ -52,6 +52,10 @@ class Shape(NamedTuple):
 
 
 _PROBED = (MIGRATION_TABLE, VERSION_TABLE, locking.YOYO_LOCK_TABLE, checksums.TABLE, indoubt.TABLE)
+# The schema read, then whether each of `_PROBED` is there. The names are constants that need no
+# quoting as literals: only the schema is quoted, per target.
+_INVALID_BY_SCHEMA = "postgres: INVALID indexes by schema"
+_PROBE_COLUMNS = "SELECT s, " + ", ".join(f"to_regclass(format('%I.%I', s, '{t}')) IS NOT NULL" for t in _PROBED)
 
 
 class ReadOnlySession(WritesNothing):
@@ -88,6 +92,13 @@ class ReadOnlySession(WritesNothing):
         self.initialized = False
         self._schema_only = target.schema is not None
         self._options = options
+        # A tenant schema's INVALID indexes come from the database's, read once by the run's first
+        # sessions of that database and shared (`Connections.learn`).
+        self._invalid_of_database: dict[str, tuple[str, ...]] | None = None
+        self._reads_database_invalid = self._schema_only and connections is not None
+        if self._reads_database_invalid and connections is not None:
+            self._invalid_of_database = connections.fact(target, _INVALID_BY_SCHEMA)
+            self._reads_database_invalid = self._invalid_of_database is None
         try:
             if reused is None:
                 # Transactions are explicit (BEGIN READ ONLY in the probe's message), or implicit in
@@ -106,13 +117,11 @@ class ReadOnlySession(WritesNothing):
             self.close()
             raise
 
-    def _probe_sql(self, cursor: TrackedCursor) -> tuple[str, str]:
-        """The probe's select list (the schema read, then whether each of `_PROBED` is there) and its FROM."""
-        columns = cursor.mogrify(
-            "s, " + ", ".join(["to_regclass(format('%%I.%%I', s, %s)) IS NOT NULL"] * len(_PROBED)), _PROBED
+    def _probe_from(self, cursor: TrackedCursor) -> str:
+        """The FROM of the probe (`_PROBE_COLUMNS`): the target's schema, or the one the session starts in."""
+        return cursor.mogrify(
+            " FROM (SELECT coalesce(%s, current_schema()) AS s) AS schema", (self._target.schema,)
         ).decode()
-        source = cursor.mogrify(" FROM (SELECT coalesce(%s, current_schema()) AS s) AS schema", (self._target.schema,))
-        return columns, source.decode()
 
     def _read_in_one_message(self) -> bool:
         """The plan's reads of a tenant schema in one round trip, when its tables are where the last schema's were.
@@ -133,8 +142,7 @@ class ReadOnlySession(WritesNothing):
         parts = ", ".join(self._state_sql(schema, guess))
         try:
             with connection.cursor() as cursor:
-                columns, source = self._probe_sql(cursor)
-                cursor.execute(one_message([*settings, f"SELECT {columns}, {parts}{source}"]))
+                cursor.execute(one_message([*settings, f"{_PROBE_COLUMNS}, {parts}{self._probe_from(cursor)}"]))
                 row = list(cursor.fetchone() or ())
         except psycopg2.Error as e:
             # A table of the guess missing (undefined table, column or schema: classes 42 and 3F,
@@ -148,7 +156,7 @@ class ReadOnlySession(WritesNothing):
         self._schema = row[0]
         self._found(guess)
         self._take_state(row[1 + len(_PROBED) :])
-        return not (self._taken or self._has_marks or (self.initialized and self._applied is None))
+        return not (self._taken or self._marked or (self.initialized and self._applied is None))
 
     def _read_in_transaction(self) -> None:
         """Probe, then read, inside one READ ONLY transaction (ended by `close`)."""
@@ -156,8 +164,7 @@ class ReadOnlySession(WritesNothing):
             # Settings and the probe of yoyo's tables in one round trip; the tables are looked
             # up in the target's schema, or the one the session starts in (yoyo's default).
             settings = settings_sql(self._connection, self._target.schema, self._options.session, watch=False)
-            columns, source = self._probe_sql(cursor)
-            cursor.execute(one_message(["BEGIN READ ONLY", *settings, f"SELECT {columns}{source}"]))
+            cursor.execute(one_message(["BEGIN READ ONLY", *settings, _PROBE_COLUMNS + self._probe_from(cursor)]))
             row = cursor.fetchone()
         assert row is not None
         self._schema = row[0] or ""
@@ -181,7 +188,12 @@ class ReadOnlySession(WritesNothing):
         rarer reads (who holds a lock, the marks themselves, a yoyo older than 6) follow only
         when there is something to read.
         """
-        parts = [f"({indoubt.invalid_sql(schema if self._schema_only else None)})"]
+        if self._reads_database_invalid:
+            parts = [f"({indoubt.INVALID_BY_SCHEMA_SQL})"]
+        elif self._invalid_of_database is None:
+            parts = [f"({indoubt.invalid_sql(schema if self._schema_only else None)})"]
+        else:
+            parts = []
         if shape.lock:
             parts.append(locking.taken_sql(schema))
         if shape.migrations and shape.versions:
@@ -194,11 +206,20 @@ class ReadOnlySession(WritesNothing):
         return parts
 
     def _take_state(self, row: list[Any]) -> None:
-        self._invalid: tuple[str, ...] = tuple(row.pop(0))
+        if self._reads_database_invalid:
+            self._invalid_of_database = indoubt.invalid_by_schema(row.pop(0))
+            self._reads_database_invalid = False  # the long way, if taken after this, needs not read it again
+            if self._connections is not None:
+                self._connections.learn(self._target, _INVALID_BY_SCHEMA, self._invalid_of_database)
+        if self._invalid_of_database is not None:
+            self._invalid: tuple[str, ...] = self._invalid_of_database.get(self._schema, ())
+        else:
+            self._invalid = tuple(row.pop(0))
         self._taken = bool(row.pop(0)) if self._has_lock_table else False
         self._applied = applied_from_json(row.pop(0)) if self.initialized and self._has_version_table else None
         self._checksums = checksums.from_json(row.pop(0)) if self._has_checksums else {}
-        self._has_marks = bool(row.pop(0)) if self._has_marks else False
+        # The marks table stays once created: only a mark in it is worth reading.
+        self._marked = bool(row.pop(0)) if self._has_marks else False
 
     @contextmanager
     def lock(self, wait: float) -> Iterator[tuple[LockHolder | None, None]]:
@@ -225,7 +246,7 @@ class ReadOnlySession(WritesNothing):
         return self._checksums
 
     def marks_and_invalid(self) -> tuple[dict[str, indoubt.Mark], tuple[str, ...]]:
-        if not self._has_marks:
+        if not self._marked:
             return {}, self._invalid
         try:
             with self._connection.cursor() as cursor:
