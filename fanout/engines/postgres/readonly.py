@@ -52,9 +52,10 @@ class Shape(NamedTuple):
 
 
 _PROBED = (MIGRATION_TABLE, VERSION_TABLE, locking.YOYO_LOCK_TABLE, checksums.TABLE, indoubt.TABLE)
+# What the run's sessions of a database share (`Connections.fact`): its INVALID indexes by schema.
+_INVALID_BY_SCHEMA = "postgres: INVALID indexes by schema"
 # The schema read, then whether each of `_PROBED` is there. The names are constants that need no
 # quoting as literals: only the schema is quoted, per target.
-_INVALID_BY_SCHEMA = "postgres: INVALID indexes by schema"
 _PROBE_COLUMNS = "SELECT s, " + ", ".join(f"to_regclass(format('%I.%I', s, '{t}')) IS NOT NULL" for t in _PROBED)
 
 
@@ -208,7 +209,7 @@ class ReadOnlySession(WritesNothing):
     def _take_state(self, row: list[Any]) -> None:
         if self._reads_database_invalid:
             self._invalid_of_database = indoubt.invalid_by_schema(row.pop(0))
-            self._reads_database_invalid = False  # the long way, if taken after this, needs not read it again
+            self._reads_database_invalid = False  # the long way, if taken after this, need not read it again
             if self._connections is not None:
                 self._connections.learn(self._target, _INVALID_BY_SCHEMA, self._invalid_of_database)
         if self._invalid_of_database is not None:
