@@ -140,6 +140,7 @@ SHAPES = (
     "drift",
     "invalid",
     "new",
+    "new_2",
     "c",
     "locked",
     "yoyo_only",
@@ -158,7 +159,7 @@ def _every_shape(fleet: Fleet) -> tuple[str, dict[str, str], list[dict[str, str]
     names = {shape: unique(f"tenant_{shape}") for shape in SHAPES}
     targets = _schemas(fleet, database, list(names.values()))
     fleet.publish({"001-t.sql": "CREATE TABLE t (id INT);"})
-    fleet.write_env([t for t in targets if t["id"] not in (names["new"], names["old"])])
+    fleet.write_env([t for t in targets if t["id"] not in (names["new"], names["new_2"], names["old"])])
     _run(fleet, "apply")
     fleet.publish({"001-t.sql": "CREATE TABLE t (id INT);", "002-u.sql": "-- depends: 001-t\nCREATE TABLE u (id INT);"})
     fleet.write_env([t for t in targets if t["id"] == names["ahead"]])
@@ -234,6 +235,8 @@ def test_plan_reads_a_schema_shaped_like_the_one_before_in_one_implicit_transact
     # A guess naming a table the schema lacks fails (one more rollback) and reads it the long way.
     assert rollbacks_reading("a", "yoyo_only") == 3
     assert rollbacks_reading("a", "new") == 3
+    # Two never-migrated schemas: the second is read in one message of the probe alone.
+    assert rollbacks_reading("new", "new_2") == 1
 
 
 def _invalid_index(fleet: Fleet, database: str, schema: str, name: str) -> None:

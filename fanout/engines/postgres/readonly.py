@@ -140,10 +140,11 @@ class ReadOnlySession(WritesNothing):
         if schema is None or guess is None or connection.server_version < 130000:
             return False
         settings = settings_sql(connection, schema, self._options.session, watch=False, local=True)
-        parts = ", ".join(self._state_sql(schema, guess))
+        # A schema with none of the tables (never migrated) has no part: only the probe's columns.
+        columns = ", ".join([_PROBE_COLUMNS, *self._state_sql(schema, guess)])
         try:
             with connection.cursor() as cursor:
-                cursor.execute(one_message([*settings, f"{_PROBE_COLUMNS}, {parts}{self._probe_from(cursor)}"]))
+                cursor.execute(one_message([*settings, columns + self._probe_from(cursor)]))
                 row = list(cursor.fetchone() or ())
         except psycopg2.Error as e:
             # A table of the guess missing (undefined table, column or schema: classes 42 and 3F,
@@ -173,8 +174,12 @@ class ReadOnlySession(WritesNothing):
         self._found(shape)
         if isinstance(self._connection, TrackedConnection) and self._target.schema is not None:
             self._connection.shape = shape
+        parts = self._state_sql(self._schema, shape)
+        if not parts:  # none of the tables, and the INVALID indexes already shared: nothing to read
+            self._take_state([])
+            return
         with self._connection.cursor() as cursor:
-            cursor.execute("SELECT " + ", ".join(self._state_sql(self._schema, shape)))
+            cursor.execute("SELECT " + ", ".join(parts))
             self._take_state(list(cursor.fetchone() or ()))
 
     def _found(self, shape: Shape) -> None:
