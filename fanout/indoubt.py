@@ -46,14 +46,15 @@ def create_sql(schema: str) -> str:
     )
 
 
-# Every INVALID index fanout can see, as schema.name; `{where}` narrows it to a target's schema.
-_INVALID_SQL = (
-    "SELECT coalesce(array_agg(format('%I.%I', n.nspname, c.relname) ORDER BY format('%I.%I', n.nspname, c.relname)), "
-    "'{{}}') FROM pg_catalog.pg_index i "
+# Every INVALID index fanout can see, the select list's `name` being its schema.name.
+_EVERY_INVALID = (
+    "FROM pg_catalog.pg_index i "
     "JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
-    "WHERE NOT i.indisvalid AND n.nspname NOT IN ('pg_catalog', 'information_schema') {where}"
+    "CROSS JOIN LATERAL format('%I.%I', n.nspname, c.relname) AS shown(name) "
+    "WHERE NOT i.indisvalid AND n.nspname NOT IN ('pg_catalog', 'information_schema')"
 )
-
+# As one array; `{where}` narrows it to a target's schema.
+_INVALID_SQL = "SELECT coalesce(array_agg(name ORDER BY name), '{{}}') " + _EVERY_INVALID + " {where}"
 
 # The INVALID indexes of one schema, through indexed lookups only: the schema's relations by their
 # dependency on it (pg_depend), their indexes (pg_index by indrelid). Scanning pg_index instead
@@ -74,11 +75,7 @@ _SCHEMA_INVALID_SQL = (
 # tenant schemas of one database reads them once (one scan of pg_index, 10-20 ms at 10,000
 # schemas) instead of once per schema (0.47 ms of server CPU each, a third of a plan's reads).
 INVALID_BY_SCHEMA_SQL = (
-    "SELECT coalesce(json_agg(json_build_array(n.nspname, format('%I.%I', n.nspname, c.relname)) "
-    "ORDER BY format('%I.%I', n.nspname, c.relname)), '[]') "
-    "FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid "
-    "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
-    "WHERE NOT i.indisvalid AND n.nspname NOT IN ('pg_catalog', 'information_schema')"
+    "SELECT coalesce(json_agg(json_build_array(n.nspname, name) ORDER BY name), '[]') " + _EVERY_INVALID
 )
 
 

@@ -10,10 +10,15 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
 from conftest import Fleet, unique
 
 from fanout import indoubt
+from fanout.directory import Target
+from fanout.engines.connections import Connections, Fact
 from fanout.errors import EXIT_OK, EXIT_TARGETS_FAILED
+from fanout.options import RunOptions
+from fanout.report import Mode
 
 
 def _schemas(fleet: Fleet, database: str, names: list[str]) -> list[dict[str, str]]:
@@ -252,31 +257,71 @@ def _pg_index_scans(fleet: Fleet, database: str) -> int:
     return int(fleet.query(database, "SELECT seq_scan FROM pg_stat_sys_tables WHERE relname = 'pg_index'")[0][0])
 
 
-def test_plan_reads_a_databases_invalid_indexes_once_and_gives_each_schema_its_own_in_order(fleet: Fleet) -> None:
-    """A plan over tenant schemas reads the database's INVALID indexes in one query (a scan of
-    pg_index) shared by its sessions, not once per schema; each schema is told its own, sorted
-    by name, as a plan of that schema alone (which reads them by the schema's relations) says."""
+@pytest.mark.parametrize(
+    ("others", "database_wide"),
+    [
+        # One session reads the whole database's (at a concurrency of 8, the others start
+        # together with it) for the 100 schemas of the plan, and shares it.
+        (97, 1),
+        # A plan of a few schemas reads each one's own, by index lookups.
+        (0, 0),
+    ],
+)
+def test_plan_gives_each_schema_its_invalid_indexes_in_order_read_once_for_many_schemas(
+    fleet: Fleet, others: int, database_wide: int
+) -> None:
+    """A plan over many tenant schemas of a database reads its INVALID indexes in one query shared
+    by its sessions, not once per schema; each schema is told its own, sorted by name, as the
+    per-schema query (apply's, and a small plan's) says."""
     (database,) = fleet.add_databases(1)
     first, second, clean = unique("tenant_a"), unique("tenant_b"), unique("tenant_c")
-    targets = _schemas(fleet, database, [first, second, clean])
+    targets = _schemas(fleet, database, [first, second, clean, *(unique("tenant_o") for _ in range(others))])
     fleet.publish({"001-t.sql": "CREATE TABLE t (id INT);"})
     fleet.write_env(targets)
-    _run(fleet, "apply")
+    fleet.query(database, ";".join(f'CREATE TABLE "{schema}".t (id INT)' for schema in (first, second)))
     # Created in the reverse of their order by name: the order they are told in is the names'.
     for schema, name in [(first, "t_zz"), (first, "t_aa"), (second, "t_mm")]:
         _invalid_index(fleet, database, schema, name)
+    # The server says which reads it ran: every statement of this database's new sessions is logged.
+    fleet.query("postgres", f"ALTER DATABASE \"{database}\" SET log_statement = 'all'")
+    log = fleet.postgres.log_path
+    logged_before = log.stat().st_size
 
-    # Reading the count scans pg_index too (a new backend's start): that is subtracted.
-    start = _pg_index_scans(fleet, database)
-    before = _pg_index_scans(fleet, database)
-    together = {r["target"]: r["invalid_indexes"] for r in _plan(fleet)["results"]}
-    assert _pg_index_scans(fleet, database) - before - (before - start) == 1
+    result = fleet.cli("plan", "--env", "test", "--format", "json", "--concurrency", "8")
 
-    assert together == {first: [f"{first}.t_aa", f"{first}.t_zz"], second: [f"{second}.t_mm"], clean: []}
-    # What the per-schema query (apply's, under the shard's lock) and the whole database's say
-    # (`query` passes parameters: a % is written %%).
+    with log.open("rb") as file:
+        file.seek(logged_before)
+        logged = file.read().decode(errors="replace")
+    assert logged.count(indoubt.INVALID_BY_SCHEMA_SQL) == database_wide
+    if not database_wide:
+        assert logged.count("FROM pg_catalog.pg_depend d") == 3  # each schema's own
+    told = {r["target"]: r["invalid_indexes"] for r in json.loads(result.stdout)["results"]}
+    assert len(told) == 3 + others
+    assert {target: invalid for target, invalid in told.items() if invalid} == {
+        first: [f"{first}.t_aa", f"{first}.t_zz"],
+        second: [f"{second}.t_mm"],
+    }
+    # What the per-schema query and the whole database's say (`query` passes parameters: a % is written %%).
     assert fleet.query(database, indoubt.invalid_sql(first).replace("%", "%%")) == [
         ([f"{first}.t_aa", f"{first}.t_zz"],)
     ]
     every = fleet.query(database, indoubt.invalid_sql(None).replace("%", "%%"))[0][0]
     assert every == sorted(every) and set(every) == {f"{first}.t_aa", f"{first}.t_zz", f"{second}.t_mm"}
+
+
+def test_one_session_at_a_time_reads_a_databases_fact_and_another_takes_over_if_it_gives_up() -> None:
+    """`Connections.claim`: the sessions of a database that start together do not each read what
+    one read shares; a claim given back (the session failed) lets the next one read it."""
+    one, two = (Target.from_dsn(f"s{i}", "postgresql://u@h/db", schema=f"s{i}") for i in (1, 2))
+    elsewhere = Target.from_dsn("x", "postgresql://u@h/other", schema="s1")
+    connections = Connections([one, two, elsewhere], RunOptions(mode=Mode.PLAN), key=lambda t: t.dbname)
+    fact: Fact[tuple[str, ...]] = Fact("test: names")
+    assert connections.targets_of(one) == 2 and connections.targets_of(elsewhere) == 1
+
+    assert connections.claim(one, fact) and not connections.claim(two, fact)
+    assert connections.claim(elsewhere, fact)  # another database: a fact of its own
+    connections.unclaim(one, fact)
+    assert connections.claim(two, fact)
+    connections.learn(two, fact, ("a", "b"))
+    assert connections.fact(one, fact) == ("a", "b") and connections.fact(elsewhere, fact) is None
+    assert not connections.claim(one, fact)  # known: nobody reads it again

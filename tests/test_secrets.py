@@ -128,6 +128,11 @@ def test_a_password_with_every_special_character_connects_when_percent_encoded(f
         ("postgresql://u:Sekr3t@h/db?sslmode=bogus", "sslmode 'bogus'"),
         ("postgresql://u:Sekr3t@h/db?sslmdoe=require", "unknown connection option 'sslmdoe'"),
         ("postgresql://u@h/db?password=Sekr3t", "put the password in the DSN's user:password@ part"),
+        (
+            "postgresql://u:Sekr3t@h/" + "d" * 64,
+            "the database name has 64 bytes, and PostgreSQL keeps only the first 63",
+        ),
+        ("postgresql://u:Sekr3t@h/db?schema=" + "%C3%A9" * 32, "the schema name has 64 bytes"),
         ("mysql://u:ab/Sekr3t@h/db", "must be percent-encoded"),
         ("mariadb://u:ab%zSekr3t@h/db", "does not start a %XX escape"),
         ("mysql://u:Sekr3t@h:5x32/db", "invalid port"),
@@ -146,6 +151,12 @@ def test_a_dsn_that_cannot_be_parsed_is_refused_with_its_password_masked(dsn: st
     assert problem in str(caught.value)
     assert "Sekr3t" not in str(caught.value)
     assert "Sekr3t" not in redact(dsn)  # and registered: an echo elsewhere is masked too
+
+
+def test_a_postgresql_name_of_63_bytes_is_kept_whole() -> None:
+    """63 bytes is what the server keeps (NAMEDATALEN - 1); only a longer name is refused."""
+    target = Target.from_dsn("t", "postgresql://u@h/" + "d" * 63, schema="\u00e9" * 31 + "s")
+    assert (len(target.dbname), len((target.schema or "").encode())) == (63, 63)
 
 
 def test_masked_dsn_hides_everything_that_may_be_the_password() -> None:

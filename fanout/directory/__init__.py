@@ -29,6 +29,7 @@ from fanout.secret import MASK, Secret, register
 
 DEFAULT_PORT = 5432
 MYSQL_PORT = 3306
+PG_NAME_BYTES = 63  # NAMEDATALEN - 1
 DEFAULT_TCP = TcpSettings()
 POSTGRESQL = "postgresql"
 MYSQL = "mysql"
@@ -191,6 +192,13 @@ class Target:
                 raise refuse(f"unknown connection option {', '.join(map(repr, unknown))} in DSN")
             if options.get("sslmode", "prefer") not in SSL_MODES:
                 raise refuse(f"sslmode {options['sslmode']!r} is not one of {', '.join(SSL_MODES)}")
+            # The server cuts a longer name to its first 63 bytes without a word: two targets
+            # would name one database or schema, and nothing fanout reads back would match.
+            for kind, name in (("database", dbname), ("schema", schema)):
+                if name and len(name.encode()) > PG_NAME_BYTES:
+                    raise refuse(
+                        f"the {kind} name has {len(name.encode())} bytes, and PostgreSQL keeps only the first {PG_NAME_BYTES}"
+                    )
         if parts.password and parts.password != password:
             register(parts.password)  # the encoded form too, should anything print the DSN itself
         return cls(

@@ -11,10 +11,19 @@ import contextlib
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from fanout.directory import Target
 from fanout.options import RunOptions
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Fact(Generic[T]):
+    """The name of something a session reads once for its whole database and shares (`Connections.learn`)."""
+
+    name: str
 
 
 @dataclass(slots=True)
@@ -45,14 +54,17 @@ class Connections:
         self._options = options
         self._idle: dict[str, list[Idle]] = {}
         self._waiting: dict[str, int] = {}
+        self._targets: dict[str, int] = {}  # per database, as `_waiting` starts
         # Each target's key, computed once: the engine's key digests its connection parameters,
         # and a target asks for it four times (7% of the runner's CPU in a plan over tenant schemas).
         self._keys: dict[int, tuple[Target, str]] = {}
         for target in targets:
             database = self._keys.setdefault(id(target), (target, key(target)))[1]
             self._waiting[database] = self._waiting.get(database, 0) + 1
+        self._targets.update(self._waiting)
         self._open: dict[str, int] = {}  # per server: in use and idle
-        self._facts: dict[tuple[str, str], Any] = {}
+        self._facts: dict[tuple[str, Fact[Any]], Any] = {}
+        self._claimed: set[tuple[str, Fact[Any]]] = set()
         self.opened = 0
 
     def key(self, target: Target) -> str:
@@ -111,22 +123,46 @@ class Connections:
         with contextlib.suppress(Exception):
             connection.close()
 
-    def fact(self, target: Target, name: str) -> Any:
+    def targets_of(self, target: Target) -> int:
+        """How many of the run's targets are in the target's database."""
+        return self._targets.get(self.key(target), 1)
+
+    def fact(self, target: Target, fact: Fact[T]) -> T | None:
         """What a session of this run learned about the target's database (`learn`), or None."""
         key = self.key(target)
         with self._lock:
-            return self._facts.get((key, name))
+            known: T | None = self._facts.get((key, fact))
+            return known
 
-    def learn(self, target: Target, name: str, value: Any) -> None:
+    def claim(self, target: Target, fact: Fact[T]) -> bool:
+        """True for one session of the database at a time: that one reads the fact, then `learn`s it
+        or gives the claim back (`unclaim`). The others read what they need their own way meanwhile,
+        without waiting: a plan's first sessions of a database start together, and each reading
+        the whole database would multiply the query the fact is there to save."""
+        key = (self.key(target), fact)
+        with self._lock:
+            if key in self._facts or key in self._claimed:
+                return False
+            self._claimed.add(key)
+            return True
+
+    def unclaim(self, target: Target, fact: Fact[T]) -> None:
+        """The claiming session did not learn the fact (it failed, or left early): another may read it."""
+        with self._lock:
+            self._claimed.discard((self.key(target), fact))
+
+    def learn(self, target: Target, fact: Fact[T], value: T) -> None:
         """Share a fact about the target's database with the run's later sessions of that database.
 
         For what is read in one query for the whole database, where reading it once per tenant
         schema costs the server a query per schema. Read-only runs only: a session that writes
-        reads its shard's state under its own lock.
+        reads its shard's state under its own lock. The value is shared, never copied: a
+        read-only type (a Mapping, a tuple) keeps the sessions from changing it under each other.
         """
-        key = self.key(target)
+        key = (self.key(target), fact)
         with self._lock:
-            self._facts.setdefault((key, name), value)
+            self._facts.setdefault(key, value)
+            self._claimed.discard(key)
 
     def close_idle(self) -> None:
         with self._lock:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import psycopg2
@@ -17,7 +18,7 @@ from yoyo.migrations import Migration
 from fanout import checksums, indoubt, locking
 from fanout.directory import Target
 from fanout.engines import EngineError, WritesNothing
-from fanout.engines.connections import Connections
+from fanout.engines.connections import Connections, Fact
 from fanout.engines.postgres.connection import (
     TrackedConnection,
     TrackedCursor,
@@ -53,7 +54,12 @@ class Shape(NamedTuple):
 
 _PROBED = (MIGRATION_TABLE, VERSION_TABLE, locking.YOYO_LOCK_TABLE, checksums.TABLE, indoubt.TABLE)
 # What the run's sessions of a database share (`Connections.fact`): its INVALID indexes by schema.
-_INVALID_BY_SCHEMA = "postgres: INVALID indexes by schema"
+_INVALID_BY_SCHEMA: Fact[Mapping[str, tuple[str, ...]]] = Fact("postgres: INVALID indexes by schema")
+# How many of a database's tenant schemas a plan must hold before one session reads the INVALID
+# indexes of the whole database for all of them. That read scans pg_index (10-20 ms at 10,000
+# schemas, in proportion to the database's indexes); each schema's own costs about 0.47 ms, so a
+# plan of a few schemas in a large database reads theirs alone.
+_DATABASE_WIDE_FROM = 100
 # The schema read, then whether each of `_PROBED` is there. The names are constants that need no
 # quoting as literals: only the schema is quoted, per target.
 _PROBE_COLUMNS = "SELECT s, " + ", ".join(f"to_regclass(format('%I.%I', s, '{t}')) IS NOT NULL" for t in _PROBED)
@@ -93,13 +99,18 @@ class ReadOnlySession(WritesNothing):
         self.initialized = False
         self._schema_only = target.schema is not None
         self._options = options
-        # A tenant schema's INVALID indexes come from the database's, read once by the run's first
-        # sessions of that database and shared (`Connections.learn`).
-        self._invalid_of_database: dict[str, tuple[str, ...]] | None = None
-        self._reads_database_invalid = self._schema_only and connections is not None
-        if self._reads_database_invalid and connections is not None:
+        # A tenant schema's INVALID indexes: when the plan holds many schemas of its database, read
+        # for all of them by one session (the one that claims it) and shared; meanwhile, and for a
+        # few schemas, each session reads its schema's own.
+        self._invalid_of_database: Mapping[str, tuple[str, ...]] | None = None
+        self._reads_database_invalid = False
+        if connections is not None and self._schema_only:
             self._invalid_of_database = connections.fact(target, _INVALID_BY_SCHEMA)
-            self._reads_database_invalid = self._invalid_of_database is None
+            self._reads_database_invalid = (
+                self._invalid_of_database is None
+                and connections.targets_of(target) >= _DATABASE_WIDE_FROM
+                and connections.claim(target, _INVALID_BY_SCHEMA)
+            )
         try:
             if reused is None:
                 # Transactions are explicit (BEGIN READ ONLY in the probe's message), or implicit in
@@ -213,7 +224,7 @@ class ReadOnlySession(WritesNothing):
 
     def _take_state(self, row: list[Any]) -> None:
         if self._reads_database_invalid:
-            self._invalid_of_database = indoubt.invalid_by_schema(row.pop(0))
+            self._invalid_of_database = MappingProxyType(indoubt.invalid_by_schema(row.pop(0)))
             self._reads_database_invalid = False  # the long way, if taken after this, need not read it again
             if self._connections is not None:
                 self._connections.learn(self._target, _INVALID_BY_SCHEMA, self._invalid_of_database)
@@ -270,6 +281,9 @@ class ReadOnlySession(WritesNothing):
 
     def close(self, *, reuse: bool = False) -> None:
         self._watch.release()
+        if self._reads_database_invalid and self._connections is not None:
+            self._connections.unclaim(self._target, _INVALID_BY_SCHEMA)  # failed before it read them
+            self._reads_database_invalid = False
         try:
             # Everything this session set (search_path, timeouts) was set inside its READ ONLY
             # transaction (or its one message's): the rollback restores the session as it was opened.
