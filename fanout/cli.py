@@ -19,10 +19,8 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from fanout import commands, runner
-from fanout.config import Environment, load_environment
-from fanout.config import environments_dir as default_environments_dir
-from fanout.demo import DemoStep, KeptStack
-from fanout.demo import run as run_demo
+from fanout.config import Environment, environments_dir as default_environments_dir, load_environment
+from fanout.demo import DemoStep, KeptStack, run as run_demo
 from fanout.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_TARGETS_FAILED, FanoutError
 from fanout.formats import FORMATS, format_for, render
 from fanout.interrupt import Interrupt, signals_handled

@@ -25,8 +25,7 @@ from fanout.config import Environment, S3Location, UnpublishedPolicy, interpolat
 from fanout.directory import Target, list_targets
 from fanout.errors import ConfigError, DirectoryError, SourceError
 from fanout.interrupt import Interrupt
-from fanout.report import Finding, Mode, RollbackRequest, RunReport, TargetResult, merge
-from fanout.report import from_dict as report_from_dict
+from fanout.report import Finding, Mode, RollbackRequest, RunReport, TargetResult, from_dict as report_from_dict, merge
 from fanout.rollout import WHOLE_FLEET, FailureBudget, Limits, Slice, Waves
 
 ResultCallback = Callable[[TargetResult], None]

@@ -42,13 +42,11 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from yoyo import exceptions as yoyo_exceptions
-from yoyo import read_migrations
+from yoyo import exceptions as yoyo_exceptions, read_migrations
 from yoyo.migrations import Migration, MigrationList, ancestors, topological_sort
 from yoyo.topologicalsort import CycleError
 
-from fanout import checksums, engines, indoubt, rollout
-from fanout import rollback as rollback_selection
+from fanout import checksums, engines, indoubt, rollback as rollback_selection, rollout
 from fanout.config import TcpSettings
 from fanout.directory import DEFAULT_TCP, Target
 from fanout.engines import (

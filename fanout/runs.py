@@ -20,8 +20,7 @@ from typing import Any
 from fanout import source
 from fanout.config import Environment, S3Location
 from fanout.errors import ConfigError, FanoutError, SourceError
-from fanout.report import RunReport, render_json
-from fanout.report import from_dict as report_from_dict
+from fanout.report import RunReport, from_dict as report_from_dict, render_json
 from fanout.source import Snapshot
 
 log = logging.getLogger(__name__)

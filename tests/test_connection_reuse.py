@@ -13,9 +13,9 @@ import time
 import pytest
 from conftest import Fleet, unique
 
-from fanout import indoubt
 from fanout.directory import Target
 from fanout.engines.connections import Connections, Fact
+from fanout.engines.postgres import indoubt
 from fanout.errors import EXIT_OK, EXIT_TARGETS_FAILED
 from fanout.options import RunOptions
 from fanout.report import Mode

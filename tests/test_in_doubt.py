@@ -20,7 +20,7 @@ import psycopg2
 import pytest
 from conftest import MIGRATIONS, Fleet
 
-from fanout import indoubt
+from fanout.engines.postgres import indoubt
 from fanout.errors import EXIT_CONFIG, EXIT_OK, EXIT_TARGETS_FAILED
 from fanout.report import from_dict, to_dict
 

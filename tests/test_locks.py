@@ -17,9 +17,9 @@ import pytest
 from conftest import MIGRATIONS, Fleet
 from yoyo import get_backend
 
-from fanout import locking
+from fanout.engines.postgres import locking
+from fanout.engines.postgres.locking import PAUSE_VARIABLE
 from fanout.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_TARGETS_FAILED
-from fanout.locking import PAUSE_VARIABLE
 from fanout.report import from_dict, to_dict
 
 SLOW = {

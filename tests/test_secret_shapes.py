@@ -23,8 +23,7 @@ from urllib.parse import quote
 
 import pytest
 from conftest import MIGRATIONS, Fleet
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 from sharding_service import ShardingService
 
 SPECIALS = "%/@:?#="

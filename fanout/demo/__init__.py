@@ -334,7 +334,7 @@ class _Story:
         return self.report_step("plan: what would run where (read-only)", commands.plan(self.env))
 
     def apply_with_trouble(self) -> bool:
-        from fanout import locking
+        from fanout.engines.postgres import locking
 
         # A colleague created a table by hand on shared_2; another runner holds globex's lock.
         self.sql("shared_2", "CREATE TABLE invoice (id int)")

@@ -9,15 +9,20 @@ from typing import Any
 import pymysql
 import pymysql.err
 
-from fanout.checksums import WHO
 from fanout.directory import Target
 from fanout.engines.mysql.core import Timeouts, classify, connect, engine_error, lock_name
-from fanout.locking import OWNER_TABLE, YOYO_LOCK_TABLE, Unlock, UnlockOutcome
+from fanout.locking import (
+    LOG_TABLE as LOCK_LOG_TABLE,
+    OWNER_TABLE,
+    TERMINATE_WAIT_SECONDS,
+    WHO,
+    YOYO_LOCK_TABLE,
+    Unlock,
+    UnlockOutcome,
+)
 from fanout.report import ErrorKind, LockHolder, TargetError
 from fanout.secret import register
 
-LOCK_LOG_TABLE = "fanout_lock_log"
-TERMINATE_WAIT_SECONDS = 10.0  # how long a killed session may take to end (and free GET_LOCK)
 _POLL_SECONDS = 0.2
 
 
@@ -54,7 +59,7 @@ def create_database(target: Target, *, connect_timeout: float = 10.0) -> bool:
 
 def unlock_database(target: Target, *, force: bool, terminate: str | None, connect_timeout: float = 10.0,
                     lock_timeout: float = 10.0) -> Unlock:  # fmt: skip
-    """Remove the lock by hand, with PostgreSQL's semantics (fanout/locking.py's `unlock`).
+    """Remove the lock by hand, with PostgreSQL's semantics (fanout/engines/postgres/locking.py's `unlock`).
 
     Refuses while a holder may be alive: GET_LOCK held by a session (a fanout holder), or
     other sessions on the database (a plain yoyo lock records no session). `force` removes

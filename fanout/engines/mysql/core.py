@@ -25,8 +25,7 @@ from yoyo.backends.core.mysql import MySQLBackend
 from yoyo.connections import DatabaseURI
 from yoyo.migrations import Migration, read_sql_migration
 
-from fanout.checksums import LOG_TABLE as CHECKSUM_LOG_TABLE
-from fanout.checksums import TABLE as CHECKSUM_TABLE
+from fanout.checksums import LOG_TABLE as CHECKSUM_LOG_TABLE, TABLE as CHECKSUM_TABLE
 from fanout.directory import Target
 from fanout.engines import EngineError
 from fanout.locking import OWNER_TABLE
@@ -321,7 +320,7 @@ def _create_progress_sql() -> str:
 
 
 def create_checksum_sql() -> tuple[str, str]:
-    """fanout_checksums and fanout_checksum_log as on PostgreSQL (fanout/checksums.py): same columns, same meaning."""
+    """fanout_checksums and fanout_checksum_log as on PostgreSQL (fanout/engines/postgres/checksums.py): same columns, same meaning."""
     return (
         f"CREATE TABLE IF NOT EXISTS `{CHECKSUM_TABLE}` (`migration_id` VARCHAR(255) NOT NULL PRIMARY KEY, "
         "`sha256` VARCHAR(64) NOT NULL, `service` VARCHAR(255) NOT NULL, `environment` VARCHAR(255) NOT NULL, "

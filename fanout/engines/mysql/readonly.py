@@ -13,8 +13,7 @@ import pymysql.err
 from yoyo.migrations import Migration
 
 from fanout import checksums, indoubt
-from fanout.checksums import LOG_TABLE as CHECKSUM_LOG_TABLE
-from fanout.checksums import TABLE as CHECKSUM_TABLE
+from fanout.checksums import LOG_TABLE as CHECKSUM_LOG_TABLE, TABLE as CHECKSUM_TABLE
 from fanout.directory import Target
 from fanout.engines import WritesNothing
 from fanout.engines.mysql.base import DEFAULT_TIMEOUTS, NO_SETTINGS, _Base

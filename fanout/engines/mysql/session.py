@@ -22,8 +22,7 @@ from yoyo.migrations import Migration
 from yoyo.utils import change_param_style
 
 from fanout import checksums, indoubt
-from fanout.checksums import LOG_TABLE as CHECKSUM_LOG_TABLE
-from fanout.checksums import TABLE as CHECKSUM_TABLE
+from fanout.checksums import LOG_TABLE as CHECKSUM_LOG_TABLE, TABLE as CHECKSUM_TABLE
 from fanout.directory import Target
 from fanout.engines import ChecksumChange, EngineError, Recording, Settled, SettleItem
 from fanout.engines.mysql.base import DEFAULT_TIMEOUTS, NO_SETTINGS, _Base, _now, _rollback_statements

@@ -35,11 +35,11 @@ import psycopg2
 import psycopg2.errors
 from psycopg2 import sql
 
-from fanout import locking
 from fanout.config import TcpSettings
 from fanout.directory import DEFAULT_TCP, Target
 from fanout.engines import Session, UnlockResult
 from fanout.engines.connections import Connections
+from fanout.engines.postgres import locking
 from fanout.engines.postgres.connection import (
     APPLICATION_NAME,
     classify_connect_error,

@@ -6,7 +6,7 @@ from typing import Any
 
 from yoyo.migrations import Migration, MigrationStep, TransactionWrapper
 
-from fanout import indoubt, locking
+from fanout.engines.postgres import indoubt, locking
 from fanout.report import InDoubt
 
 MIGRATION_TABLE = "_yoyo_migration"

@@ -15,10 +15,10 @@ import psycopg2.errors
 import psycopg2.extensions
 from yoyo.migrations import Migration
 
-from fanout import checksums, indoubt, locking
 from fanout.directory import Target
 from fanout.engines import EngineError, WritesNothing
 from fanout.engines.connections import Connections, Fact
+from fanout.engines.postgres import checksums, indoubt, locking
 from fanout.engines.postgres.connection import (
     TrackedConnection,
     TrackedCursor,

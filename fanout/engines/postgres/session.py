@@ -21,15 +21,13 @@ from typing import Any
 import psycopg2
 import psycopg2.errors
 import psycopg2.extensions
-from yoyo import exceptions as yoyo_exceptions
-from yoyo import internalmigrations
+from yoyo import exceptions as yoyo_exceptions, internalmigrations
 from yoyo.backends import PostgresqlBackend
 from yoyo.connections import DatabaseURI
 from yoyo.internalmigrations import v2 as internal_v2
 from yoyo.migrations import Migration
 from yoyo.utils import change_param_style
 
-from fanout import checksums, indoubt, locking
 from fanout.directory import Target
 from fanout.engines import (
     ChecksumChange,
@@ -41,6 +39,7 @@ from fanout.engines import (
     timed_out,
 )
 from fanout.engines.connections import Connections
+from fanout.engines.postgres import checksums, indoubt, locking
 from fanout.engines.postgres.connection import (
     FINISHED_AT,
     FRESH_SESSION,
