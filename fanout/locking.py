@@ -80,3 +80,39 @@ class Unlock:
     advisory_holder: int | None = None  # server pid holding fanout's server lock when unlock ended (None: free)
     terminated: int | None = None  # server pid ended by --terminate
     hidden_sessions: int = 0  # sessions of other roles whose details this role cannot see
+
+
+def rows_removed(
+    holder: LockHolder | None,
+    reason: str,
+    *,
+    deleted: int,
+    still: int | None,
+    terminated: int | None,
+    hidden: int,
+    session: str,
+    lock: str,
+) -> Unlock:
+    """What unlock did, once it removed the holder's rows (`deleted` of yoyo's), on any engine.
+
+    `reason` is why the holder may be alive (empty: provably gone); `still`, the server session
+    holding fanout's server lock after the removal; `session` and `lock` name those in the
+    engine's words ("server pid", "advisory lock").
+    """
+    what = f"removed {deleted} lock row(s)"
+    if still is not None:
+        return Unlock(
+            UnlockOutcome.STILL_HELD, holder,
+            f"{reason}; {what}, but {session} {still} still holds fanout's {lock}, so the shard stays locked for "
+            "fanout until that session ends (`fanout unlock --terminate --reason ...` ends it)",
+            deleted, still, terminated, hidden,
+        )  # fmt: skip
+    if terminated:
+        return Unlock(
+            UnlockOutcome.TERMINATED, holder, f"{reason}; ended {session} {terminated}; {what}",
+            deleted, None, terminated, hidden,
+        )  # fmt: skip
+    if reason:
+        return Unlock(UnlockOutcome.FORCED, holder, f"{reason}; {what}", deleted, None, None, hidden)
+    gone = "its session has ended" if holder and holder.run_id else "no other session is connected"
+    return Unlock(UnlockOutcome.RELEASED, holder, f"the holder is gone ({gone}); {what}", deleted)

@@ -19,6 +19,7 @@ from fanout.locking import (
     YOYO_LOCK_TABLE,
     Unlock,
     UnlockOutcome,
+    rows_removed,
 )
 from fanout.report import ErrorKind, LockHolder, TargetError
 from fanout.secret import register
@@ -132,21 +133,10 @@ def _unlock(connection: Any, cursor: Any, name: str, *, force: bool, terminate: 
     action = "terminated" if terminated else "forced" if reason else "released"
     deleted = _delete_rows(connection, cursor, holder, action, terminate, terminated)
     still = _lock_holder(cursor, name)
-    what = f"removed {deleted} lock row(s)"
-    if still is not None:
-        return Unlock(
-            UnlockOutcome.STILL_HELD, holder,
-            f"{reason}; {what}, but connection {still} still holds fanout's GET_LOCK, so the shard stays locked for "
-            "fanout until that session ends (`fanout unlock --terminate --reason ...` ends it)",
-            deleted, still, terminated, hidden,
-        )  # fmt: skip
-    if terminated:
-        return Unlock(UnlockOutcome.TERMINATED, holder, f"{reason}; ended connection {terminated}; {what}",
-                      deleted, None, terminated)  # fmt: skip
-    if reason:
-        return Unlock(UnlockOutcome.FORCED, holder, f"{reason}; {what}", deleted)
-    gone = "its session has ended" if holder and holder.run_id else "no other session is connected"
-    return Unlock(UnlockOutcome.RELEASED, holder, f"the holder is gone ({gone}); {what}", deleted)
+    return rows_removed(
+        holder, reason, deleted=deleted, still=still, terminated=terminated, hidden=hidden,
+        session="connection", lock="GET_LOCK",
+    )  # fmt: skip
 
 
 def _holder(cursor: Any, tables: set[str]) -> LockHolder | None:

@@ -31,6 +31,7 @@ from fanout.locking import (
     Owner as Owner,
     Unlock as Unlock,
     UnlockOutcome as UnlockOutcome,
+    rows_removed,
 )
 from fanout.report import LockHolder
 
@@ -235,23 +236,10 @@ def unlock(connection: Any, schema: str, *, force: bool, terminate: str | None =
         action = "terminated" if terminated else "forced" if reason else "released"
         deleted = _delete_rows(connection, cursor, schema, holder, action, terminate, terminated)
         still = _advisory_holder(cursor, schema)
-        what = f"removed {deleted} lock row(s)"
-        if still is not None:
-            return Unlock(
-                UnlockOutcome.STILL_HELD, holder,
-                f"{reason}; {what}, but server pid {still} still holds fanout's advisory lock, so the shard stays "
-                "locked for fanout until that session ends (`fanout unlock --terminate --reason ...` ends it)",
-                deleted, still, terminated, hidden,
-            )  # fmt: skip
-        if terminated:
-            return Unlock(
-                UnlockOutcome.TERMINATED, holder, f"{reason}; ended server pid {terminated}; {what}",
-                deleted, None, terminated, hidden,
-            )  # fmt: skip
-        if reason:
-            return Unlock(UnlockOutcome.FORCED, holder, f"{reason}; {what}", deleted, None, None, hidden)
-        gone = "its session has ended" if holder and holder.run_id else "no other session is connected"
-        return Unlock(UnlockOutcome.RELEASED, holder, f"the holder is gone ({gone}); {what}", deleted)
+        return rows_removed(
+            holder, reason, deleted=deleted, still=still, terminated=terminated, hidden=hidden,
+            session="server pid", lock="advisory lock",
+        )  # fmt: skip
 
 
 def _delete_rows(
