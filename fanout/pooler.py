@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,12 +50,24 @@ class SessionCheck:
     refused: str | None  # why the session is not fanout's alone across transactions; None when it is
 
 
+class NoServerSession(Exception):
+    """The second connection of the check got no server session in time (`other_session`)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"no server session within {seconds:g} s")
+        self.seconds = seconds
+
+
 def check_session(
-    connection: Any, reconnect: Callable[[], Any], connection_age: Callable[[], float], server: str
+    connection: Any,
+    other_session: Callable[[], AbstractContextManager[int | None]],
+    connection_age: Callable[[], float],
+    server: str,
 ) -> SessionCheck:
     """The session's server process, and why `connection` is not a session of its own (None when it is).
 
-    `reconnect()` opens another connection like it (closed here); `connection_age()` is the
+    `other_session()` opens another connection like it, inside a transaction, and gives its server
+    process (closed on exit; NoServerSession when no server session came in time); `connection_age()` is the
     seconds since the connection was started; `server` names it (host:port) for the memo.
     The caller's transaction state is left as found: each probe query ends its transaction.
     """
@@ -74,22 +87,21 @@ def check_session(
         known = server in _pooled
     if known:
         return SessionCheck(pid, f"a transaction-mode pooler serves {server} (found earlier in this run)")
-    other = reconnect()
     try:
-        other.autocommit = False
-        with other.cursor() as cursor:
-            cursor.execute("SELECT pg_backend_pid()")  # B's transaction stays open: it holds a server session
-            row_b = cursor.fetchone()
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_backend_pid()")
-            row_a = cursor.fetchone()
-        _end_transaction(connection)
-    finally:
-        try:
-            other.rollback()
-        finally:
-            other.close()
-    held_by_other = row_b[0] if row_b else None
+        with other_session() as held_by_other:  # its transaction stays open: it holds a server session
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_backend_pid()")
+                row_a = cursor.fetchone()
+            _end_transaction(connection)
+    except NoServerSession as e:
+        # A transaction-mode pool would have given it the server session this connection left
+        # idle; a session-mode pool with none left never does. Either way, nothing is proven.
+        return SessionCheck(
+            pid,
+            f"cannot tell whether a transaction-mode pooler serves {server}: a second connection got no server "
+            f"session within {e.seconds:g} s, as from a session-mode pool with none left (its pool_size must "
+            "exceed the connections fanout holds: lower the concurrency or raise pool_size)",
+        )
     now = row_a[0] if row_a else None
     if held_by_other != pid and now == pid:
         return SessionCheck(pid, None)

@@ -19,6 +19,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import psycopg2
 import pytest
 
 from fanout.embedded import UNPRIVILEGED_USER, EmbeddedPostgres, free_port
@@ -37,10 +38,15 @@ def binary() -> str:
 
 
 class PgBouncer:
-    def __init__(self, executable: str, postgres: EmbeddedPostgres, pool_mode: str) -> None:
+    def __init__(
+        self, executable: str, postgres: EmbeddedPostgres, pool_mode: str, *, pool_size: int = 20,
+        query_wait_timeout: int = 120,
+    ) -> None:  # fmt: skip
         self._executable = executable
         self._postgres = postgres
         self.pool_mode = pool_mode
+        self.pool_size = pool_size
+        self.query_wait_timeout = query_wait_timeout
         self.host = "127.0.0.1"
         self.port = 0
         self._root: Path | None = None
@@ -73,7 +79,9 @@ class PgBouncer:
                 auth_type = scram-sha-256
                 auth_file = {root / "userlist.txt"}
                 pool_mode = {self.pool_mode}
-                default_pool_size = 20
+                admin_users = {self._postgres.user}
+                default_pool_size = {self.pool_size}
+                query_wait_timeout = {self.query_wait_timeout}
                 max_client_conn = 200
                 ignore_startup_parameters = extra_float_digits,options
                 logfile = {root / "pgbouncer.log"}
@@ -106,6 +114,22 @@ class PgBouncer:
         log = (root / "pgbouncer.log").read_text(errors="replace")[-2000:] if (root / "pgbouncer.log").exists() else ""
         self.stop()
         raise RuntimeError(f"pgbouncer did not start:\n{log}")
+
+    def waiting_clients(self) -> int:
+        """Clients PgBouncer keeps waiting for a server session (its admin console's SHOW CLIENTS)."""
+        console = psycopg2.connect(
+            host=self.host, port=self.port, dbname="pgbouncer", user=self._postgres.user,
+            password=self._postgres.password.reveal(),
+        )  # fmt: skip
+        try:
+            console.autocommit = True
+            with console.cursor() as cursor:
+                cursor.execute("SHOW CLIENTS")
+                names = [column.name for column in cursor.description or ()]
+                rows = [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+        finally:
+            console.close()
+        return sum(1 for row in rows if row["state"] == "waiting")
 
     def stop(self) -> None:
         if self._process is not None:

@@ -3,9 +3,12 @@ the watchdog (cancel, liveness), error classification, and the statements of a f
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import select
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import psycopg2
@@ -51,7 +54,7 @@ def check_session(connection: Any, target: Target, kwargs: dict[str, Any], start
     """
     checked = pooler.check_session(
         connection,
-        reconnect=lambda: psycopg2.connect(**kwargs),
+        other_session=lambda: held_session(kwargs, watch),
         connection_age=lambda: time.monotonic() - started,
         server=target.server,
     )
@@ -66,6 +69,57 @@ def check_session(connection: Any, target: Target, kwargs: dict[str, Any], start
     if checked.backend_pid is not None:
         watch.check_liveness(connection, kwargs, checked.backend_pid)
     return checked.backend_pid
+
+
+# How often a wait of the pooler check's second connection looks at the watchdog.
+_HELD_SESSION_POLL_SECONDS = 0.2
+
+
+@contextmanager
+def held_session(kwargs: dict[str, Any], watch: Watch) -> Iterator[int | None]:
+    """Another session like the watched one, inside a transaction (a pooler must keep a server session for it): its server process.
+
+    Waits no longer than `connect_timeout`, and ends with the watched session's target: a
+    session-mode pool with no session left would keep it waiting for PgBouncer's
+    `query_wait_timeout` (120 s by default) while the watched session holds one, then fail it
+    as unreachable, and retries would wait as long again. Past that wait: pooler.NoServerSession.
+    """
+    within = watch.connect_timeout
+    deadline = time.monotonic() + within
+    # Asynchronous, so that no wait is left to libpq: its connect_timeout ends a connection
+    # attempt, but nothing ends a query a pooler keeps queued.
+    other = psycopg2.connect(**kwargs, async_=1)
+    try:
+        _await(other, deadline, watch)
+        with other.cursor() as cursor:
+            cursor.execute("BEGIN; SELECT pg_backend_pid()")
+            _await(other, deadline, watch)
+            row = cursor.fetchone()
+        yield row[0] if row else None
+        # A pooler keeps a server session whose client ended its transaction; the check is done
+        # either way, so this is attempted, not awaited at any cost.
+        with contextlib.suppress(psycopg2.Error, pooler.NoServerSession), other.cursor() as cursor:
+            cursor.execute("ROLLBACK")
+            _await(other, time.monotonic() + within, watch)
+    finally:
+        other.close()
+
+
+def _await(connection: Any, deadline: float, watch: Watch) -> None:
+    """Until an asynchronous connection's connect or query is done; pooler.NoServerSession past `deadline`."""
+    poller = select.poll()
+    while (state := connection.poll()) != psycopg2.extensions.POLL_OK:
+        acted = watch.acted()
+        if acted is not None:
+            raise acted
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise pooler.NoServerSession(watch.connect_timeout)
+        poller.register(
+            connection.fileno(), select.POLLIN if state == psycopg2.extensions.POLL_READ else select.POLLOUT
+        )
+        poller.poll(min(remaining, _HELD_SESSION_POLL_SECONDS) * 1000)
+        poller.unregister(connection.fileno())
 
 
 # A session the server shows idle for this long while fanout still waits for its answer lost that answer.
@@ -158,6 +212,10 @@ class Watch:
         self.handle.check_every = self._options.liveness_check
         self.handle.busy = lambda: connection.busy_since
 
+    @property
+    def connect_timeout(self) -> float:
+        return self._options.connect_timeout
+
     def untouched(self) -> bool:
         """The watchdog never acted on this connection (no cancel, nothing abandoned)."""
         return self.handle.reason is None and not self.handle.abandoned
@@ -170,14 +228,17 @@ class Watch:
 
     def classify(self, error: psycopg2.Error, *, otherwise: ErrorKind = ErrorKind.DATABASE) -> EngineError:
         """What `error` means, given what the watchdog did to the connection (if anything)."""
-        verdict = watchdog_verdict(
+        return self.acted() or classify_database_error(error, otherwise=otherwise)
+
+    def acted(self) -> EngineError | None:
+        """What the watchdog did to the connection, as the target's error (None: nothing)."""
+        return watchdog_verdict(
             self.handle,
             grace=self._watchdog.grace,
             target_timeout=self._options.target_timeout,
             cancel="a cancel request",
             still_working="still working: cancelled and rolled back",
         )
-        return verdict or classify_database_error(error, otherwise=otherwise)
 
 
 def connection_lost(error: psycopg2.Error) -> bool:
