@@ -22,8 +22,8 @@ N shard databases, publishes M realistic migrations, and measures in one run:
   plan against the sequential loop a team writes, yoyo's `get_backend(dsn?schema=...)` per
   schema (`--schemas N...`; each N builds two databases of N schemas, one per runner).
 Columns: wall time, speed-up against the baseline, time against the floor, S3 LIST/GET
-requests seen by the S3 server, the runner's own peak RSS and CPU time (os.wait4 on the
-fanout process), and connections opened (pg_stat_database.sessions).
+requests seen by the S3 server, the runner's own peak RSS (GNU time, bench/measured.py) and
+CPU time (os.wait4 on the fanout process), and connections opened (pg_stat_database.sessions).
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg2
+from measured import Measure, run_measured
 from yoyo import get_backend, read_migrations
 
 import fanout
@@ -103,13 +104,6 @@ class Endpoint:
     def dsn(self, postgres: EmbeddedPostgres, database: str) -> str:
         direct = postgres.dsn(database)
         return direct.replace(f"@{postgres.host}:{postgres.port}/", f"@{self.host}:{self.port}/")
-
-
-@dataclass(frozen=True)
-class Measure:
-    wall: float
-    rss_mb: float | None = None
-    cpu: float | None = None
 
 
 @dataclass
@@ -298,16 +292,7 @@ def connect_only_with_keys(
 
 def fanout_cli(arguments: list[str], expect: int = 0) -> Measure:
     """Run the fanout CLI as a user would and measure that process alone."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        started = time.perf_counter()
-        process = subprocess.Popen([sys.executable, "-m", "fanout", *arguments], stdout=out, stderr=err)
-        _, status, usage = os.wait4(process.pid, 0)
-        wall = time.perf_counter() - started
-        process.returncode = os.waitstatus_to_exitcode(status)
-        if process.returncode != expect:
-            err.seek(0)
-            raise RuntimeError(f"fanout {arguments[0]} exited {process.returncode}: {err.read().decode()[-2000:]}")
-    return Measure(wall, rss_mb=usage.ru_maxrss / 1024, cpu=usage.ru_utime + usage.ru_stime)
+    return run_measured([sys.executable, "-m", "fanout", *arguments], expect=expect)
 
 
 def write_environment(
@@ -606,7 +591,7 @@ def main() -> int:
     print(
         f"\nmachine: {os.cpu_count()} cores, Python {sys.version.split()[0]}, PostgreSQL and S3 on this machine."
         f"\nfanout rows are the CLI in its own process: wall includes {startup.wall:.2f} s of interpreter start and"
-        f" imports (`fanout --version` alone: {startup.rss_mb:.0f} MB RSS); RSS and CPU s are that process's."
+        f" imports (`fanout --version` alone: {startup.rss_mb or 0:.0f} MB RSS); RSS and CPU s are that process's."
         + (f"\nnetwork rows go through bench/latency_proxy.py: measured round trip {rtt:.2f} ms." if rtt else "")
         + "".join(f"\ninspect against the no-op plan over the same fleet, {r}" for r in bench.inspect_ratios)
         + "".join(f"\nschema per tenant, {r}" for r in bench.per_schema)

@@ -19,7 +19,7 @@ MySQL's dialect, and measures in one run:
 Then checks that every database ends with the same tables (SHOW CREATE TABLE, bookkeeping left out,
 AUTO_INCREMENT counters stripped) and the same rows, and yoyo's and fanout's the same applied ids.
 Columns: wall time, speed-up against the yoyo CLI loop of the same case, time against the floor at
-the same concurrency, peak RSS and CPU time of the runner's processes (os.wait4; for a loop of
+the same concurrency, peak RSS (GNU time) and CPU time (os.wait4) of the runner's processes (for a loop of
 processes, the largest RSS and the summed CPU), the server's CPU time (mariadbd's own, from /proc),
 and the connections and statements the server counted (its `Connections` and `Questions`).
 """
@@ -31,7 +31,6 @@ import hashlib
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,6 +42,7 @@ from typing import Any
 
 import pymysql
 import pytest
+from measured import TIME, Measure, run_measured
 from yoyo import get_backend, read_migrations
 
 from fanout.embedded import EmbeddedS3
@@ -120,34 +120,6 @@ def table(rows: list[Row]) -> str:
     lines.append("-+-".join("-" * w for w in widths))
     lines += [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
     return "\n".join(lines)
-
-
-@dataclass(frozen=True)
-class Measure:
-    wall: float
-    rss_mb: float | None = None
-    cpu: float | None = None
-
-
-# The child's own peak RSS comes from GNU time, a small process between: os.wait4's ru_maxrss of a
-# process spawned by this one counts this one's RSS too (Linux keeps the high-water mark of the
-# address space the child had before exec, fork's copy or vfork's shared one): about 120 MB here.
-TIME = "/usr/bin/time" if Path("/usr/bin/time").is_file() else None
-
-
-def run_measured(command: list[str], env: dict[str, str] | None = None, stdin: Any = None) -> Measure:
-    """Run one process to completion (it must succeed): its wall time, peak RSS and CPU time."""
-    with tempfile.NamedTemporaryFile() as peak, tempfile.TemporaryFile() as err:
-        prefix = [TIME, "-f", "%M", "-o", peak.name] if TIME else []
-        started = time.perf_counter()
-        process = subprocess.Popen([*prefix, *command], env=env, stdin=stdin, stdout=subprocess.DEVNULL, stderr=err)
-        _, status, usage = os.wait4(process.pid, 0)
-        wall = time.perf_counter() - started
-        if os.waitstatus_to_exitcode(status) != 0:
-            err.seek(0)
-            raise RuntimeError(f"{' '.join(command[:3])} exited {status}: {err.read().decode()[-2000:]}")
-        rss = int(Path(peak.name).read_text().split()[-1]) / 1024 if TIME else None
-    return Measure(wall, rss_mb=rss, cpu=usage.ru_utime + usage.ru_stime)
 
 
 def summed(runs: list[Measure]) -> tuple[float | None, float | None]:
