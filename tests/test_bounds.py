@@ -13,12 +13,13 @@ import time
 from pathlib import Path
 
 import psycopg2
+import pytest
 from conftest import MIGRATIONS, PASSWORD_VARIABLE, Fleet
 from sharding_service import ShardingService
 from tcp_faults import SilentListener, StallingProxy
 from test_locks import wait_for
 
-from fanout.directory import Target
+from fanout.directory import Target, schemas
 from fanout.errors import EXIT_CONFIG, EXIT_DIRECTORY, EXIT_INTERRUPTED, EXIT_SOURCE, EXIT_TARGETS_FAILED
 from fanout.interrupt import CANCEL_GRACE_SECONDS
 
@@ -284,6 +285,30 @@ def test_a_catalog_database_that_never_answers_is_a_directory_error_within_its_t
     assert elapsed < 10
     assert "cannot connect to the catalog database" in result.stderr
     assert "catalog-secret" not in result.stderr
+
+
+def test_schema_discovery_on_a_database_gone_silent_is_a_directory_error_within_its_bound(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(schemas, "QUERY_TIMEOUT_SECONDS", 1.0)
+    upstream = (fleet.postgres.host, fleet.postgres.port)
+    with StallingProxy(upstream, b"nspname LIKE") as proxy:
+        (name,) = fleet.add_databases(1)
+        fleet.publish(MIGRATIONS)
+        where = f"127.0.0.1:{proxy.port}/{name}"
+        fleet.write_env(
+            [{"id": name, "dsn": f"postgresql://postgres:${{{PASSWORD_VARIABLE}}}@{where}"}],
+            extra='[directory.schemas]\npattern = "tenant%"\n',
+        )
+        started = time.monotonic()
+        result = fleet.cli("plan", "--env", "test")
+        elapsed = time.monotonic() - started
+        assert proxy.stalled.is_set()
+
+    assert result.exit_code == EXIT_DIRECTORY, result.output
+    assert elapsed < 1 + 1 + SLACK_SECONDS  # the bound, then the grace after the cancel request
+    assert f"schema discovery on postgresql://postgres@{where}: " in result.stderr
+    assert "the database stopped answering: no answer within 1s" in result.stderr
 
 
 def test_every_shard_connection_gets_keepalives_and_a_user_timeout_that_the_environment_sets(fleet: Fleet) -> None:
