@@ -18,7 +18,7 @@ from fanout import rollout, runner, schema
 from fanout.directory import Target
 from fanout.engines import postgres
 from fanout.engines.postgres import catalog
-from fanout.errors import TargetFailed
+from fanout.errors import Interrupted, TargetFailed
 from fanout.interrupt import Interrupt
 from fanout.report import (
     ErrorKind,
@@ -72,7 +72,11 @@ def inspect(
     loaded = runner.load(snapshot.sets, python=options.python_migrations, tolerant=reference != schema.BUILD)
     plans = [_Set(p.service, tuple(m.id for m in p.migrations)) for p in loaded]
     interrupt = interrupt or Interrupt()
-    built = _build(snapshot, targets[0], plans, options, run_id, environment) if reference == schema.BUILD else None
+    built = (
+        _build(snapshot, targets[0], plans, options, run_id, environment, interrupt)
+        if reference == schema.BUILD
+        else None
+    )
     limits = rollout.Limits(concurrency=options.concurrency, per_server=options.limits.per_server)
     if on_start is not None:
         on_start(len(targets), [len(targets)])
@@ -80,7 +84,7 @@ def inspect(
 
     def work(target: Target) -> _Read:
         next(connections)
-        read = _read(target, plans, options, run_id)
+        read = _read(target, plans, options, run_id, interrupt)
         if on_result is not None:
             for result in read.results:
                 on_result(result)
@@ -139,16 +143,18 @@ def inspect(
     )
 
 
-def _read(target: Target, plans: Sequence[_Set], options: runner.RunOptions, run_id: str) -> _Read:
+def _read(
+    target: Target, plans: Sequence[_Set], options: runner.RunOptions, run_id: str, interrupt: Interrupt
+) -> _Read:
     started = time.monotonic()
+    deadline = started + options.target_timeout if options.target_timeout is not None else None
     try:
         found = catalog.read(
             target,
+            options,
+            interrupt,
             application_name=f"{postgres.APPLICATION_NAME} inspect {run_id}",
-            connect_timeout=options.connect_timeout,
-            lock_timeout=options.session.lock_timeout,
-            statement_timeout=options.session.statement_timeout,
-            tcp=options.tcp,
+            deadline=deadline,
         )
     except catalog.CatalogError as e:
         error = TargetError(e.kind, e.message)
@@ -198,6 +204,7 @@ def _build(
     options: runner.RunOptions,
     run_id: str,
     environment: str,
+    interrupt: Interrupt,
 ) -> schema.ShardSchema:
     """The schema the migration set builds: applied by the runner to a scratch namespace, read, dropped."""
     try:
@@ -209,7 +216,12 @@ def _build(
                 run_id=run_id,
                 environment=environment,
                 command="inspect",
+                interrupt=interrupt,
             )
+            if interrupt.stopping.is_set():
+                raise Interrupted(
+                    "interrupted while building the reference (its scratch is dropped); no shard was read"
+                )
             done = (Status.APPLIED, Status.UP_TO_DATE)
             failed = next((r for r in applied.results if r.status not in done), None)
             if failed is not None:
@@ -217,10 +229,7 @@ def _build(
                 where = f" ({failed.error.file})" if failed.error and failed.error.file else ""
                 raise TargetFailed(f"--reference build: the migration set did not build{where}: {why}")
             found = catalog.read(
-                target,
-                application_name=f"{postgres.APPLICATION_NAME} inspect {run_id}",
-                connect_timeout=options.connect_timeout,
-                tcp=options.tcp,
+                target, options, interrupt, application_name=f"{postgres.APPLICATION_NAME} inspect {run_id}"
             )
     except catalog.CatalogError as e:
         raise TargetFailed(

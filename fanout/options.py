@@ -6,11 +6,26 @@ the command layer share one definition.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from fanout import rollout
 from fanout.config import TcpSettings
 from fanout.report import Mode, RollbackRequest
+
+_UNITS = {"us": 1e-6, "ms": 0.001, "s": 1.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+_INTERVAL = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*")
+
+
+def seconds(value: str | None) -> float | None:
+    """A PostgreSQL duration setting ("5s", "500ms", "2min"; a bare number is milliseconds) in seconds; 0: no limit."""
+    if value is None:
+        return None
+    found = _INTERVAL.fullmatch(value.lower())
+    if found is None or found[2] not in {"", *_UNITS}:
+        raise ValueError(f"not a duration: {value!r}")
+    amount = float(found[1]) * _UNITS.get(found[2] or "ms", 0.001)
+    return amount or None
 
 
 @dataclass(frozen=True, slots=True)

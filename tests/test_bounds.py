@@ -20,6 +20,7 @@ from tcp_faults import SilentListener, StallingProxy
 from test_locks import wait_for
 
 from fanout.directory import Target, schemas
+from fanout.engines.postgres import catalog
 from fanout.errors import EXIT_CONFIG, EXIT_DIRECTORY, EXIT_INTERRUPTED, EXIT_SOURCE, EXIT_TARGETS_FAILED
 from fanout.interrupt import CANCEL_GRACE_SECONDS
 
@@ -309,6 +310,47 @@ def test_schema_discovery_on_a_database_gone_silent_is_a_directory_error_within_
     assert elapsed < 1 + 1 + SLACK_SECONDS  # the bound, then the grace after the cancel request
     assert f"schema discovery on postgresql://postgres@{where}: " in result.stderr
     assert "the database stopped answering: no answer within 1s" in result.stderr
+
+
+def test_inspect_abandons_a_shard_silent_past_its_statement_timeout_while_the_fleet_is_read(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(catalog, "SILENCE_SLACK_SECONDS", 0.0)
+    upstream = (fleet.postgres.host, fleet.postgres.port)
+    with StallingProxy(upstream, b"BEGIN READ ONLY") as proxy:
+        names, stalled = _proxied_fleet(fleet, proxy, extra='[runner]\nstatement_timeout = "500ms"\n')
+        started = time.monotonic()
+        result = fleet.cli("inspect", "--env", "test", "--format", "json")
+        elapsed = time.monotonic() - started
+        assert proxy.stalled.is_set()
+
+    assert result.exit_code == EXIT_TARGETS_FAILED, result.output
+    assert elapsed < 2 * 0.5 + CANCEL_GRACE_SECONDS + SLACK_SECONDS  # the bound, then the cancel's grace
+    rows = _rows(result.stdout)
+    error = rows[stalled]["error"]
+    assert isinstance(error, dict)
+    assert error["kind"] == "unresponsive"
+    assert "no answer within 1s (twice statement_timeout, and 0s); connection abandoned" in error["message"]
+    assert all(rows[n]["status"] == "pending" for n in names[:-1])  # read: nothing is applied yet
+
+
+def test_two_sigterms_end_an_inspect_hung_on_a_silent_shard_within_seconds(fleet: Fleet) -> None:
+    upstream = (fleet.postgres.host, fleet.postgres.port)
+    with StallingProxy(upstream, b"BEGIN READ ONLY") as proxy:
+        _proxied_fleet(fleet, proxy)  # no target timeout, a 60 s statement_timeout: only the signals end it soon
+        process = fleet.spawn("inspect", "--env", "test", "--format", "json")
+        wait_for(proxy.stalled.is_set)
+        process.send_signal(signal.SIGTERM)
+        time.sleep(1.0)
+        assert process.poll() is None  # the first signal waits for the read in flight
+        process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        stdout, stderr = process.communicate(timeout=60)
+        elapsed = time.monotonic() - signalled
+
+    assert process.returncode == EXIT_INTERRUPTED, stderr
+    assert elapsed < CANCEL_GRACE_SECONDS + 5
+    assert json.loads(stdout)["interrupted"] is True
 
 
 def test_every_shard_connection_gets_keepalives_and_a_user_timeout_that_the_environment_sets(fleet: Fleet) -> None:

@@ -40,7 +40,6 @@ from fanout.engines.mysql.core import (
     classify,
     flavor_of,
     migration_statements,
-    seconds,
     settings_from,
     settings_sql,
     statements,
@@ -51,7 +50,7 @@ from fanout.engines.mysql.watch import Watching
 from fanout.errors import TargetFailed
 from fanout.interrupt import Interrupt
 from fanout.locking import Owner
-from fanout.options import RunOptions
+from fanout.options import RunOptions, seconds
 from fanout.report import ErrorKind, Mode, TargetError
 
 NAME = "MySQL/MariaDB"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import re
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from fanout.checksums import LOG_TABLE as CHECKSUM_LOG_TABLE, TABLE as CHECKSUM_
 from fanout.directory import Target
 from fanout.engines import EngineError
 from fanout.locking import OWNER_TABLE
+from fanout.options import seconds
 from fanout.report import ErrorKind, InDoubt, TargetError
 from fanout.secret import Secret, error_line, redact
 
@@ -100,21 +100,6 @@ class Settings:
     lock_wait_timeout: int | None = None  # metadata locks: how long DDL waits for a table
     innodb_lock_wait_timeout: int | None = None  # row locks
     statement_timeout: float | None = None  # MariaDB: max_statement_time; MySQL 8: max_execution_time (SELECT only)
-
-
-_UNITS = {"us": 1e-6, "ms": 0.001, "s": 1.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
-_INTERVAL = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*")
-
-
-def seconds(value: str | None) -> float | None:
-    """A PostgreSQL duration setting ("5s", "500ms", "2min"; a bare number is milliseconds) in seconds; 0: no limit."""
-    if value is None:
-        return None
-    found = _INTERVAL.fullmatch(value.lower())
-    if found is None or found[2] not in {"", *_UNITS}:
-        raise ValueError(f"not a duration: {value!r}")
-    amount = float(found[1]) * _UNITS.get(found[2] or "ms", 0.001)
-    return amount or None
 
 
 def settings_from(lock_timeout: str | None, statement_timeout: str | None) -> Settings:

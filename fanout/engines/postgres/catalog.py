@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -26,9 +27,12 @@ from psycopg2 import sql
 
 from fanout.config import TcpSettings
 from fanout.directory import DEFAULT_TCP, Target
-from fanout.engines.postgres.connection import classify_connect_error, classify_database_error
+from fanout.engines import EngineError
+from fanout.engines.postgres.connection import Watch, classify_connect_error
 from fanout.engines.postgres.migrations import MIGRATION_TABLE
-from fanout.report import ErrorKind
+from fanout.interrupt import Interrupt, Reason
+from fanout.options import RunOptions, seconds
+from fanout.report import ErrorKind, TargetError
 from fanout.secret import error_line
 
 HOME_SCHEMA = "public"  # the home of a database target: what its names are relative to
@@ -37,6 +41,10 @@ SCRATCH_PREFIX = "fanout_scratch_"
 # (an ALTER TABLE waiting) must not hang the inspection of the whole fleet.
 DEFAULT_LOCK_TIMEOUT = "10s"
 DEFAULT_STATEMENT_TIMEOUT = "60s"
+# The server ends the catalog query and the read of the applied ids at statement_timeout each;
+# a shard still silent this long after both is not working on them (a hung proxy, a stopped
+# server whose kernel still acknowledges), and its connection is cancelled, then cut.
+SILENCE_SLACK_SECONDS = 5.0
 
 # Objects in the shard's namespaces: the target's schema, or every schema but the system ones.
 # fanout's and yoyo's own tables (and what hangs off them) and extension members are left out.
@@ -139,27 +147,40 @@ def home_of(target: Target) -> str:
 
 def read(
     target: Target,
+    options: RunOptions,
+    interrupt: Interrupt,
     *,
     application_name: str,
-    connect_timeout: float,
-    lock_timeout: str | None = None,
-    statement_timeout: str | None = None,
-    tcp: TcpSettings = DEFAULT_TCP,
+    deadline: float | None = None,
 ) -> Catalog:
-    """Describe the target's namespace and read its applied migration ids. Raises CatalogError."""
+    """Describe the target's namespace and read its applied migration ids. Raises CatalogError.
+
+    Every wait is bounded: the connection by `connect_timeout`, the reads by the
+    environment's `statement_timeout` (else 60 s) on the server and, should the shard go
+    silent, twice that and SILENCE_SLACK_SECONDS here; `deadline` (the target timeout) and a
+    second interrupt cancel the read, as they do a plan's.
+    """
     if target.engine != "postgresql":
         raise CatalogError(
             ErrorKind.DATABASE,
             f"{target.display}: schema inspection reads PostgreSQL catalogs only (not MySQL/MariaDB)",
         )
     kwargs = target.libpq_kwargs(
-        application_name=application_name, connect_timeout=connect_timeout, read_only=True, tcp=tcp
+        application_name=application_name, connect_timeout=options.connect_timeout, read_only=True, tcp=options.tcp
     )
+    lock_timeout = options.session.lock_timeout or DEFAULT_LOCK_TIMEOUT
+    statement_timeout = options.session.statement_timeout or DEFAULT_STATEMENT_TIMEOUT
     try:
         connection = psycopg2.connect(**kwargs)
     except psycopg2.Error as e:
         failure = classify_connect_error(e, target)
         raise CatalogError(failure.kind, failure.error.message) from None
+    limit = seconds(statement_timeout)  # None: statement_timeout = 0, no limit asked for
+    silence = None if limit is None else 2 * limit + SILENCE_SLACK_SECONDS
+    silent_at = None if silence is None else time.monotonic() + silence
+    watch = Watch(
+        connection, interrupt, options, min((t for t in (deadline, silent_at) if t is not None), default=None)
+    )
     # Autocommit, so that psycopg2 sends no BEGIN of its own (a round trip): the explicit one
     # travels with the settings and the catalog query in one message.
     connection.autocommit = True
@@ -167,10 +188,8 @@ def read(
         with connection.cursor() as cursor:
             setup = [
                 sql.SQL("BEGIN READ ONLY"),
-                sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(lock_timeout or DEFAULT_LOCK_TIMEOUT)),
-                sql.SQL("SET LOCAL statement_timeout = {}").format(
-                    sql.Literal(statement_timeout or DEFAULT_STATEMENT_TIMEOUT)
-                ),
+                sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(lock_timeout)),
+                sql.SQL("SET LOCAL statement_timeout = {}").format(sql.Literal(statement_timeout)),
             ]
             if target.schema:
                 setup.append(sql.SQL("SET LOCAL search_path TO {}").format(sql.Identifier(target.schema)))
@@ -189,12 +208,25 @@ def read(
                 applied = frozenset(str(r[0]) for r in cursor.fetchall())
             cursor.execute("ROLLBACK")
     except psycopg2.Error as e:
-        failure = classify_database_error(e)
+        silent = watch.handle.reason is Reason.DEADLINE and silent_at is not None and silent_at == watch.deadline
+        failure = _silent(silence, abandoned=watch.handle.abandoned) if silent else watch.classify(e)
         raise CatalogError(failure.kind, failure.error.message) from None
     finally:
+        watch.release()
         with contextlib.suppress(psycopg2.Error):
             connection.close()
     return Catalog(tuple(rows), applied, bool(has_migrations), home_of(target))
+
+
+def _silent(silence: float | None, *, abandoned: bool) -> EngineError:
+    then = "connection abandoned" if abandoned else "cancelled"
+    return EngineError(
+        TargetError(
+            ErrorKind.UNRESPONSIVE,
+            f"the shard stopped answering: no answer within {silence or 0:g}s (twice statement_timeout, and "
+            f"{SILENCE_SLACK_SECONDS:g}s); {then}",
+        )
+    )
 
 
 @contextlib.contextmanager
