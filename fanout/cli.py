@@ -690,7 +690,8 @@ def shards(env: Environment, fmt: str) -> None:
     Example:
       fanout shards --env staging --format json
     """
-    targets = commands.shards(env)
+    with signals_handled(Interrupt()) as interrupt:
+        targets = commands.shards(env, interrupt=interrupt)
     if fmt == "json":
         payload = [
             {

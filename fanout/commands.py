@@ -39,9 +39,10 @@ def new_run_id() -> str:
     return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
 
 
-def shards(env: Environment) -> tuple[Target, ...]:
-    """Every distinct target of the environment (deduplicated). Raises DirectoryError."""
-    return list_targets(env.directory, env.name)
+def shards(env: Environment, *, interrupt: Interrupt | None = None) -> tuple[Target, ...]:
+    """Every distinct target of the environment (deduplicated). Raises DirectoryError, or Interrupted once stopped."""
+    interrupt = interrupt or Interrupt()
+    return interrupt.until_stopped(lambda: list_targets(env.directory, env.name), "listing the shard directory")
 
 
 @dataclass(frozen=True, slots=True)

@@ -269,6 +269,28 @@ def test_sigterm_while_tenants_resolve_on_a_stalled_directory_exits_130_within_s
     assert "interrupted while listing the shard directory; nothing was touched" in stderr
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_ends_fanout_shards_on_a_stalled_directory_with_exit_130(fleet: Fleet, signum: int) -> None:
+    with ShardingService() as sharding:
+        sharding.state.pages = [["acme", "globex"]]
+        sharding.state.resolve_delay = 60
+        directory = f'[directory]\nkind = "http"\nendpoint = "{sharding.url}"\ntimeout = 120\n'
+        source = f'[source]\nbucket = "{fleet.bucket}"\nendpoint_url = "{fleet.s3.endpoint_url}"\n'
+        fleet.environments_dir.mkdir(exist_ok=True)
+        (fleet.environments_dir / "test.toml").write_text(f'services = ["app"]\n{source}\n{directory}')
+        process = fleet.spawn("shards", "--env", "test")
+        wait_for(lambda: sharding.requests_matching(lambda path: path.startswith("/write/")) == 2, timeout=30)
+        process.send_signal(signum)
+        signalled = time.monotonic()
+        stdout, stderr = process.communicate(timeout=60)
+        elapsed = time.monotonic() - signalled
+
+    assert process.returncode == EXIT_INTERRUPTED, stderr
+    assert elapsed < 5
+    assert stdout == ""
+    assert "interrupted while listing the shard directory; nothing was touched" in stderr
+
+
 def test_a_catalog_database_that_never_answers_is_a_directory_error_within_its_timeout(fleet: Fleet) -> None:
     with SilentListener() as listener:
         source = f'[source]\nbucket = "{fleet.bucket}"\nendpoint_url = "{fleet.s3.endpoint_url}"\n'
