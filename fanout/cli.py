@@ -581,7 +581,8 @@ def unlock(
       fanout unlock --env staging --target tenant_acme
       fanout unlock --env staging --target tenant_acme --terminate --reason "runner host lost, session half-open"
     """
-    results = commands.unlock(env, target_ids, force=force, terminate=terminate, reason=reason)
+    with signals_handled(Interrupt()) as interrupt:
+        results = commands.unlock(env, target_ids, force=force, terminate=terminate, reason=reason, interrupt=interrupt)
     if fmt == "json":
         payload = [
             {
@@ -603,6 +604,8 @@ def unlock(
             holder = f" ({r.holder.describe()})" if r.holder else ""
             outcome = r.outcome.value if r.outcome else "failed"
             click.echo(redact(f"{r.target:<24} {outcome:<11} {r.message}{holder}"))
+    if interrupt.stopping.is_set():
+        sys.exit(EXIT_INTERRUPTED)  # the targets not reached were left as they were
     bad = any(r.outcome in (None, UnlockOutcome.REFUSED, UnlockOutcome.STILL_HELD) for r in results)
     sys.exit(EXIT_TARGETS_FAILED if bad else EXIT_OK)
 

@@ -457,18 +457,21 @@ def unlock(
     force: bool = False,
     terminate: bool = False,
     reason: str | None = None,
+    interrupt: Interrupt | None = None,
 ) -> list[runner.UnlockResult]:
     """Remove shard locks by hand (all targets, or those named). Refuses while a holder may be alive, unless forced.
 
     `terminate` ends the session of a live fanout holder (its recorded server process) first; it needs a `reason`,
-    logged on the shard.
+    logged on the shard. Once `interrupt` stops, the targets not reached are left as they were (no result).
     """
     if terminate and not (reason and reason.strip()):
         raise ConfigError("unlock --terminate needs --reason: it is logged on each shard")
-    targets = _named_targets(env, target_ids)
+    interrupt = interrupt or Interrupt()
+    targets = interrupt.until_stopped(lambda: _named_targets(env, target_ids), "listing the shard directory")
     return runner.unlock(
         targets, force=force, connect_timeout=env.runner.connect_timeout, concurrency=env.runner.concurrency,
         terminate=reason if terminate else None, tcp=env.runner.tcp, lock_timeout=env.runner.lock_timeout,
+        interrupt=interrupt,
     )  # fmt: skip
 
 

@@ -891,13 +891,16 @@ def unlock(
     terminate: str | None = None,
     tcp: TcpSettings = DEFAULT_TCP,
     lock_timeout: str | None = None,
+    interrupt: Interrupt | None = None,
 ) -> list[UnlockResult]:
     """Remove the migration lock of each target by hand; refuses while a holder may be alive, unless forced.
 
     `terminate` (a reason) ends the session of a live fanout holder first. `lock_timeout` (the
     environment's, else the engine's default) bounds the wait for a row lock on the lock table:
-    a session stopped inside its acquisition keeps one until it ends.
+    a session stopped inside its acquisition keeps one until it ends. Once `interrupt` stops,
+    no other target is started; the targets not reached have no result.
     """
+    interrupt = interrupt or Interrupt()
 
     def one(target: Target) -> UnlockResult:
         return engines.for_target(target).unlock(
@@ -907,10 +910,13 @@ def unlock(
             connect_timeout=connect_timeout,
             tcp=tcp,
             lock_timeout=lock_timeout,
+            interrupt=interrupt,
         )
 
     limits = rollout.Limits(concurrency=concurrency)
-    outcome = rollout.schedule(targets, one, server_of=lambda t: t.server, failed=lambda _: False, limits=limits)
+    outcome = rollout.schedule(
+        targets, one, server_of=lambda t: t.server, failed=lambda _: False, limits=limits, stop=interrupt.stopping
+    )
     return [r for r in outcome.results if r is not None]
 
 

@@ -375,6 +375,33 @@ def test_two_sigterms_end_an_inspect_hung_on_a_silent_shard_within_seconds(fleet
     assert json.loads(stdout)["interrupted"] is True
 
 
+def test_two_sigterms_end_an_unlock_hung_on_a_silent_shard_and_leave_the_others_as_they_were(fleet: Fleet) -> None:
+    upstream = (fleet.postgres.host, fleet.postgres.port)
+    with StallingProxy(upstream, b"coalesce(") as proxy:  # unlock's first statement
+        silent, other = fleet.add_databases(2)
+        proxied = f"postgresql://postgres:${{{PASSWORD_VARIABLE}}}@127.0.0.1:{proxy.port}/{silent}"
+        fleet.write_env(
+            [{"id": silent, "dsn": proxied}, {"id": other, "dsn": fleet.dsn(other)}],
+            extra="[runner]\nconcurrency = 1\n",
+        )
+        process = fleet.spawn("unlock", "--env", "test", "--format", "json")
+        wait_for(proxy.stalled.is_set)
+        process.send_signal(signal.SIGTERM)
+        time.sleep(1.0)
+        assert process.poll() is None  # the first signal starts no other target and waits for this one
+        process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        stdout, stderr = process.communicate(timeout=60)
+        elapsed = time.monotonic() - signalled
+
+    assert process.returncode == EXIT_INTERRUPTED, stderr
+    assert elapsed < CANCEL_GRACE_SECONDS + 5
+    (row,) = json.loads(stdout)  # the other target was not reached: left as it was, not listed
+    assert row["target"] == silent
+    assert row["outcome"] == "failed"
+    assert row["message"].startswith("cancelled by a second interrupt; no answer 5s after a cancel request")
+
+
 def test_every_shard_connection_gets_keepalives_and_a_user_timeout_that_the_environment_sets(fleet: Fleet) -> None:
     (name,) = fleet.add_databases(1)
     fleet.write_env(extra="[runner]\nkeepalives_idle = 5\nkeepalives_interval = 2\nkeepalives_count = 4\n"

@@ -299,7 +299,10 @@ class Engine(Protocol):
         connect_timeout: float,
         tcp: TcpSettings,
         lock_timeout: str | None,
-    ) -> UnlockResult: ...
+        interrupt: Interrupt,
+    ) -> UnlockResult:
+        """Remove the target's lock by hand; its waits are bounded, and end at the second signal where the engine can."""
+        ...
 
     def connection_key(self, target: Target, options: RunOptions, run_id: str) -> str:
         """Targets with the same key may share one connection, one after the other."""

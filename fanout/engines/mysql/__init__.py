@@ -99,8 +99,13 @@ def unlock(
     connect_timeout: float,
     tcp: TcpSettings | None = None,
     lock_timeout: str | None = None,
+    interrupt: Interrupt | None = None,
 ) -> UnlockResult:
-    """Remove the target's migration lock by hand (see admin.unlock_database); never raises for the target's trouble."""
+    """Remove the target's migration lock by hand (see admin.unlock_database); never raises for the target's trouble.
+
+    Each answer is awaited at most the connection's read timeout (60 s); a second signal does
+    not cut it (`interrupt` is the protocol's: PostgreSQL's unlock acts on it).
+    """
     try:
         wait = seconds(lock_timeout) or UNLOCK_LOCK_SECONDS
         done = unlock_database(target, force=force, terminate=terminate, connect_timeout=connect_timeout,

@@ -42,6 +42,9 @@ from fanout.engines.connections import Connections
 from fanout.engines.postgres import locking
 from fanout.engines.postgres.connection import (
     APPLICATION_NAME,
+    TrackedConnection,
+    TrackedCursor,
+    Watch,
     classify_connect_error,
     connect_kwargs,
     pg_message,
@@ -113,19 +116,26 @@ def unlock(
     connect_timeout: float,
     tcp: TcpSettings,
     lock_timeout: str | None,
+    interrupt: Interrupt,
 ) -> UnlockResult:
     """Remove the target's migration lock by hand (see locking.unlock); never raises for the target's trouble.
 
     `lock_timeout` (the environment's, else UNLOCK_LOCK_TIMEOUT) bounds the wait for a row lock
-    on the lock table: a session stopped inside its acquisition keeps one until it ends.
+    on the lock table: a session stopped inside its acquisition keeps one until it ends. An
+    answer awaited longer than the liveness check is checked for as in a run, and a second
+    signal cancels the statement in flight: a shard gone silent cannot keep unlock waiting.
     """
     options = RunOptions(mode=Mode.APPLY, connect_timeout=connect_timeout, tcp=tcp)
     kwargs = connect_kwargs(target, options, "unlock")
     try:
-        connection = psycopg2.connect(**kwargs)
+        connection = psycopg2.connect(**kwargs, connection_factory=TrackedConnection)
     except psycopg2.Error as e:
         return UnlockResult(target.id, target.display, None, None, classify_connect_error(e, target).error.message)
+    connection.cursor_factory = TrackedCursor
     connection.autocommit = True
+    watch = Watch(connection, interrupt, options, None)
+    # A direct session (an advisory lock means nothing through a pooler): libpq's pid is the server's.
+    watch.check_liveness(connection, kwargs, connection.get_backend_pid())
     try:
         with connection.cursor() as cursor:
             cursor.execute(
@@ -141,8 +151,10 @@ def unlock(
             done.advisory_holder, done.terminated, done.hidden_sessions,
         )  # fmt: skip
     except psycopg2.Error as e:
-        return UnlockResult(target.id, target.display, None, None, pg_message(e))
+        acted = watch.acted()
+        return UnlockResult(target.id, target.display, None, None, acted.error.message if acted else pg_message(e))
     finally:
+        watch.release()
         connection.close()
 
 
