@@ -402,6 +402,24 @@ def test_two_sigterms_end_an_unlock_hung_on_a_silent_shard_and_leave_the_others_
     assert row["message"].startswith("cancelled by a second interrupt; no answer 5s after a cancel request")
 
 
+def test_a_mysql_server_that_accepts_and_never_greets_fails_the_target_within_connect_timeout(fleet: Fleet) -> None:
+    with SilentListener() as listener:
+        fleet.publish(MIGRATIONS)
+        dsn = f"mysql://root:pw@127.0.0.1:{listener.port}/db"
+        fleet.write_env([{"id": "silent", "dsn": dsn}], extra="[runner]\nconnect_timeout = 1\nretries = 0\n")
+        started = time.monotonic()
+        result = fleet.cli("plan", "--env", "test", "--format", "json")
+        elapsed = time.monotonic() - started
+        assert listener.connections == 1
+
+    assert result.exit_code == EXIT_TARGETS_FAILED, result.output
+    assert elapsed < 1 + SLACK_SECONDS
+    error = _rows(result.stdout)["silent"]["error"]
+    assert isinstance(error, dict)
+    assert error["kind"] == "unreachable"
+    assert error["message"].startswith("cannot connect: no answer within 1s ((2013) Lost connection")
+
+
 def test_every_shard_connection_gets_keepalives_and_a_user_timeout_that_the_environment_sets(fleet: Fleet) -> None:
     (name,) = fleet.add_databases(1)
     fleet.write_env(extra="[runner]\nkeepalives_idle = 5\nkeepalives_interval = 2\nkeepalives_count = 4\n"

@@ -197,13 +197,26 @@ def connect(
     database: bool = True,
     factory: type[pymysql.connections.Connection] = pymysql.connections.Connection,
 ) -> Any:
-    """A PyMySQL connection in autocommit mode (fanout's transactions are explicit), or an EngineError."""
+    """A PyMySQL connection in autocommit mode (fanout's transactions are explicit), or an EngineError.
+
+    Until it is connected (the server's greeting, TLS, authentication, SET NAMES), each answer
+    is awaited at most the connect timeout: PyMySQL awaits them for the read timeout, which a
+    run leaves unbounded, so a server that accepts and never greets would hold the target
+    (and, unwatched yet, a second signal could not end it).
+    """
+    kwargs = connect_kwargs(where, timeouts, database=database)
     try:
-        return factory(**connect_kwargs(where, timeouts, database=database))
+        connection = factory(**{**kwargs, "read_timeout": kwargs["connect_timeout"], "defer_connect": True})
+        connection.connect()
+        connection._read_timeout = kwargs["read_timeout"]  # PyMySQL sets it on the socket before the next read
+        return connection
     except pymysql.err.MySQLError as e:
         code = error_code(e)
         kind = _KINDS.get(code or 0, ErrorKind.UNREACHABLE if code is None or code >= 2000 else ErrorKind.DATABASE)
-        raise engine_error(TargetError(kind, classify(e).message), retryable=code in (2003, 2013)) from None
+        message = classify(e).message
+        if code == 2013 and "timed out" in message:  # PyMySQL says "during query" of a connection not yet made
+            message = f"cannot connect: no answer within {kwargs['connect_timeout']:g}s ({message})"
+        raise engine_error(TargetError(kind, message), retryable=code in (2003, 2013)) from None
     except (OSError, ssl.SSLError, ValueError) as e:  # a TLS file it cannot read, a bad option value
         raise engine_error(TargetError(ErrorKind.DATABASE, redact(f"cannot connect: {error_line(e)}"))) from None
 
