@@ -23,7 +23,7 @@ from typing import TypeVar
 from fanout import inspection, lint, runner, runs, schema, source
 from fanout.config import Environment, S3Location, UnpublishedPolicy, interpolate
 from fanout.directory import Target, list_targets
-from fanout.errors import ConfigError, DirectoryError, SourceError
+from fanout.errors import ConfigError, DirectoryError, Interrupted, SourceError, TargetFailed
 from fanout.interrupt import Interrupt
 from fanout.report import Finding, Mode, RollbackRequest, RunReport, TargetResult, from_dict as report_from_dict, merge
 from fanout.rollout import WHOLE_FLEET, FailureBudget, Limits, Slice, Waves
@@ -492,11 +492,11 @@ def bootstrap(
     Idempotent: a second run applies nothing. Returns the apply report and the status after it.
     With `to`, only that migration and what it depends on (see `apply`); the status shows the rest.
     """
+    interrupt = interrupt or Interrupt()
     if "://" in target:
         chosen = Target.from_dsn("bootstrap", interpolate(target, what="--target"))
         chosen = replace(chosen, id=chosen.display.partition("://")[2])
     else:
-        interrupt = interrupt or Interrupt()
         listed = interrupt.until_stopped(lambda: list_targets(env.directory, env.name), "listing the shard directory")
         known = {t.id: t for t in listed}
         if target not in known:
@@ -507,10 +507,24 @@ def bootstrap(
     if to is not None and create_database:
         # An unknown --to must leave no database behind: check it before creating one.
         with tempfile.TemporaryDirectory(prefix="fanout-snapshot-") as workdir:
-            snapshot = source.take_snapshot(env, env.select_services(services), Path(workdir))
+            snapshot = interrupt.until_stopped(
+                lambda: source.take_snapshot(env, env.select_services(services), Path(workdir)),
+                "reading the migrations",
+            )
             runner.up_to(snapshot, to, python=env.rules.python_migrations)
     if create_database:
-        runner.ensure_database(chosen, connect_timeout=env.runner.connect_timeout, tcp=env.runner.tcp)
+        if interrupt.stopping.is_set():
+            raise Interrupted("interrupted before creating the database; nothing was touched")
+        try:
+            runner.ensure_database(
+                chosen, connect_timeout=env.runner.connect_timeout, tcp=env.runner.tcp, interrupt=interrupt
+            )
+        except TargetFailed as e:
+            if interrupt.aborting.is_set():
+                raise Interrupted(
+                    f"interrupted while creating the database ({e}); bootstrap again: it is idempotent"
+                ) from None
+            raise
     options = _options(env, Mode.APPLY, RunSettings(lock_wait=lock_wait))
     applied = _run_on(env, services, "bootstrap", replace(options, up_to=to), (chosen,), interrupt=interrupt)
     after = _run_on(env, services, "status", replace(options, mode=Mode.PLAN), (chosen,), interrupt=interrupt)

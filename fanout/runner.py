@@ -370,13 +370,18 @@ def _bad_migration(error: yoyo_exceptions.BadMigration) -> str:
     return text.replace("Could not resolve dependencies in", "a '-- depends:' names an unknown migration in")
 
 
-def ensure_database(target: Target, *, connect_timeout: float = 10.0, tcp: TcpSettings = DEFAULT_TCP) -> bool:
+def ensure_database(
+    target: Target, *, connect_timeout: float = 10.0, tcp: TcpSettings = DEFAULT_TCP, interrupt: Interrupt | None = None
+) -> bool:
     """Create the target's database when it does not exist; True when it was created (raises TargetFailed).
 
     Connects with the target's own credentials, so its role needs the right to create databases.
-    Safe when two bootstraps race: the loser sees the database exist.
+    Safe when two bootstraps race: the loser sees the database exist. `interrupt`'s second
+    signal cancels it (PostgreSQL).
     """
-    return engines.for_target(target).ensure_database(target, connect_timeout=connect_timeout, tcp=tcp)
+    return engines.for_target(target).ensure_database(
+        target, connect_timeout=connect_timeout, tcp=tcp, interrupt=interrupt
+    )
 
 
 def _note_settings_not_sent(targets: Sequence[Target], options: RunOptions) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psycopg2
 import pytest
-from conftest import MIGRATIONS, PASSWORD_VARIABLE, Fleet
+from conftest import MIGRATIONS, PASSWORD_VARIABLE, Fleet, unique
 from sharding_service import ShardingService
 from tcp_faults import SilentListener, StallingProxy
 from test_locks import wait_for
@@ -418,6 +418,29 @@ def test_a_mysql_server_that_accepts_and_never_greets_fails_the_target_within_co
     assert isinstance(error, dict)
     assert error["kind"] == "unreachable"
     assert error["message"].startswith("cannot connect: no answer within 1s ((2013) Lost connection")
+
+
+def test_two_sigterms_end_a_bootstrap_whose_server_goes_silent_while_it_creates_the_database(fleet: Fleet) -> None:
+    upstream = (fleet.postgres.host, fleet.postgres.port)
+    with StallingProxy(upstream, b"FROM pg_database WHERE datname") as proxy:
+        fleet.publish(MIGRATIONS)
+        fleet.add_databases(1)
+        fleet.write_env()
+        dsn = f"postgresql://postgres:${{{PASSWORD_VARIABLE}}}@127.0.0.1:{proxy.port}/{unique('new')}"
+        process = fleet.spawn("bootstrap", "--env", "test", "--target", dsn, "--create-database")
+        wait_for(proxy.stalled.is_set)
+        process.send_signal(signal.SIGTERM)
+        time.sleep(1.0)
+        assert process.poll() is None  # the first signal lets the statement in flight finish
+        process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        _, stderr = process.communicate(timeout=60)
+        elapsed = time.monotonic() - signalled
+
+    assert process.returncode == EXIT_INTERRUPTED, stderr
+    assert elapsed < CANCEL_GRACE_SECONDS + 5
+    assert "fanout: error: interrupted while creating the database (cannot create database" in stderr
+    assert "cancelled by a second interrupt" in stderr
 
 
 def test_every_shard_connection_gets_keepalives_and_a_user_timeout_that_the_environment_sets(fleet: Fleet) -> None:

@@ -286,7 +286,9 @@ class Engine(Protocol):
         """A read-only session when `options.mode` is PLAN (creates nothing, takes no lock), else one that applies."""
         ...
 
-    def ensure_database(self, target: Target, *, connect_timeout: float, tcp: TcpSettings) -> bool:
+    def ensure_database(
+        self, target: Target, *, connect_timeout: float, tcp: TcpSettings, interrupt: Interrupt | None = None
+    ) -> bool:
         """Create the target's database when it does not exist; True when it was created."""
         ...
 

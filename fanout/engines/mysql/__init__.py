@@ -83,8 +83,14 @@ def open_session(
     return MySQLSession(target, owner, settings=settings, timeouts=timeouts, watching=watching, connections=connections)
 
 
-def ensure_database(target: Target, *, connect_timeout: float = 10.0, tcp: TcpSettings | None = None) -> bool:
-    """bootstrap --create-database: CREATE DATABASE when missing; True when created. Raises TargetFailed."""
+def ensure_database(
+    target: Target, *, connect_timeout: float = 10.0, tcp: TcpSettings | None = None, interrupt: Interrupt | None = None
+) -> bool:
+    """bootstrap --create-database: CREATE DATABASE when missing; True when created. Raises TargetFailed.
+
+    Each answer is awaited at most the connection's read timeout (60 s); `interrupt` is the
+    protocol's (PostgreSQL's acts on the second signal).
+    """
     try:
         return create_database(target, connect_timeout=connect_timeout)
     except EngineError as e:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import replace
+from typing import Any
 
 import psycopg2
 import psycopg2.errors
@@ -72,20 +73,27 @@ UNLOCK_LOCK_TIMEOUT = "10s"
 
 
 def ensure_database(
-    target: Target, *, connect_timeout: float = 10.0, maintenance_db: str = "postgres", tcp: TcpSettings = DEFAULT_TCP
+    target: Target,
+    *,
+    connect_timeout: float = 10.0,
+    maintenance_db: str = "postgres",
+    tcp: TcpSettings = DEFAULT_TCP,
+    interrupt: Interrupt | None = None,
 ) -> bool:
     """Create the target's database when it does not exist; True when it was created.
 
     Connects to the server's maintenance database with the target's own credentials, so the
     role needs CREATEDB. Safe when two bootstraps race: the loser sees the database exist.
+    Watched as a run's session (the liveness check, `interrupt`'s second signal): a server
+    gone silent fails it instead of holding the command.
     """
     options = RunOptions(mode=Mode.APPLY, connect_timeout=connect_timeout, tcp=tcp)
-    kwargs = connect_kwargs(replace(target, dbname=maintenance_db), options, "bootstrap")
+    maintenance = replace(target, dbname=maintenance_db)
+    kwargs = connect_kwargs(maintenance, options, "bootstrap")
     try:
-        connection = psycopg2.connect(**kwargs)
+        connection, watch = _watched(kwargs, options, interrupt or Interrupt())
     except psycopg2.Error as e:
-        raise TargetFailed(classify_connect_error(e, replace(target, dbname=maintenance_db)).error.message) from None
-    connection.autocommit = True
+        raise TargetFailed(classify_connect_error(e, maintenance).error.message) from None
     try:
         with connection.cursor() as cursor:
             cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (target.dbname,))
@@ -96,9 +104,27 @@ def ensure_database(
     except psycopg2.errors.DuplicateDatabase:
         return False
     except psycopg2.Error as e:
-        raise TargetFailed(f"cannot create database {target.dbname!r} on {target.server}: {pg_message(e)}") from None
+        acted = watch.acted()
+        why = acted.error.message if acted else pg_message(e)
+        raise TargetFailed(f"cannot create database {target.dbname!r} on {target.server}: {why}") from None
     finally:
+        watch.release()
         connection.close()
+
+
+def _watched(kwargs: dict[str, Any], options: RunOptions, interrupt: Interrupt) -> tuple[Any, Watch]:
+    """A direct autocommit session watched as a run's: an answer awaited past the liveness check is
+    checked for on a second connection, and a second signal cancels the statement in flight.
+
+    For unlock and bootstrap, which connect directly (an advisory lock, CREATE DATABASE):
+    libpq's backend pid is then the server's. Raises psycopg2.Error when it cannot connect.
+    """
+    connection = psycopg2.connect(**kwargs, connection_factory=TrackedConnection)
+    connection.cursor_factory = TrackedCursor
+    connection.autocommit = True
+    watch = Watch(connection, interrupt, options, None)
+    watch.check_liveness(connection, kwargs, connection.get_backend_pid())
+    return connection, watch
 
 
 def connection_key(target: Target, options: RunOptions, run_id: str) -> str:
@@ -128,14 +154,9 @@ def unlock(
     options = RunOptions(mode=Mode.APPLY, connect_timeout=connect_timeout, tcp=tcp)
     kwargs = connect_kwargs(target, options, "unlock")
     try:
-        connection = psycopg2.connect(**kwargs, connection_factory=TrackedConnection)
+        connection, watch = _watched(kwargs, options, interrupt)
     except psycopg2.Error as e:
         return UnlockResult(target.id, target.display, None, None, classify_connect_error(e, target).error.message)
-    connection.cursor_factory = TrackedCursor
-    connection.autocommit = True
-    watch = Watch(connection, interrupt, options, None)
-    # A direct session (an advisory lock means nothing through a pooler): libpq's pid is the server's.
-    watch.check_liveness(connection, kwargs, connection.get_backend_pid())
     try:
         with connection.cursor() as cursor:
             cursor.execute(
