@@ -208,7 +208,7 @@ def _build(
 ) -> schema.ShardSchema:
     """The schema the migration set builds: applied by the runner to a scratch namespace, read, dropped."""
     try:
-        with catalog.scratch(like, connect_timeout=options.connect_timeout, tcp=options.tcp) as target:
+        with catalog.scratch(like, options, interrupt) as target:
             applied = runner.run(
                 snapshot,
                 [target],
@@ -232,6 +232,8 @@ def _build(
                 target, options, interrupt, application_name=f"{postgres.APPLICATION_NAME} inspect {run_id}"
             )
     except catalog.CatalogError as e:
+        if interrupt.aborting.is_set():
+            raise Interrupted(f"interrupted while building the reference: {e.message}") from None
         raise TargetFailed(
             f"--reference build: {e.message} (it needs CREATEDB, or CREATE on the database for schema targets; "
             "or name a shard with --reference TARGET)"

@@ -443,6 +443,30 @@ def test_two_sigterms_end_a_bootstrap_whose_server_goes_silent_while_it_creates_
     assert "cancelled by a second interrupt" in stderr
 
 
+def test_two_sigterms_end_an_inspect_whose_build_reference_server_goes_silent(fleet: Fleet) -> None:
+    upstream = (fleet.postgres.host, fleet.postgres.port)
+    with StallingProxy(upstream, b"CREATE DATABASE") as proxy:
+        (name,) = fleet.add_databases(1)
+        fleet.publish(MIGRATIONS)
+        # The scratch is made on the first target's server: here, through the proxy.
+        fleet.write_env(
+            [{"id": name, "dsn": f"postgresql://postgres:${{{PASSWORD_VARIABLE}}}@127.0.0.1:{proxy.port}/{name}"}]
+        )
+        process = fleet.spawn("inspect", "--env", "test", "--reference", "build")
+        wait_for(proxy.stalled.is_set)
+        process.send_signal(signal.SIGTERM)
+        time.sleep(1.0)
+        assert process.poll() is None  # the first signal lets the statement in flight finish
+        process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        _, stderr = process.communicate(timeout=60)
+        elapsed = time.monotonic() - signalled
+
+    assert process.returncode == EXIT_INTERRUPTED, stderr
+    assert elapsed < CANCEL_GRACE_SECONDS + 5
+    assert "cannot create the scratch database" in stderr and "cancelled by a second interrupt" in stderr
+
+
 def test_every_shard_connection_gets_keepalives_and_a_user_timeout_that_the_environment_sets(fleet: Fleet) -> None:
     (name,) = fleet.add_databases(1)
     fleet.write_env(extra="[runner]\nkeepalives_idle = 5\nkeepalives_interval = 2\nkeepalives_count = 4\n"

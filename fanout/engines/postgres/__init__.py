@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import replace
-from typing import Any
 
 import psycopg2
 import psycopg2.errors
@@ -38,17 +37,15 @@ from psycopg2 import sql
 
 from fanout.config import TcpSettings
 from fanout.directory import DEFAULT_TCP, Target
-from fanout.engines import Session, UnlockResult
+from fanout.engines import EngineError, Session, UnlockResult
 from fanout.engines.connections import Connections
 from fanout.engines.postgres import locking
 from fanout.engines.postgres.connection import (
     APPLICATION_NAME,
-    TrackedConnection,
-    TrackedCursor,
-    Watch,
     classify_connect_error,
     connect_kwargs,
     pg_message,
+    watched_session,
 )
 from fanout.engines.postgres.migrations import MIGRATION_TABLE
 from fanout.engines.postgres.readonly import ReadOnlySession
@@ -90,10 +87,13 @@ def ensure_database(
     options = RunOptions(mode=Mode.APPLY, connect_timeout=connect_timeout, tcp=tcp)
     maintenance = replace(target, dbname=maintenance_db)
     kwargs = connect_kwargs(maintenance, options, "bootstrap")
+    failure = f"cannot create database {target.dbname!r} on {target.server}"
     try:
-        connection, watch = _watched(kwargs, options, interrupt or Interrupt())
+        connection, watch = watched_session(kwargs, options, interrupt or Interrupt())
     except psycopg2.Error as e:
         raise TargetFailed(classify_connect_error(e, maintenance).error.message) from None
+    except EngineError as e:
+        raise TargetFailed(f"{failure}: {e.error.message}") from None
     try:
         with connection.cursor() as cursor:
             cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (target.dbname,))
@@ -105,26 +105,10 @@ def ensure_database(
         return False
     except psycopg2.Error as e:
         acted = watch.acted()
-        why = acted.error.message if acted else pg_message(e)
-        raise TargetFailed(f"cannot create database {target.dbname!r} on {target.server}: {why}") from None
+        raise TargetFailed(f"{failure}: {acted.error.message if acted else pg_message(e)}") from None
     finally:
         watch.release()
         connection.close()
-
-
-def _watched(kwargs: dict[str, Any], options: RunOptions, interrupt: Interrupt) -> tuple[Any, Watch]:
-    """A direct autocommit session watched as a run's: an answer awaited past the liveness check is
-    checked for on a second connection, and a second signal cancels the statement in flight.
-
-    For unlock and bootstrap, which connect directly (an advisory lock, CREATE DATABASE):
-    libpq's backend pid is then the server's. Raises psycopg2.Error when it cannot connect.
-    """
-    connection = psycopg2.connect(**kwargs, connection_factory=TrackedConnection)
-    connection.cursor_factory = TrackedCursor
-    connection.autocommit = True
-    watch = Watch(connection, interrupt, options, None)
-    watch.check_liveness(connection, kwargs, connection.get_backend_pid())
-    return connection, watch
 
 
 def connection_key(target: Target, options: RunOptions, run_id: str) -> str:
@@ -154,9 +138,11 @@ def unlock(
     options = RunOptions(mode=Mode.APPLY, connect_timeout=connect_timeout, tcp=tcp)
     kwargs = connect_kwargs(target, options, "unlock")
     try:
-        connection, watch = _watched(kwargs, options, interrupt)
+        connection, watch = watched_session(kwargs, options, interrupt)
     except psycopg2.Error as e:
         return UnlockResult(target.id, target.display, None, None, classify_connect_error(e, target).error.message)
+    except EngineError as e:
+        return UnlockResult(target.id, target.display, None, None, e.error.message)
     try:
         with connection.cursor() as cursor:
             cursor.execute(

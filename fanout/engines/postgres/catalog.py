@@ -25,10 +25,9 @@ from typing import Any
 import psycopg2
 from psycopg2 import sql
 
-from fanout.config import TcpSettings
-from fanout.directory import DEFAULT_TCP, Target
+from fanout.directory import Target
 from fanout.engines import EngineError
-from fanout.engines.postgres.connection import Watch, classify_connect_error
+from fanout.engines.postgres.connection import Watch, classify_connect_error, watched_session
 from fanout.engines.postgres.migrations import MIGRATION_TABLE
 from fanout.interrupt import Interrupt, Reason
 from fanout.options import RunOptions, seconds
@@ -230,12 +229,14 @@ def _silent(silence: float | None, *, abandoned: bool) -> EngineError:
 
 
 @contextlib.contextmanager
-def scratch(target: Target, *, connect_timeout: float, tcp: TcpSettings = DEFAULT_TCP) -> Iterator[Target]:
+def scratch(target: Target, options: RunOptions, interrupt: Interrupt) -> Iterator[Target]:
     """A new, empty namespace like `target`'s, dropped on exit: a scratch schema in the target's
     database for a schema-per-tenant target, else a scratch database on the target's server.
 
     The only place inspect writes. Needs CREATE on the database (schema targets) or CREATEDB.
-    Raises CatalogError when the scratch cannot be made.
+    Raises CatalogError when the scratch cannot be made. Its creation is watched as a run's
+    statements are (the liveness check, `interrupt`'s second signal); its drop only by the
+    liveness check, so that a second signal still leaves no scratch behind.
     """
     name = f"{SCRATCH_PREFIX}{secrets.token_hex(4)}"
     if target.schema:
@@ -248,28 +249,37 @@ def scratch(target: Target, *, connect_timeout: float, tcp: TcpSettings = DEFAUL
         drop = sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name))
         built = replace(target, id="build", dbname=name, tenants=(), aliases=())
         what = f"database {name} on {target.server}"
-    _execute(target, create, connect_timeout, tcp, f"cannot create the scratch {what}")
+    _execute(target, create, options, interrupt, f"cannot create the scratch {what}")
     try:
         yield built
     finally:
-        _execute(target, drop, connect_timeout, tcp, f"cannot drop the scratch {what}; drop it by hand")
+        _execute(target, drop, options, Interrupt(), f"cannot drop the scratch {what}; drop it by hand")
 
 
-def _execute(target: Target, statement: sql.Composable, connect_timeout: float, tcp: TcpSettings, failure: str) -> None:
+def _execute(
+    target: Target, statement: sql.Composable, options: RunOptions, interrupt: Interrupt, failure: str
+) -> None:
     if target.engine != "postgresql":
         raise CatalogError(ErrorKind.DATABASE, f"{failure}: schema inspection builds on PostgreSQL only")
-    kwargs = target.libpq_kwargs(application_name="fanout inspect build", connect_timeout=connect_timeout, tcp=tcp)
+    kwargs = target.libpq_kwargs(
+        application_name="fanout inspect build", connect_timeout=options.connect_timeout, tcp=options.tcp
+    )
     try:
-        connection = psycopg2.connect(**kwargs)
+        connection, watch = watched_session(kwargs, options, interrupt)
     except psycopg2.Error as e:
         raise CatalogError(ErrorKind.UNREACHABLE, f"{failure}: {error_line(e)}") from None
-    connection.autocommit = True
+    except EngineError as e:
+        raise CatalogError(e.error.kind, f"{failure}: {e.error.message}") from None
     try:
         with connection.cursor() as cursor:
             cursor.execute(statement)
     except psycopg2.Error as e:
+        acted = watch.acted()
+        if acted is not None:
+            raise CatalogError(acted.error.kind, f"{failure}: {acted.error.message}") from None
         primary = getattr(getattr(e, "diag", None), "message_primary", None) or error_line(e)
         raise CatalogError(ErrorKind.DATABASE, f"{failure}: {primary}") from None
     finally:
+        watch.release()
         with contextlib.suppress(psycopg2.Error):
             connection.close()

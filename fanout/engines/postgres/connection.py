@@ -241,6 +241,32 @@ class Watch:
         )
 
 
+def watched_session(kwargs: dict[str, Any], options: RunOptions, interrupt: Interrupt) -> tuple[Any, Watch]:
+    """An autocommit session under the run's watchdog, for the statements outside a run (unlock,
+    CREATE DATABASE): an answer awaited past the liveness check is checked for on a second
+    connection, and the second signal cancels the statement in flight.
+
+    The check asks about the server process the session's first query reports: through a
+    session-mode pool, libpq's is the pooler's. Raises psycopg2.Error when it cannot connect,
+    EngineError when that first query fails.
+    """
+    connection = psycopg2.connect(**kwargs, connection_factory=TrackedConnection)
+    connection.cursor_factory = TrackedCursor
+    connection.autocommit = True
+    watch = Watch(connection, interrupt, options, None)
+    watch.check_liveness(connection, kwargs, connection.get_backend_pid())  # until the server says its own
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_backend_pid()")
+            row = cursor.fetchone()
+    except psycopg2.Error as e:
+        watch.release()
+        connection.close()
+        raise watch.classify(e) from None
+    watch.check_liveness(connection, kwargs, int(row[0]) if row else connection.get_backend_pid())
+    return connection, watch
+
+
 def connection_lost(error: psycopg2.Error) -> bool:
     return isinstance(error, (psycopg2.OperationalError, psycopg2.InterfaceError)) and error.pgcode is None
 
