@@ -595,8 +595,13 @@ def _fetch(client: S3Client, location: S3Location, obj: dict[str, Any], folder: 
     else:
         # IfMatch pins the object to the listing (or manifest): an overwrite fails loudly.
         pin = {"IfMatch": etag if etag.startswith('"') else f'"{etag}"'}
-    response = _s3_call(location, lambda: client.get_object(Bucket=location.bucket, Key=key, **pin))  # type: ignore[arg-type]
-    data: bytes = response["Body"].read()
+
+    def get() -> tuple[bytes, str | None]:
+        # The body is read inside the call: a download that stalls mid-body is the source's error, not a crash.
+        response = client.get_object(Bucket=location.bucket, Key=key, **pin)  # type: ignore[arg-type]
+        return response["Body"].read(), response.get("VersionId")
+
+    data, got_version = _s3_call(location, get)
     plain_etag = etag.strip('"')
     if plain_etag and "-" not in plain_etag and hashlib.md5(data, usedforsecurity=False).hexdigest() != plain_etag:
         raise SourceError(f"s3://{location.bucket}/{key}: content does not match its ETag (corrupted download)")
@@ -611,7 +616,7 @@ def _fetch(client: S3Client, location: S3Location, obj: dict[str, Any], folder: 
         size=len(data),
         sha256=sha256,
         etag=plain_etag,
-        version_id=response.get("VersionId"),
+        version_id=got_version,
     )
 
 

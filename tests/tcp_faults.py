@@ -4,6 +4,9 @@
   forwarding that connection in both directions while keeping it open: the client sees
   a shard that accepted its statement and never answers (a hung proxy, a stopped host
   whose kernel still acknowledges).
+- `SilentBodyProxy` forwards HTTP to a real server; the answer to the request that holds a
+  marker gets its headers through, and then its body never comes (an S3 endpoint that
+  stalls mid-download).
 - `SilentListener` accepts connections and never sends a byte.
 """
 
@@ -74,6 +77,32 @@ class StallingProxy:
                 self.stalled.set()
             if frozen.is_set():
                 continue  # swallowed: the connection stays open, nothing gets through any more
+            try:
+                sink.sendall(data)
+            except OSError:
+                return
+
+
+class SilentBodyProxy(StallingProxy):
+    def _pump(self, source: socket.socket, sink: socket.socket, frozen: threading.Event, watch: bool) -> None:
+        headers_sent = False
+        while True:
+            try:
+                data = source.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            if watch and self._marker in data:
+                frozen.set()
+            elif not watch and frozen.is_set():
+                if headers_sent:
+                    continue  # the body: swallowed
+                end = data.find(b"\r\n\r\n")
+                if end < 0:
+                    continue  # a response split mid-headers: not worth handling in a test peer
+                data, headers_sent = data[: end + 4], True
+                self.stalled.set()
             try:
                 sink.sendall(data)
             except OSError:

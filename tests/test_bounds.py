@@ -16,7 +16,7 @@ import psycopg2
 import pytest
 from conftest import MIGRATIONS, PASSWORD_VARIABLE, Fleet, unique
 from sharding_service import ShardingService
-from tcp_faults import SilentListener, StallingProxy
+from tcp_faults import SilentBodyProxy, SilentListener, StallingProxy
 from test_locks import wait_for
 
 from fanout.directory import Target, schemas
@@ -211,6 +211,31 @@ def test_an_s3_endpoint_that_never_answers_fails_the_run_within_its_timeouts(fle
     assert result.exit_code == EXIT_SOURCE
     assert elapsed < 2 * (1 + 1) + 5
     assert "Read timeout" in result.stderr and result.stderr.startswith("fanout: error: ")
+
+
+def test_an_s3_download_that_stalls_after_its_headers_is_a_source_error_within_read_timeout(fleet: Fleet) -> None:
+    fleet.publish(MIGRATIONS)
+    upstream = ("127.0.0.1", int(fleet.s3.endpoint_url.rsplit(":", 1)[1].rstrip("/")))
+    with SilentBodyProxy(upstream, b"001-create-person.sql") as proxy:
+        source = textwrap.dedent(f"""\
+            [source]
+            bucket = "{fleet.bucket}"
+            prefix = "migrations"
+            region = "us-east-1"
+            endpoint_url = "http://127.0.0.1:{proxy.port}"
+            read_timeout = 1
+            max_attempts = 1
+            """)
+        fleet.add_databases(1)
+        fleet.write_env(source=source)
+        started = time.monotonic()
+        result = fleet.cli("plan", "--env", "test")
+        elapsed = time.monotonic() - started
+        assert proxy.stalled.is_set()
+
+    assert result.exit_code == EXIT_SOURCE, result.output
+    assert elapsed < 1 + SLACK_SECONDS
+    assert result.stderr.startswith(f"fanout: error: S3 request to s3://{fleet.bucket} failed: Read timeout")
 
 
 def test_sigterm_while_s3_does_not_answer_exits_130_within_seconds(fleet: Fleet) -> None:
