@@ -18,6 +18,7 @@ class ShardingState:
     databases: dict[str, dict[str, Any]] = field(default_factory=dict)  # tenant -> resolve answer
     raw_resolve: dict[str, bytes] = field(default_factory=dict)  # tenant -> raw body (malformed cases)
     failures_before_success: int = 0  # 503s served before each first success, per path
+    retry_after: str | None = None  # the Retry-After header of those 503s
     requests: list[str] = field(default_factory=list)
     in_flight: int = 0
     max_in_flight: int = 0
@@ -53,7 +54,7 @@ def _handler(state: ShardingState) -> type[BaseHTTPRequestHandler]:
                 failed = state._failed.get(self.path, 0)
                 if failed < state.failures_before_success:
                     state._failed[self.path] = failed + 1
-                    return self._send(503, b"busy")
+                    return self._send(503, b"busy", retry_after=state.retry_after)
             url = urlsplit(self.path)
             if url.path == "/tenants":
                 page = int(parse_qs(url.query).get("page", ["0"])[0])
@@ -72,8 +73,10 @@ def _handler(state: ShardingState) -> type[BaseHTTPRequestHandler]:
                     return self._send(200, json.dumps(state.databases[tenant]).encode())
             return self._send(404, b'{"error": "not found"}')
 
-        def _send(self, status: int, body: bytes) -> None:
+        def _send(self, status: int, body: bytes, *, retry_after: str | None = None) -> None:
             self.send_response(status)
+            if retry_after is not None:
+                self.send_header("Retry-After", retry_after)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()

@@ -254,6 +254,29 @@ def test_sigterm_while_s3_does_not_answer_exits_130_within_seconds(fleet: Fleet)
     assert "fanout: error: interrupted while reading the migrations; nothing was touched" in stderr
 
 
+def test_a_sharding_service_asking_to_retry_in_an_hour_is_retried_on_fanouts_own_backoff(fleet: Fleet) -> None:
+    (database,) = fleet.add_databases(1)
+    with ShardingService() as sharding:
+        sharding.state.pages = [["acme"]]
+        sharding.state.databases = {
+            "acme": {"host": fleet.postgres.host, "port": fleet.postgres.port, "flavor": "postgresql",
+                     "user": "postgres", "password": "pw", "database": database},
+        }  # fmt: skip
+        sharding.state.failures_before_success = 1
+        sharding.state.retry_after = "3600"
+        directory = f'[directory]\nkind = "http"\nendpoint = "{sharding.url}"\ntimeout = 1\nretries = 2\n'
+        source = f'[source]\nbucket = "{fleet.bucket}"\nendpoint_url = "{fleet.s3.endpoint_url}"\n'
+        fleet.environments_dir.mkdir(exist_ok=True)
+        (fleet.environments_dir / "test.toml").write_text(f'services = ["app"]\n{source}\n{directory}')
+        started = time.monotonic()
+        result = fleet.cli("shards", "--env", "test")
+        elapsed = time.monotonic() - started
+
+    assert result.exit_code == 0, result.output
+    assert elapsed < 5
+    assert sharding.requests_matching(lambda path: path.startswith("/write/")) == 2  # the 503, then the answer
+
+
 def test_sigterm_while_the_directory_does_not_answer_exits_130_within_seconds(fleet: Fleet) -> None:
     with ShardingService() as sharding:
         sharding.state.pages = [["acme"]]

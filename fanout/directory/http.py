@@ -45,6 +45,9 @@ class HttpDirectory:
             status_forcelist=(500, 502, 503, 504),
             allowed_methods=frozenset({"GET"}),
             raise_on_status=False,
+            # urllib3 would sleep for a 503's Retry-After, up to 6 hours per retry: the service
+            # would decide how long a run waits. Retries keep to their own short backoff.
+            respect_retry_after_header=False,
         )
         adapter = HTTPAdapter(max_retries=retry, pool_connections=1, pool_maxsize=config.concurrency)
         self._session.mount("http://", adapter)
