@@ -747,7 +747,10 @@ def publish(
     """
     if force and not reason:
         raise click.UsageError("--force needs --reason: it is recorded in the manifest")
-    results = commands.publish(env, migrations_dir, services, dry_run=dry_run, force_reason=reason if force else None)
+    with signals_handled(Interrupt()) as interrupt:
+        results = commands.publish(
+            env, migrations_dir, services, dry_run=dry_run, force_reason=reason if force else None, interrupt=interrupt
+        )
     for result in results:
         plan = result.plan
         verb = "would publish" if result.manifest is None else "published"

@@ -544,6 +544,7 @@ def publish(
     *,
     dry_run: bool = False,
     force_reason: str | None = None,
+    interrupt: Interrupt | None = None,
 ) -> list[Published]:
     """Upload migrations/<service>/<env>/ to the environment's bucket, then a manifest of the release.
 
@@ -555,12 +556,16 @@ def publish(
     if not isinstance(env.source, S3Location):
         raise ConfigError(f"environment {env.name!r} reads migrations from a folder; there is nothing to publish to")
     location = env.source
-    plans = [
-        source.plan_publish(
-            location, migrations_dir, s, env.name, python=env.rules.python_migrations, raised=env.rules.lint_errors
-        )
-        for s in env.select_services(services)
-    ]
+    interrupt = interrupt or Interrupt()
+    plans = interrupt.until_stopped(
+        lambda: [
+            source.plan_publish(
+                location, migrations_dir, s, env.name, python=env.rules.python_migrations, raised=env.rules.lint_errors
+            )
+            for s in env.select_services(services)
+        ],
+        "reading the published migrations",
+    )
     for plan in plans:
         _refuse_lint_errors(plan.service, plan.problems)
         if plan.refused and not force_reason:
@@ -576,7 +581,10 @@ def publish(
         return [Published(plan, None) for plan in plans]
     who = f"{getpass.getuser()}@{socket.gethostname()}"
     return [
-        Published(plan, source.execute_publish(location, plan, force_reason=force_reason, who=who)) for plan in plans
+        Published(
+            plan, source.execute_publish(location, plan, force_reason=force_reason, who=who, stop=interrupt.stopping)
+        )
+        for plan in plans
     ]
 
 

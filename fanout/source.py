@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import shutil
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from fanout import lint
 from fanout.config import Environment, FolderLocation, S3Location, UnpublishedPolicy
-from fanout.errors import SourceError
+from fanout.errors import Interrupted, SourceError
 
 log = logging.getLogger(__name__)
 
@@ -245,21 +246,42 @@ def plan_publish(
     )
 
 
-def execute_publish(location: S3Location, plan: PublishPlan, *, force_reason: str | None, who: str) -> str:
-    """Upload what `plan` adds (and, forced, what it changes or removes), then the manifest. Returns its URL."""
+def execute_publish(
+    location: S3Location, plan: PublishPlan, *, force_reason: str | None, who: str, stop: threading.Event | None = None
+) -> str:
+    """Upload what `plan` adds (and, forced, what it changes or removes), then the manifest. Returns its URL.
+
+    Once `stop` is set, no further object is written (the one in flight finishes, within the
+    S3 bounds): Interrupted, without a manifest. Publishing again finishes the job: the files
+    already uploaded are then unchanged.
+    """
     client = s3_client(location)
     prefix = location.key_prefixes(plan.service, plan.environment)[-1]
     manifest_prefix = location.key_prefix(plan.service, plan.environment)
     if plan.refused and not force_reason:
         raise SourceError("refusing to change published migrations without --force")
-    for file in plan.files:
-        if file.name in plan.added or file.name in plan.changed:
-            _s3_call(
-                location,
-                functools.partial(client.put_object, Bucket=location.bucket, Key=prefix + file.name, Body=file.data),
+    uploads = [f for f in plan.files if f.name in plan.added or f.name in plan.changed]
+    total, done = len(uploads) + len(plan.removed), 0
+
+    def unless_stopped() -> None:
+        if stop is not None and stop.is_set():
+            raise Interrupted(
+                f"interrupted while publishing service {plan.service!r}: {done} of {total} file change(s) made, "
+                "no manifest written; publish again to finish"
             )
+
+    for file in uploads:
+        unless_stopped()
+        _s3_call(
+            location,
+            functools.partial(client.put_object, Bucket=location.bucket, Key=prefix + file.name, Body=file.data),
+        )
+        done += 1
     for name in plan.removed:
+        unless_stopped()
         _s3_call(location, functools.partial(client.delete_object, Bucket=location.bucket, Key=prefix + name))
+        done += 1
+    unless_stopped()
     versions = _latest_versions(client, location, prefix)
     release = _release_id(plan)
     added = [n[: -len(SQL_SUFFIX)] for n in plan.added if not n.endswith(ROLLBACK_SUFFIX)]

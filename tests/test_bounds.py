@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import signal
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -19,9 +20,18 @@ from sharding_service import ShardingService
 from tcp_faults import SilentBodyProxy, SilentListener, StallingProxy
 from test_locks import wait_for
 
+from fanout import source
+from fanout.config import S3Location, load_environment
 from fanout.directory import Target, schemas
 from fanout.engines.postgres import catalog
-from fanout.errors import EXIT_CONFIG, EXIT_DIRECTORY, EXIT_INTERRUPTED, EXIT_SOURCE, EXIT_TARGETS_FAILED
+from fanout.errors import (
+    EXIT_CONFIG,
+    EXIT_DIRECTORY,
+    EXIT_INTERRUPTED,
+    EXIT_SOURCE,
+    EXIT_TARGETS_FAILED,
+    Interrupted,
+)
 from fanout.interrupt import CANCEL_GRACE_SECONDS
 
 MARKER = "fanout-test-stall-here"
@@ -275,6 +285,47 @@ def test_a_sharding_service_asking_to_retry_in_an_hour_is_retried_on_fanouts_own
     assert result.exit_code == 0, result.output
     assert elapsed < 5
     assert sharding.requests_matching(lambda path: path.startswith("/write/")) == 2  # the 503, then the answer
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_ends_a_publish_waiting_on_a_silent_s3_with_exit_130(fleet: Fleet, signum: int) -> None:
+    migrations = fleet.root / "migrations"
+    (migrations / "app" / "test").mkdir(parents=True)
+    (migrations / "app" / "test" / "001-create-person.sql").write_text(MIGRATIONS["001-create-person.sql"])
+    with SilentListener() as listener:
+        _silent_s3_env(fleet, listener, "read_timeout = 120")
+        process = fleet.spawn("publish", "--env", "test", "--migrations-dir", str(migrations))
+        wait_for(lambda: listener.connections >= 1, timeout=30)
+        process.send_signal(signum)
+        signalled = time.monotonic()
+        _, stderr = process.communicate(timeout=60)
+        elapsed = time.monotonic() - signalled
+
+    assert process.returncode == EXIT_INTERRUPTED, stderr
+    assert elapsed < 5
+    assert "interrupted while reading the published migrations; nothing was touched" in stderr
+
+
+def test_a_stopped_publish_writes_no_further_object_and_no_manifest(fleet: Fleet) -> None:
+    migrations = fleet.root / "migrations"
+    (migrations / "app" / "test").mkdir(parents=True)
+    for name, body in MIGRATIONS.items():
+        (migrations / "app" / "test" / name).write_text(textwrap.dedent(body))
+    fleet.add_databases(1)
+    fleet.write_env()
+    env = load_environment("test", search_dir=fleet.environments_dir)
+    assert isinstance(env.source, S3Location)
+    plan = source.plan_publish(env.source, migrations, "app", "test")
+    stop = threading.Event()
+    stop.set()
+
+    with pytest.raises(
+        Interrupted, match=rf"0 of {len(MIGRATIONS)} file change\(s\) made, no manifest written; publish again"
+    ):
+        source.execute_publish(env.source, plan, force_reason=None, who="test", stop=stop)
+
+    assert fleet.s3.client().list_objects_v2(Bucket=fleet.bucket).get("KeyCount") == 0
+    assert fleet.cli("publish", "--env", "test", "--migrations-dir", str(migrations)).exit_code == 0  # then finishes
 
 
 def test_sigterm_while_the_directory_does_not_answer_exits_130_within_seconds(fleet: Fleet) -> None:
