@@ -45,8 +45,10 @@ encodings = st.sampled_from(["encoded", "raw"])
 
 
 def _pieces(password: str) -> list[str]:
-    """What must never be printed: the password in both spellings, and every long run between awkward characters."""
-    runs = [r for r in re.split(f"[{re.escape(SPECIALS)}]", password) if len(r) >= 6]
+    """What must never be printed: the password in both spellings, and every long run between awkward
+    characters that holds the marker (a run without it may be a word any report prints: Hypothesis
+    draws text from the source's string constants, and drew "reason", which "stop_reason" holds)."""
+    runs = [r for r in re.split(f"[{re.escape(SPECIALS)}]", password) if len(r) >= 6 and "Zq" in r]
     return [password, quote(password, safe=""), *runs]
 
 
