@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from urllib.parse import quote
 
@@ -62,6 +63,55 @@ def test_secret_reveals_only_on_request() -> None:
 def test_redact_masks_url_passwords_even_when_unregistered() -> None:
     text = "could not connect to postgresql://app:never-registered@db.internal:5432/x"
     assert redact(text) == "could not connect to postgresql://app:***@db.internal:5432/x"
+    # An unencoded `@` in the password: masked up to the last `@` of the word, not the first.
+    assert redact("(postgresql://app:p@ss@Sekr3t@db/x)") == "(postgresql://app:***@db/x)"
+    # JSON and HTML around a URL survive: a `"` or `<` ends the word.
+    document = json.dumps({"dsn": "postgresql://db:5432/x", "tenant": "ops@example.com"}, separators=(",", ":"))
+    assert redact(document) == document
+    assert redact("<td>postgresql://db:5432/x</td><td>a@b</td>") == "<td>postgresql://db:5432/x</td><td>a@b</td>"
+
+
+def test_redact_masks_key_value_passwords_even_when_unregistered() -> None:
+    assert redact("host=db password=Sekr3t dbname=x") == "host=db password=*** dbname=x"
+    assert redact("host=db password = 'Sek r3t' dbname=x") == "host=db password = *** dbname=x"
+    assert redact("postgresql://u@db/x?sslpassword=Sekr3t&sslmode=require") == (
+        "postgresql://u@db/x?sslpassword=***&sslmode=require"
+    )
+    document = json.dumps({"error": "bad: password=Sekr3t", "n": 1}, separators=(",", ":"))
+    assert json.loads(redact(document)) == {"error": "bad: password=***", "n": 1}
+    document = json.dumps({"error": 'password="x"', "n": 1}, separators=(",", ":"))
+    assert json.loads(redact(document))["n"] == 1  # still JSON
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (("shards", "--env", "postgresql://u:Sekr3tPw@h/db"), "does not exist"),
+        (("shards", "--env", "postgresql://u:p@Sekr3tPw@h/db"), "does not exist"),
+        (("shards", "--env", "test", "postgresql://u:p@Sekr3tPw@h/db"), "unexpected extra argument"),
+        (("bootstrap", "--env", "test", "--target", "host=h user=u password=Sekr3tPw"), "not shown"),
+        (("unlock", "--env", "test", "--target", "host=h password=Sekr3tPw dbname=d"), "not shown"),
+        (("shards", "--env", "test", "--format", "host=h password=a://Sekr3tPw"), "is not one of"),
+    ],
+)
+def test_a_dsn_given_where_a_name_belongs_is_refused_without_its_password(
+    fleet: Fleet, args: tuple[str, ...], said: str
+) -> None:
+    """A DSN passed to --env, as an extra argument or as a --target id is echoed by no error."""
+    fleet.add_databases(1)
+    fleet.write_env()
+    result = fleet.cli(*args)
+    assert result.exit_code == 2, result.output
+    assert said in result.stderr
+    assert "Sekr3t" not in result.output
+
+
+def test_a_key_value_string_with_a_scheme_inside_is_refused_without_its_password() -> None:
+    with pytest.raises(ConfigError, match=r"must start with .* \(got no scheme\)") as caught:
+        Target.from_dsn("t", "host=h password=ab://Sekr3t")
+    assert "Sekr3t" not in str(caught.value)
+    with pytest.raises(ConfigError, match=r"got jdbc:postgresql scheme"):
+        Target.from_dsn("t", "jdbc:postgresql://h/db")
 
 
 SPECIAL = "p%zz/1@2:3?4#5=6-é€-Sekr3t"  # every character that breaks a DSN, unencoded

@@ -133,9 +133,10 @@ class Target:
         engine = _SCHEMES.get(scheme) if separator else None
         if engine is None or engine not in engines:
             wanted = " or ".join(f"{s}://" for s, e in _SCHEMES.items() if e in engines and s != "postgres")
-            raise ConfigError(
-                f"{what}: DSN must start with {wanted} (got {scheme + ' scheme' if separator else 'no scheme'})"
-            )
+            # What precedes `://` is shown only when it looks like a scheme: in a key=value string
+            # (`host=h password=a://b`) it would be a piece of the password.
+            got = f"{scheme} scheme" if separator and _SCHEME.fullmatch(scheme) else "no scheme"
+            raise ConfigError(f"{what}: DSN must start with {wanted} (got {got})")
 
         def refuse(problem: str) -> ConfigError:
             _register_credentials(dsn)
@@ -303,6 +304,7 @@ class Target:
         return f"{self.engine}://{user}{self.server}/{self.dbname}{suffix}"
 
 
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.:-]*")  # jdbc:postgresql too
 _ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _QUERY_PASSWORD = re.compile(r"(?i)(password=)[^&\s]*")
 
