@@ -52,6 +52,22 @@ def test_passwords_never_appear_in_any_output_log_or_error(fleet: Fleet) -> None
     assert PASSWORD not in repr(env) + str(env) + repr(targets) + str(targets)
 
 
+def test_aws_secret_key_and_session_token_never_appear_in_debug_logs(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """botocore's debug log (-vv) prints every request's canonical form, session token included."""
+    fleet.add_databases(1)
+    fleet.publish(MIGRATIONS)
+    fleet.write_env()
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "Sekr3t-aws-secret-key")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "Sekr3t-aws-session-token")
+    process = fleet.spawn("-vv", "plan", "--env", "test")
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr[-2000:]
+    assert "x-amz-security-token:***" in stderr  # the request was logged, its token masked
+    assert "Sekr3t" not in stdout + stderr
+
+
 def test_secret_reveals_only_on_request() -> None:
     secret = Secret("tok-abcdef-123")
     assert str(secret) == repr(secret).replace("Secret(", "").replace(")", "").strip("'") == "***"
