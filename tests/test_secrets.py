@@ -150,6 +150,30 @@ def test_sql_directory_dsn_with_a_stray_percent_is_refused_with_its_password_mas
         assert "postgresql://reader:***@" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("words", "problem"),
+    [
+        ("password=ab cdSekr3tPass", 'missing "=" after "***" in connection info string'),
+        ("password=ab Sekr3tPass=x", 'invalid connection option "***"'),
+    ],
+)
+def test_sql_directory_key_value_dsn_libpq_cannot_read_is_refused_without_its_password(
+    fleet: Fleet, words: str, problem: str
+) -> None:
+    """libpq quotes the word it could not read: a password with an unquoted space, its second half."""
+    fleet.environments_dir.mkdir(exist_ok=True)
+    (fleet.environments_dir / "test.toml").write_text(
+        f'services = ["app"]\n[source]\nbucket = "{fleet.bucket}"\nendpoint_url = "{fleet.s3.endpoint_url}"\n'
+        f'[directory]\nkind = "sql"\nquery = "SELECT 1"\n'
+        f'dsn = "host={fleet.postgres.host} port={fleet.postgres.port} dbname=postgres user=postgres {words}"\n'
+    )
+
+    result = fleet.cli("-vv", "shards", "--env", "test")
+    assert result.exit_code == 2, result.output
+    assert f"directory.dsn: not a valid key=value connection string: {problem}" in result.stderr
+    assert "Sekr3t" not in result.output
+
+
 def test_bootstrap_target_with_an_unencoded_slash_is_refused_and_never_printed(fleet: Fleet) -> None:
     (shard,) = fleet.add_databases(1)
     fleet.publish(MIGRATIONS)
