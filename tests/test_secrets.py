@@ -243,6 +243,15 @@ def test_a_dsn_that_cannot_be_parsed_is_refused_with_its_password_masked(dsn: st
     assert "Sekr3t" not in redact(dsn)  # and registered: an echo elsewhere is masked too
 
 
+def test_an_sslpassword_reaches_libpq_and_nothing_else() -> None:
+    """libpq's sslpassword (the client key's passphrase) is a secret like the password."""
+    target = Target.from_dsn("t", "postgresql://u@h/db?sslpassword=Sekr3t-key&sslmode=require")
+    assert "Sekr3t" not in repr(target) + str(target) + target.display
+    assert redact("bad passphrase Sekr3t-key") == "bad passphrase ***"
+    kwargs = target.libpq_kwargs(application_name="t", connect_timeout=3)
+    assert (kwargs["sslpassword"], kwargs["sslmode"]) == ("Sekr3t-key", "require")
+
+
 def test_a_postgresql_name_of_63_bytes_is_kept_whole() -> None:
     """63 bytes is what the server keeps (NAMEDATALEN - 1); only a longer name is refused."""
     target = Target.from_dsn("t", "postgresql://u@h/" + "d" * 63, schema="\u00e9" * 31 + "s")

@@ -102,12 +102,14 @@ class Target:
     user: str | None = None
     password: Secret | None = field(default=None, repr=False, compare=False)
     schema: str | None = None
-    # libpq connection parameters such as sslmode; never holds the password.
+    # libpq connection parameters such as sslmode; never holds the password nor sslpassword.
     options: tuple[tuple[str, str], ...] = ()
     tenants: tuple[str, ...] = ()
     # Ids of other directory entries that named this same database.
     aliases: tuple[str, ...] = ()
     engine: str = POSTGRESQL  # POSTGRESQL | MYSQL (MySQL or MariaDB)
+    # libpq's sslpassword (the passphrase of the client key), kept apart from options as a secret.
+    ssl_password: Secret | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_dsn(
@@ -202,6 +204,7 @@ class Target:
                     )
         if parts.password and parts.password != password:
             register(parts.password)  # the encoded form too, should anything print the DSN itself
+        ssl_password = options.pop("sslpassword", None)
         return cls(
             id=target_id,
             host=parts.hostname,
@@ -213,6 +216,7 @@ class Target:
             options=tuple(sorted(options.items())),
             tenants=tuple(tenants),
             engine=engine,
+            ssl_password=Secret(ssl_password) if ssl_password else None,
         )
 
     def libpq_kwargs(
@@ -242,6 +246,8 @@ class Target:
             kwargs["user"] = self.user
         if self.password is not None:
             kwargs["password"] = self.password.reveal()
+        if self.ssl_password is not None:
+            kwargs["sslpassword"] = self.ssl_password.reveal()
         if read_only:
             kwargs["options"] = (kwargs.get("options", "") + " -c default_transaction_read_only=on").strip()
         return kwargs
