@@ -68,6 +68,16 @@ def test_aws_secret_key_and_session_token_never_appear_in_debug_logs(
     assert "Sekr3t" not in stdout + stderr
 
 
+def test_a_mysql_password_pymysql_cannot_send_fails_the_target_without_a_piece_of_it(fleet: Fleet) -> None:
+    """PyMySQL sends passwords as latin-1; its UnicodeEncodeError names the character and its position."""
+    fleet.publish(MIGRATIONS)
+    fleet.write_env([{"id": "m", "dsn": f"mysql://u:{quote('Sekr3t-€-pw')}@127.0.0.1:1/db"}])
+    result = fleet.cli("plan", "--env", "test", "--format", "json")
+    assert result.exit_code == 5, result.output
+    assert "a character outside latin-1, which PyMySQL cannot send" in result.stdout
+    assert "Sekr3t" not in result.output and "\\u20ac" not in result.output and "€" not in result.output
+
+
 def test_secret_reveals_only_on_request() -> None:
     secret = Secret("tok-abcdef-123")
     assert str(secret) == repr(secret).replace("Secret(", "").replace(")", "").strip("'") == "***"

@@ -219,6 +219,10 @@ def connect(
         code = error_code(e)
         kind = _KINDS.get(code or 0, ErrorKind.UNREACHABLE if code is None or code >= 2000 else ErrorKind.DATABASE)
         raise engine_error(TargetError(kind, classify(e).message), retryable=code in (2003, 2013)) from None
+    except UnicodeEncodeError:
+        # PyMySQL sends the password as latin-1, and its error would name the character and where it is.
+        message = "cannot connect: the password has a character outside latin-1, which PyMySQL cannot send"
+        raise engine_error(TargetError(ErrorKind.DATABASE, message)) from None
     except (OSError, ssl.SSLError, ValueError) as e:  # a TLS file it cannot read, a bad option value
         raise engine_error(TargetError(ErrorKind.DATABASE, redact(f"cannot connect: {error_line(e)}"))) from None
 
