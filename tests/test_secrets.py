@@ -8,6 +8,7 @@ from urllib.parse import quote
 
 import pytest
 from conftest import MIGRATIONS, Fleet
+from sharding_service import ShardingService
 
 from fanout.config import load_environment
 from fanout.directory import Target, masked_dsn
@@ -76,6 +77,24 @@ def test_a_mysql_password_pymysql_cannot_send_fails_the_target_without_a_piece_o
     assert result.exit_code == 5, result.output
     assert "a character outside latin-1, which PyMySQL cannot send" in result.stdout
     assert "Sekr3t" not in result.output and "\\u20ac" not in result.output and "€" not in result.output
+
+
+def test_sharding_service_credentials_in_a_url_or_a_tenant_entry_are_never_printed(fleet: Fleet) -> None:
+    """An API key in tenants_path is in urllib3's debug log; a tenant entry may carry credentials."""
+    with ShardingService() as sharding:
+        sharding.state.pages = [["acme", {"tenant": "globex", "db_password": "Sekr3t-db"}]]
+        fleet.environments_dir.mkdir(exist_ok=True)
+        (fleet.environments_dir / "test.toml").write_text(
+            f'services = ["app"]\n[source]\nbucket = "{fleet.bucket}"\nendpoint_url = "{fleet.s3.endpoint_url}"\n'
+            f'[directory]\nkind = "http"\nendpoint = "{sharding.url}"\nretries = 0\n'
+            'tenants_path = "/tenants?api_key=Sekr3t-key&sort_key=name"\n'
+        )
+        process = fleet.spawn("-vv", "shards", "--env", "test")
+        stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 4, stderr[-2000:]
+    assert '"GET /tenants?api_key=***&sort_key=name HTTP/1.1" 200' in stderr  # logged, masked
+    assert "holds an entry that is not a tenant id: an object with keys 'tenant', 'db_password'" in stderr
+    assert "Sekr3t" not in stdout + stderr
 
 
 def test_secret_reveals_only_on_request() -> None:
