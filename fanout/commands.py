@@ -324,8 +324,19 @@ def _named_targets(env: Environment, target_ids: Sequence[str]) -> tuple[Target,
     known = {t.id: t for t in targets}
     unknown = [t for t in target_ids if t not in known]
     if unknown:
-        raise ConfigError(f"no target {', '.join(map(repr, unknown))} in environment {env.name!r}")
+        raise ConfigError(f"no target {', '.join(map(_shown_target, unknown))} in environment {env.name!r}")
     return tuple(known[t] for t in target_ids)
+
+
+def _shown_target(value: str) -> str:
+    """A --target value that names no target, as an error may show it.
+
+    A key=value connection string (`host=... password=...`) given by mistake is not shown: it
+    may hold a password, and redact() only knows passwords it was told about and those in URLs.
+    """
+    if "=" in value or any(c.isspace() for c in value):
+        return "(a key=value connection string, not shown: it may hold a password)"
+    return repr(value)
 
 
 def apply(
@@ -501,7 +512,8 @@ def bootstrap(
         known = {t.id: t for t in listed}
         if target not in known:
             raise ConfigError(
-                f"no target {target!r} in environment {env.name!r}; give a DSN to bootstrap an unlisted shard"
+                f"no target {_shown_target(target)} in environment {env.name!r}; "
+                "give a postgresql:// or mysql:// DSN to bootstrap an unlisted shard"
             )
         chosen = known[target]
     if to is not None and create_database:

@@ -478,7 +478,8 @@ def resolve_environment_path(name_or_path: str, search_dir: Path | None = None) 
     if _is_path(name_or_path):
         path = Path(name_or_path)
         if not path.is_file():
-            raise ConfigError(f"environment file {path} does not exist")
+            # As given, not as a Path: Path folds a DSN's `://` into `:/`, where redact() no longer sees a URL.
+            raise ConfigError(f"environment file {name_or_path} does not exist")
         return path
     directory = search_dir if search_dir is not None else environments_dir()
     path = directory / f"{name_or_path}.toml"

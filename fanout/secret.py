@@ -23,8 +23,17 @@ _known_lock = threading.Lock()
 _pattern: re.Pattern[str] | None = None
 _pattern_stale = False
 
-# Passwords in URLs (scheme://user:password@host) are masked even when not registered.
-_URL_PASSWORD = re.compile(r"(?P<prefix>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)(?P<password>[^@\s]+)(?=@)")
+# Passwords in URLs (scheme://user:password@host) are masked even when not registered, up to
+# the last `@` of the word: a password with an unencoded `@` is masked whole. A `"`, `<` or `>`
+# ends the word, so that the JSON and HTML around a URL survive.
+_URL_PASSWORD = re.compile(r"(?P<prefix>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)(?P<password>[^\s\"<>]+)(?=@)")
+
+# And a password in a key=value connection string (`host=h password=x`) or a URL's query
+# (`?sslpassword=x&...`), quoted or not. A `"` or a backslash ends an unquoted one, as in a URL: JSON
+# escapes survive.
+_KEYWORD_PASSWORD = re.compile(
+    r"(?i)(?P<prefix>\b(?:ssl)?password\s*=\s*)(?P<password>'(?:[^'\\]|\\.)*'|[^\s\"\\&<>]+)"
+)
 
 
 class Secret:
@@ -78,11 +87,12 @@ def _current_pattern() -> re.Pattern[str] | None:
 
 
 def redact(text: str) -> str:
-    """Mask every registered secret and every password written in a URL."""
+    """Mask every registered secret and every password written in a URL or a key=value string."""
     pattern = _current_pattern()
     if pattern is not None:
         text = pattern.sub(MASK, text)
-    return _URL_PASSWORD.sub(lambda m: m.group("prefix") + MASK, text)
+    text = _URL_PASSWORD.sub(lambda m: m.group("prefix") + MASK, text)
+    return _KEYWORD_PASSWORD.sub(lambda m: m.group("prefix") + MASK, text)
 
 
 class RedactingFilter(logging.Filter):

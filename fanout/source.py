@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from fanout import lint
 from fanout.config import Environment, FolderLocation, S3Location, UnpublishedPolicy
 from fanout.errors import Interrupted, SourceError
+from fanout.secret import register
 
 log = logging.getLogger(__name__)
 
@@ -138,9 +139,22 @@ def s3_client(location: S3Location) -> S3Client:
         max_pool_connections=FETCH_WORKERS,
     )
     try:
-        return session.client("s3", endpoint_url=location.endpoint_url, config=config)
+        client = session.client("s3", endpoint_url=location.endpoint_url, config=config)
     except Exception as e:  # botocore raises ProfileNotFound, ValueError for a bad endpoint, ...
         raise SourceError(f"cannot create an S3 client: {e}") from e
+
+    def register_credentials(**_: Any) -> None:
+        # botocore's debug log (-vv) prints each request's canonical form and headers, session
+        # token included. Registered before each signing: refreshed credentials are new values.
+        credentials = session.get_credentials()
+        if credentials is not None:
+            frozen = credentials.get_frozen_credentials()
+            for value in (frozen.secret_key, frozen.token):
+                if value:
+                    register(value)
+
+    client.meta.events.register("before-sign.s3", register_credentials)
+    return client
 
 
 MANIFEST_NAME = "_manifest.json"

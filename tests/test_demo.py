@@ -181,6 +181,7 @@ def test_demo_keep_leaves_a_stack_to_use_by_hand_until_a_signal_stops_it(stop: s
             if line.startswith("export ")
         )
         assert oct(script.stat().st_mode & 0o777) == "0o600"  # it holds the server's password
+        assert exported["FANOUT_DEMO_PG_PASSWORD"] not in out  # which stdout names only as a variable
         postgres = f"127.0.0.1:{exported['FANOUT_DEMO_PG_PORT']}"
         assert f"PostgreSQL {postgres}" in out
 

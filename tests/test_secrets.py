@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from urllib.parse import quote
 
 import pytest
 from conftest import MIGRATIONS, Fleet
+from sharding_service import ShardingService
 
 from fanout.config import load_environment
 from fanout.directory import Target, masked_dsn
@@ -51,6 +53,50 @@ def test_passwords_never_appear_in_any_output_log_or_error(fleet: Fleet) -> None
     assert PASSWORD not in repr(env) + str(env) + repr(targets) + str(targets)
 
 
+def test_aws_secret_key_and_session_token_never_appear_in_debug_logs(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """botocore's debug log (-vv) prints every request's canonical form, session token included."""
+    fleet.add_databases(1)
+    fleet.publish(MIGRATIONS)
+    fleet.write_env()
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "Sekr3t-aws-secret-key")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "Sekr3t-aws-session-token")
+    process = fleet.spawn("-vv", "plan", "--env", "test")
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr[-2000:]
+    assert "x-amz-security-token:***" in stderr  # the request was logged, its token masked
+    assert "Sekr3t" not in stdout + stderr
+
+
+def test_a_mysql_password_pymysql_cannot_send_fails_the_target_without_a_piece_of_it(fleet: Fleet) -> None:
+    """PyMySQL sends passwords as latin-1; its UnicodeEncodeError names the character and its position."""
+    fleet.publish(MIGRATIONS)
+    fleet.write_env([{"id": "m", "dsn": f"mysql://u:{quote('Sekr3t-€-pw')}@127.0.0.1:1/db"}])
+    result = fleet.cli("plan", "--env", "test", "--format", "json")
+    assert result.exit_code == 5, result.output
+    assert "a character outside latin-1, which PyMySQL cannot send" in result.stdout
+    assert "Sekr3t" not in result.output and "\\u20ac" not in result.output and "€" not in result.output
+
+
+def test_sharding_service_credentials_in_a_url_or_a_tenant_entry_are_never_printed(fleet: Fleet) -> None:
+    """An API key in tenants_path is in urllib3's debug log; a tenant entry may carry credentials."""
+    with ShardingService() as sharding:
+        sharding.state.pages = [["acme", {"tenant": "globex", "db_password": "Sekr3t-db"}]]
+        fleet.environments_dir.mkdir(exist_ok=True)
+        (fleet.environments_dir / "test.toml").write_text(
+            f'services = ["app"]\n[source]\nbucket = "{fleet.bucket}"\nendpoint_url = "{fleet.s3.endpoint_url}"\n'
+            f'[directory]\nkind = "http"\nendpoint = "{sharding.url}"\nretries = 0\n'
+            'tenants_path = "/tenants?api_key=Sekr3t-key&sort_key=name"\n'
+        )
+        process = fleet.spawn("-vv", "shards", "--env", "test")
+        stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 4, stderr[-2000:]
+    assert '"GET /tenants?api_key=***&sort_key=name HTTP/1.1" 200' in stderr  # logged, masked
+    assert "holds an entry that is not a tenant id: an object with keys 'tenant', 'db_password'" in stderr
+    assert "Sekr3t" not in stdout + stderr
+
+
 def test_secret_reveals_only_on_request() -> None:
     secret = Secret("tok-abcdef-123")
     assert str(secret) == repr(secret).replace("Secret(", "").replace(")", "").strip("'") == "***"
@@ -62,6 +108,55 @@ def test_secret_reveals_only_on_request() -> None:
 def test_redact_masks_url_passwords_even_when_unregistered() -> None:
     text = "could not connect to postgresql://app:never-registered@db.internal:5432/x"
     assert redact(text) == "could not connect to postgresql://app:***@db.internal:5432/x"
+    # An unencoded `@` in the password: masked up to the last `@` of the word, not the first.
+    assert redact("(postgresql://app:p@ss@Sekr3t@db/x)") == "(postgresql://app:***@db/x)"
+    # JSON and HTML around a URL survive: a `"` or `<` ends the word.
+    document = json.dumps({"dsn": "postgresql://db:5432/x", "tenant": "ops@example.com"}, separators=(",", ":"))
+    assert redact(document) == document
+    assert redact("<td>postgresql://db:5432/x</td><td>a@b</td>") == "<td>postgresql://db:5432/x</td><td>a@b</td>"
+
+
+def test_redact_masks_key_value_passwords_even_when_unregistered() -> None:
+    assert redact("host=db password=Sekr3t dbname=x") == "host=db password=*** dbname=x"
+    assert redact("host=db password = 'Sek r3t' dbname=x") == "host=db password = *** dbname=x"
+    assert redact("postgresql://u@db/x?sslpassword=Sekr3t&sslmode=require") == (
+        "postgresql://u@db/x?sslpassword=***&sslmode=require"
+    )
+    document = json.dumps({"error": "bad: password=Sekr3t", "n": 1}, separators=(",", ":"))
+    assert json.loads(redact(document)) == {"error": "bad: password=***", "n": 1}
+    document = json.dumps({"error": 'password="x"', "n": 1}, separators=(",", ":"))
+    assert json.loads(redact(document))["n"] == 1  # still JSON
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (("shards", "--env", "postgresql://u:Sekr3tPw@h/db"), "does not exist"),
+        (("shards", "--env", "postgresql://u:p@Sekr3tPw@h/db"), "does not exist"),
+        (("shards", "--env", "test", "postgresql://u:p@Sekr3tPw@h/db"), "unexpected extra argument"),
+        (("bootstrap", "--env", "test", "--target", "host=h user=u password=Sekr3tPw"), "not shown"),
+        (("unlock", "--env", "test", "--target", "host=h password=Sekr3tPw dbname=d"), "not shown"),
+        (("shards", "--env", "test", "--format", "host=h password=a://Sekr3tPw"), "is not one of"),
+    ],
+)
+def test_a_dsn_given_where_a_name_belongs_is_refused_without_its_password(
+    fleet: Fleet, args: tuple[str, ...], said: str
+) -> None:
+    """A DSN passed to --env, as an extra argument or as a --target id is echoed by no error."""
+    fleet.add_databases(1)
+    fleet.write_env()
+    result = fleet.cli(*args)
+    assert result.exit_code == 2, result.output
+    assert said in result.stderr
+    assert "Sekr3t" not in result.output
+
+
+def test_a_key_value_string_with_a_scheme_inside_is_refused_without_its_password() -> None:
+    with pytest.raises(ConfigError, match=r"must start with .* \(got no scheme\)") as caught:
+        Target.from_dsn("t", "host=h password=ab://Sekr3t")
+    assert "Sekr3t" not in str(caught.value)
+    with pytest.raises(ConfigError, match=r"got jdbc:postgresql scheme"):
+        Target.from_dsn("t", "jdbc:postgresql://h/db")
 
 
 SPECIAL = "p%zz/1@2:3?4#5=6-é€-Sekr3t"  # every character that breaks a DSN, unencoded
@@ -82,6 +177,30 @@ def test_sql_directory_dsn_with_a_stray_percent_is_refused_with_its_password_mas
         assert "Sekr3tPass" not in result.output and "zzSekr" not in result.output
         assert "'%' that does not start a %XX escape" in result.stderr
         assert "postgresql://reader:***@" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("words", "problem"),
+    [
+        ("password=ab cdSekr3tPass", 'missing "=" after "***" in connection info string'),
+        ("password=ab Sekr3tPass=x", 'invalid connection option "***"'),
+    ],
+)
+def test_sql_directory_key_value_dsn_libpq_cannot_read_is_refused_without_its_password(
+    fleet: Fleet, words: str, problem: str
+) -> None:
+    """libpq quotes the word it could not read: a password with an unquoted space, its second half."""
+    fleet.environments_dir.mkdir(exist_ok=True)
+    (fleet.environments_dir / "test.toml").write_text(
+        f'services = ["app"]\n[source]\nbucket = "{fleet.bucket}"\nendpoint_url = "{fleet.s3.endpoint_url}"\n'
+        f'[directory]\nkind = "sql"\nquery = "SELECT 1"\n'
+        f'dsn = "host={fleet.postgres.host} port={fleet.postgres.port} dbname=postgres user=postgres {words}"\n'
+    )
+
+    result = fleet.cli("-vv", "shards", "--env", "test")
+    assert result.exit_code == 2, result.output
+    assert f"directory.dsn: not a valid key=value connection string: {problem}" in result.stderr
+    assert "Sekr3t" not in result.output
 
 
 def test_bootstrap_target_with_an_unencoded_slash_is_refused_and_never_printed(fleet: Fleet) -> None:
@@ -151,6 +270,15 @@ def test_a_dsn_that_cannot_be_parsed_is_refused_with_its_password_masked(dsn: st
     assert problem in str(caught.value)
     assert "Sekr3t" not in str(caught.value)
     assert "Sekr3t" not in redact(dsn)  # and registered: an echo elsewhere is masked too
+
+
+def test_an_sslpassword_reaches_libpq_and_nothing_else() -> None:
+    """libpq's sslpassword (the client key's passphrase) is a secret like the password."""
+    target = Target.from_dsn("t", "postgresql://u@h/db?sslpassword=Sekr3t-key&sslmode=require")
+    assert "Sekr3t" not in repr(target) + str(target) + target.display
+    assert redact("bad passphrase Sekr3t-key") == "bad passphrase ***"
+    kwargs = target.libpq_kwargs(application_name="t", connect_timeout=3)
+    assert (kwargs["sslpassword"], kwargs["sslmode"]) == ("Sekr3t-key", "require")
 
 
 def test_a_postgresql_name_of_63_bytes_is_kept_whole() -> None:

@@ -102,12 +102,14 @@ class Target:
     user: str | None = None
     password: Secret | None = field(default=None, repr=False, compare=False)
     schema: str | None = None
-    # libpq connection parameters such as sslmode; never holds the password.
+    # libpq connection parameters such as sslmode; never holds the password nor sslpassword.
     options: tuple[tuple[str, str], ...] = ()
     tenants: tuple[str, ...] = ()
     # Ids of other directory entries that named this same database.
     aliases: tuple[str, ...] = ()
     engine: str = POSTGRESQL  # POSTGRESQL | MYSQL (MySQL or MariaDB)
+    # libpq's sslpassword (the passphrase of the client key), kept apart from options as a secret.
+    ssl_password: Secret | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_dsn(
@@ -133,9 +135,10 @@ class Target:
         engine = _SCHEMES.get(scheme) if separator else None
         if engine is None or engine not in engines:
             wanted = " or ".join(f"{s}://" for s, e in _SCHEMES.items() if e in engines and s != "postgres")
-            raise ConfigError(
-                f"{what}: DSN must start with {wanted} (got {scheme + ' scheme' if separator else 'no scheme'})"
-            )
+            # What precedes `://` is shown only when it looks like a scheme: in a key=value string
+            # (`host=h password=a://b`) it would be a piece of the password.
+            got = f"{scheme} scheme" if separator and _SCHEME.fullmatch(scheme) else "no scheme"
+            raise ConfigError(f"{what}: DSN must start with {wanted} (got {got})")
 
         def refuse(problem: str) -> ConfigError:
             _register_credentials(dsn)
@@ -201,6 +204,7 @@ class Target:
                     )
         if parts.password and parts.password != password:
             register(parts.password)  # the encoded form too, should anything print the DSN itself
+        ssl_password = options.pop("sslpassword", None)
         return cls(
             id=target_id,
             host=parts.hostname,
@@ -212,6 +216,7 @@ class Target:
             options=tuple(sorted(options.items())),
             tenants=tuple(tenants),
             engine=engine,
+            ssl_password=Secret(ssl_password) if ssl_password else None,
         )
 
     def libpq_kwargs(
@@ -241,6 +246,8 @@ class Target:
             kwargs["user"] = self.user
         if self.password is not None:
             kwargs["password"] = self.password.reveal()
+        if self.ssl_password is not None:
+            kwargs["sslpassword"] = self.ssl_password.reveal()
         if read_only:
             kwargs["options"] = (kwargs.get("options", "") + " -c default_transaction_read_only=on").strip()
         return kwargs
@@ -303,6 +310,7 @@ class Target:
         return f"{self.engine}://{user}{self.server}/{self.dbname}{suffix}"
 
 
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.:-]*")  # jdbc:postgresql too
 _ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _QUERY_PASSWORD = re.compile(r"(?i)(password=)[^&\s]*")
 

@@ -14,10 +14,11 @@ Tenants that resolve to the same database collapse into one target that keeps th
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-from urllib.parse import quote, urljoin
+from urllib.parse import parse_qsl, quote, unquote, urljoin, urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -26,9 +27,11 @@ from urllib3.util.retry import Retry
 from fanout.config import HttpDirectoryConfig
 from fanout.directory import FLAVORS, FLAVORS_HELP, MYSQL, Target
 from fanout.errors import DirectoryError
-from fanout.secret import Secret, redact
+from fanout.secret import Secret, redact, register
 
 REQUIRED_FIELDS = ("host", "port", "flavor", "user", "password", "database")
+# Query parameters whose value is a credential: api_key, access_token, X-Amz-Signature, ...
+_CREDENTIAL_NAME = re.compile(r"(?i)token|secret|passw|pwd|signature|api[_-]?key|access[_-]?key|^key$|^auth$|^sig$")
 
 
 class HttpDirectory:
@@ -57,6 +60,8 @@ class HttpDirectory:
             self._session.headers["Authorization"] = f"Bearer {config.token.reveal()}"
         if config.ca_bundle:
             self._session.verify = config.ca_bundle
+        for url in (config.endpoint, config.tenants_path, config.resolve_path):
+            _register_credentials(url)
 
     def targets(self) -> list[Target]:
         try:
@@ -82,12 +87,17 @@ class HttpDirectory:
                     f"the tenant list did not end after {self._config.max_pages} pages (max_pages); a pagination loop?"
                 )
             seen.add(url)
+            _register_credentials(url)  # a `next` link may carry its own
             body = self._get_json(url, "the tenant list")
             items, next_url = (body, None) if isinstance(body, list) else _page(body, url)
             for item in items:
                 tenant = item.get("id") if isinstance(item, dict) else item
                 if not isinstance(tenant, (str, int)) or isinstance(tenant, bool) or str(tenant) == "":
-                    raise DirectoryError(f"the tenant list at {url} holds an entry that is not a tenant id: {item!r}")
+                    # An object is not shown: a service may list tenants with their credentials.
+                    shown = (
+                        f"an object with keys {', '.join(map(repr, item))}" if isinstance(item, dict) else repr(item)
+                    )
+                    raise DirectoryError(f"the tenant list at {url} holds an entry that is not a tenant id: {shown}")
                 yield str(tenant)
             url = urljoin(url, next_url) if next_url else None
 
@@ -151,6 +161,22 @@ class HttpDirectory:
             return response.json()
         except ValueError:
             raise DirectoryError(f"sharding service returned malformed JSON for {what}") from None
+
+
+def _register_credentials(url: str) -> None:
+    """Make a URL's password and its query values that look like credentials redactable.
+
+    An API key in `tenants_path` (`/tenants?api_key=${KEY}`) would otherwise be in urllib3's
+    debug log of each request (-vv) and in an error line that names the page.
+    """
+    parts = urlsplit(url)
+    if parts.password:
+        register(unquote(parts.password))
+        register(parts.password)
+    for name, value in parse_qsl(parts.query):
+        if _CREDENTIAL_NAME.search(name):
+            register(value)
+            register(quote(value, safe=""))
 
 
 def _page(body: Any, url: str) -> tuple[list[Any], str | None]:

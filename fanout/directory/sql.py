@@ -22,13 +22,14 @@ import psycopg2
 from fanout.config import SqlDirectoryConfig
 from fanout.directory import DEFAULT_TCP, FLAVORS, FLAVORS_HELP, MYSQL, POSTGRESQL, Target
 from fanout.engines.postgres.cancel import PgCancel
-from fanout.errors import DirectoryError
+from fanout.errors import ConfigError, DirectoryError
 from fanout.interrupt import Watchdog
 from fanout.secret import Secret, error_line, register
 
 _APPLICATION_NAME = "fanout directory"
 _READ_ONLY = "-c default_transaction_read_only=on"
 _KEYWORD_PASSWORD = re.compile(r"password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)")
+_QUOTED = re.compile(r'"[^"]*"')
 
 
 class SqlDirectory:
@@ -82,6 +83,16 @@ class SqlDirectory:
         if "://" not in dsn:  # a libpq keyword string (host=... password=...)
             for match in _KEYWORD_PASSWORD.finditer(dsn):
                 register(match.group(1).strip("'"))
+            try:
+                psycopg2.extensions.parse_dsn(dsn)
+            except psycopg2.ProgrammingError as e:
+                # libpq quotes the word it could not read: with an unquoted space in the password,
+                # that word is the password's second half.
+                problem = _QUOTED.sub(
+                    lambda m: m.group(0) if m.group(0) == '"="' else '"***"',
+                    error_line(e, 1).removeprefix("invalid dsn: "),
+                )
+                raise ConfigError(f"directory.dsn: not a valid key=value connection string: {problem}") from None
             return {"dsn": dsn, "connect_timeout": max(1, round(timeout)), "application_name": _APPLICATION_NAME,
                     "options": f"{_READ_ONLY} {statement_timeout}", **DEFAULT_TCP.libpq()}  # fmt: skip
         catalog = Target.from_dsn("catalog", dsn, what="directory.dsn", engines=(POSTGRESQL,))

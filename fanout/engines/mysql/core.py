@@ -217,6 +217,10 @@ def connect(
         if code == 2013 and "timed out" in message:  # PyMySQL says "during query" of a connection not yet made
             message = f"cannot connect: no answer within {kwargs['connect_timeout']:g}s ({message})"
         raise engine_error(TargetError(kind, message), retryable=code in (2003, 2013)) from None
+    except UnicodeEncodeError:
+        # PyMySQL sends the password as latin-1, and its error would name the character and where it is.
+        message = "cannot connect: the password has a character outside latin-1, which PyMySQL cannot send"
+        raise engine_error(TargetError(ErrorKind.DATABASE, message)) from None
     except (OSError, ssl.SSLError, ValueError) as e:  # a TLS file it cannot read, a bad option value
         raise engine_error(TargetError(ErrorKind.DATABASE, redact(f"cannot connect: {error_line(e)}"))) from None
 
