@@ -553,7 +553,9 @@ def main() -> int:
     if args.smoke:
         args.migrations, args.tuned, args.tuned_network = 5, 4, 4
         args.apply, args.network, args.plan, args.inspect, args.schemas = [5], [5], [5], [5], [5]
-    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench-local-s3-secret", AWS_DEFAULT_REGION="us-east-1"
+    )
     # fanout as pip installs it, byte-compiled (yoyo's package already is): with
     # PYTHONDONTWRITEBYTECODE set, a checkout compiles its sources at each start (0.3 s here).
     compileall.compile_dir(Path(fanout.__file__).parent, quiet=1)

@@ -382,7 +382,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.smoke:
         args.migrations, args.apply, args.concurrency = 3, [3], [2]
-    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench-local-s3-secret", AWS_DEFAULT_REGION="us-east-1"
+    )
     startup: Measure = fanout_cli(["--version"])
     try:
         server_binaries: Any = binaries()
